@@ -1,0 +1,23 @@
+"""The public fused ops. Each dispatches to a backend (see `_dispatch`); the API never depends on
+which one runs. Plain helpers with no fused kernel (`log_density_sum`, `kl_divergence`) live here
+too, so objectives import only from this package."""
+from . import _reference  # noqa: F401  (registers the always-available backend)
+from ._dispatch import BACKENDS, BackendUnavailableError, available_backends
+from .weights import ImportanceWeights, importance_weights
+from .mixture import mixture_log_density, importance_ratios
+from .likelihood import likelihood_sum
+from ..reference.densities import log_density_sum, kl_divergence, acc_dtype
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "ImportanceWeights",
+    "importance_weights",
+    "mixture_log_density",
+    "importance_ratios",
+    "likelihood_sum",
+    "log_density_sum",
+    "kl_divergence",
+    "acc_dtype",
+]

@@ -1,0 +1,12 @@
+"""The reference backend: plain PyTorch, autograd for free."""
+from . import _dispatch
+from .. import reference as ref
+
+_dispatch.register("importance_weights", "reference", ref.importance_weights)
+_dispatch.register(
+    "mixture_log_density",
+    "reference",
+    lambda z, loc, scale, family, mask, pairwise: ref.mixture_log_density(z, loc, scale, family, mask, pairwise),
+)
+_dispatch.register("importance_ratios", "reference", ref.importance_ratios)
+_dispatch.register("likelihood_sum", "reference", ref.likelihood_sum)

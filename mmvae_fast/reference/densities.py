@@ -1,0 +1,45 @@
+"""Log-densities of the location-scale families used for priors and posteriors."""
+import math
+
+import torch
+
+FAMILIES = ("normal", "laplace")
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_LOG_2 = math.log(2.0)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation (and output) dtype for an input dtype: float64 stays, all else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def log_density(x, loc, scale, family: str):
+    """Elementwise log f(x; loc, scale) for f Normal or Laplace, in the accumulation dtype."""
+    dt = acc_dtype(torch.promote_types(torch.promote_types(x.dtype, loc.dtype), scale.dtype))
+    x, loc, scale = x.to(dt), loc.to(dt), scale.to(dt)
+    if family == "normal":
+        u = (x - loc) / scale
+        return -0.5 * u * u - torch.log(scale) - _HALF_LOG_2PI
+    if family == "laplace":
+        return -torch.abs(x - loc) / scale - torch.log(scale) - _LOG_2
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def log_density_sum(x, loc, scale, family: str):
+    """sum_l log f(x[..., l]; loc[..., l], scale[..., l]): a diagonal density over the last dim."""
+    return log_density(x, loc, scale, family).sum(-1)
+
+
+def kl_divergence(loc_q, scale_q, loc_p, scale_p, family: str):
+    """Closed-form KL(q || p) per coordinate for two members of the same family."""
+    dt = acc_dtype(loc_q.dtype)
+    loc_q, scale_q, loc_p, scale_p = (t.to(dt) for t in (loc_q, scale_q, loc_p, scale_p))
+    if family == "normal":
+        var_ratio = (scale_q / scale_p) ** 2
+        t1 = ((loc_q - loc_p) / scale_p) ** 2
+        return 0.5 * (var_ratio + t1 - 1 - torch.log(var_ratio))
+    if family == "laplace":
+        # E_q|z - m_p| for z ~ Laplace(m_q, b_q) is |d| + b_q exp(-|d|/b_q)
+        d = torch.abs(loc_q - loc_p)
+        return -torch.log(scale_q / scale_p) - 1 + (d + scale_q * torch.exp(-d / scale_q)) / scale_p
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")

@@ -1,0 +1,47 @@
+"""Importance weights: the bound log-mean-exp, the normalised weights and their squares."""
+import math
+
+import torch
+
+from .densities import acc_dtype
+
+
+def normalize_dims(dim, ndim: int) -> tuple:
+    """A sorted tuple of distinct non-negative dims from an int or a sequence of ints."""
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if len(dims) == 0:
+        raise ValueError("dim must name at least one dimension to reduce over")
+    out = []
+    for d in dims:
+        if not isinstance(d, int) or not -ndim <= d < ndim:
+            raise ValueError(f"dim {d!r} is out of range for a tensor with {ndim} dims")
+        out.append(d % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"dim has repeated entries: {dim!r}")
+    return tuple(sorted(out))
+
+
+def importance_weights(lw, dim=0):
+    """bound = logmeanexp_dim lw, wbar = softmax_dim lw, wbar_sq = wbar**2.
+
+    A slice whose entries are all -inf has bound -inf, weights 0 and zero gradients; NaN propagates.
+    """
+    dims = normalize_dims(dim, lw.dim())
+    x = lw.to(acc_dtype(lw.dtype))
+    n = math.prod(x.shape[d] for d in dims)
+    lse, wbar = safe_logsumexp(x, dims)
+    bound = (lse - math.log(n)).squeeze(dims)
+    return bound, wbar, wbar * wbar
+
+
+def safe_logsumexp(x, dims):
+    """(logsumexp over dims keeping them, softmax over dims) with all -inf slices giving
+    (-inf, 0) and zero gradients instead of NaN."""
+    m = x.detach().amax(dims, keepdim=True)
+    m = torch.where(m == -math.inf, torch.zeros_like(m), m)  # all -inf slice: exp(x - 0) = 0
+    e = torch.exp(x - m)
+    s = e.sum(dims, keepdim=True)
+    empty = s == 0  # NaN is not empty: it must propagate
+    s_safe = torch.where(empty, torch.ones_like(s), s)
+    lse = torch.where(empty, torch.full_like(s, -math.inf), m + torch.log(s_safe))
+    return lse, e / s_safe
