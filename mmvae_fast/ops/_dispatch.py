@@ -44,10 +44,10 @@ def available(op: str, backend: str, device_type: str) -> bool:
     return devs is None or device_type in devs
 
 
-def available_backends(device_type: str = "cpu") -> list:
-    """Backends that can run every registered op on tensors of this device type."""
-    ops = {op for op, _ in _IMPLS}
-    return [b for b in BACKENDS[1:] if all(available(op, b, device_type) for op in ops)]
+def available_backends(device_type: str = "cpu", op=None) -> list:
+    """Backends that can run `op` (default: every registered op) on tensors of this device type."""
+    ops = {o for o, _ in _IMPLS} if op is None else {op}
+    return [b for b in BACKENDS[1:] if all(available(o, b, device_type) for o in ops)]
 
 
 def resolve(op: str, backend, device_type: str) -> str:
