@@ -34,7 +34,9 @@ def lik_inputs(family, S, B, E, V=5, g=None, dtype=torch.float64):
 # ------------------------------------------------------------------ gradcheck (float64)
 
 
-@pytest.mark.parametrize("shape,dim", [((5, 7), 1), ((3, 4, 2), (0, 1)), ((2, 3, 4), 1), ((300,), 0)])
+@pytest.mark.parametrize(
+    "shape,dim", [((5, 7), 1), ((3, 4, 2), (0, 1)), ((2, 3, 4), 1), ((300,), 0), ((3, 5, 21), (0, 1)), ((2, 3, 4, 5), (1, 3))]
+)
 def test_importance_weights_gradcheck(shape, dim):
     lw = torch.randn(shape, generator=gen(0), dtype=torch.float64).mul(2).requires_grad_()
     for i in range(3):  # each output alone, then all of them together
@@ -80,13 +82,14 @@ def test_likelihood_sum_gradcheck_scale(family, scale_shape):
 
 def test_opcheck_importance_weights():
     g = gen(4)
-    lw = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.mmvae_fast.importance_weights.default, (lw,))
-    lw32 = torch.randn(3, 5, generator=g).requires_grad_()
+    for shape in ((4, 7, 1), (2, 7, 19)):  # rows, and column tiles (one full, one partial)
+        lw = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(torch.ops.mmvae_fast.importance_weights.default, (lw,))
+        lse = torch.logsumexp(lw.detach(), 1)
+        gb, gw = torch.randn(lse.shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.mmvae_fast.importance_weights_backward.default, (lw.detach(), lse, gb, None, gw))
+    lw32 = torch.randn(3, 5, 2, generator=g).requires_grad_()
     torch.library.opcheck(torch.ops.mmvae_fast.importance_weights.default, (lw32,))
-    lse = torch.logsumexp(lw.detach(), 1)
-    gb, gw = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, 7, generator=g, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.mmvae_fast.importance_weights_backward.default, (lw.detach(), lse, gb, None, gw))
 
 
 @pytest.mark.parametrize("family", LIK)

@@ -1,7 +1,9 @@
 """The cpu backend of `importance_weights`: the fused C++ kernel (csrc/cpu/importance_weights.cpp).
 
-The op works on rows: lw [R, N] -> (lse [R], wbar [R, N], wbar_sq [R, N]). This adapter moves the
-reduced dims last, flattens to rows, and undoes it on the outputs; bound = lse - log N. Autograd
+The op reduces the middle dim of lw [P, N, Q] -> (lse [P, Q], wbar, wbar_sq [P, N, Q]). Reduced
+dims that are adjacent (the objectives' (0, 1) or 1 of lw [M, K, B]) are viewed as N in place, so
+nothing is transposed and the outputs keep lw's layout; other dims sets are moved last (Q = 1).
+bound = lse - log N. Autograd
 and the fake (meta) kernels are registered here with torch.library so torch.compile traces the op.
 """
 import math
@@ -21,9 +23,9 @@ def _acc(dtype):
 def _register_op():
     @torch.library.register_fake(f"{_NS}::importance_weights")
     def _(lw):
-        R, N = lw.shape
+        P, N, Q = lw.shape
         acc = _acc(lw.dtype)
-        return lw.new_empty((R,), dtype=acc), lw.new_empty((R, N), dtype=acc), lw.new_empty((R, N), dtype=acc)
+        return lw.new_empty((P, Q), dtype=acc), lw.new_empty((P, N, Q), dtype=acc), lw.new_empty((P, N, Q), dtype=acc)
 
     @torch.library.register_fake(f"{_NS}::importance_weights_backward")
     def _(lw, lse, g_lse, g_wbar, g_wbar_sq):
@@ -44,17 +46,20 @@ def _register_op():
 
 def importance_weights(lw, dims):
     """bound, wbar, wbar_sq of lw over the sorted, distinct dims (validated by the public op)."""
+    shape = tuple(lw.shape)
+    kept_shape = tuple([n for d, n in enumerate(shape) if d not in dims])
+    N = math.prod([shape[d] for d in dims])
+    if dims == tuple(range(dims[0], dims[-1] + 1)):  # adjacent: a view [P, N, Q]
+        x = lw.reshape(math.prod(shape[: dims[0]]), N, math.prod(shape[dims[-1] + 1:]))
+        lse, wbar, wbar_sq = torch.ops.mmvae_fast.importance_weights(x)
+        return (lse - math.log(N)).reshape(kept_shape), wbar.reshape(shape), wbar_sq.reshape(shape)
     kept = [d for d in range(lw.dim()) if d not in dims]
     perm = kept + list(dims)
     x = lw.permute(perm)
-    kept_shape = x.shape[: len(kept)]
-    n = math.prod(x.shape[len(kept):])
-    lse, wbar, wbar_sq = torch.ops.mmvae_fast.importance_weights(x.reshape(-1, n))
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
+    lse, wbar, wbar_sq = torch.ops.mmvae_fast.importance_weights(x.reshape(-1, N, 1))
+    inv = [perm.index(d) for d in range(len(perm))]
     back = lambda t: t.reshape(x.shape).permute(inv)  # noqa: E731
-    return (lse - math.log(n)).reshape(kept_shape), back(wbar), back(wbar_sq)
+    return (lse - math.log(N)).reshape(kept_shape), back(wbar), back(wbar_sq)
 
 
 def _ops_built() -> bool:
