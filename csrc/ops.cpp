@@ -4,9 +4,32 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <array>
+#include <string>
+#include <tuple>
+
 namespace mmvae_fast {
 at::Tensor lse_rows_cpu(const at::Tensor& x);
 }
+
+// ---- mixture log-density and importance ratios (csrc/cpu/mixture_log_density.cpp, importance_ratios.cpp)
+namespace mmvae_fast::cpu {
+at::Tensor mixture_log_density_cpu(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
+                                   c10::string_view family, const c10::optional<at::Tensor>& mask);
+std::tuple<at::Tensor, at::Tensor> mixture_log_density_pairwise_cpu(const at::Tensor& z, const at::Tensor& loc,
+                                                                    const at::Tensor& scale, c10::string_view family,
+                                                                    const c10::optional<at::Tensor>& mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cpu(
+    const c10::optional<at::Tensor>& grad_lq, const c10::optional<at::Tensor>& grad_a, const at::Tensor& z,
+    const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& lq, c10::string_view family,
+    const c10::optional<at::Tensor>& mask, std::array<bool, 3> output_mask);
+at::Tensor importance_ratios_cpu(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
+                                 c10::string_view family);
+std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cpu(const at::Tensor& grad, const at::Tensor& ratio,
+                                                                  const at::Tensor& z, const at::Tensor& loc,
+                                                                  const at::Tensor& scale, c10::string_view family);
+}  // namespace mmvae_fast::cpu
+// ---- end mixture log-density and importance ratios
 
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -15,8 +38,24 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(mmvae_fast, m) {
   m.def("lse_rows(Tensor x) -> Tensor");
+  // ---- mixture log-density and importance ratios (family: "normal" | "laplace"; mask: bool [M, B])
+  m.def("mixture_log_density(Tensor z, Tensor loc, Tensor scale, str family, Tensor? mask) -> Tensor");
+  m.def("mixture_log_density_pairwise(Tensor z, Tensor loc, Tensor scale, str family, Tensor? mask) -> (Tensor, Tensor)");
+  m.def("mixture_log_density_backward(Tensor? grad_lq, Tensor? grad_a, Tensor z, Tensor loc, Tensor scale, "
+        "Tensor lq, str family, Tensor? mask, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("importance_ratios(Tensor z, Tensor loc, Tensor scale, str family) -> Tensor");
+  m.def("importance_ratios_backward(Tensor grad, Tensor ratio, Tensor z, Tensor loc, Tensor scale, str family) "
+        "-> (Tensor, Tensor)");
+  // ---- end mixture log-density and importance ratios
 }
 
 TORCH_LIBRARY_IMPL(mmvae_fast, CPU, m) {
   m.impl("lse_rows", &mmvae_fast::lse_rows_cpu);
+  // ---- mixture log-density and importance ratios
+  m.impl("mixture_log_density", &mmvae_fast::cpu::mixture_log_density_cpu);
+  m.impl("mixture_log_density_pairwise", &mmvae_fast::cpu::mixture_log_density_pairwise_cpu);
+  m.impl("mixture_log_density_backward", &mmvae_fast::cpu::mixture_log_density_backward_cpu);
+  m.impl("importance_ratios", &mmvae_fast::cpu::importance_ratios_cpu);
+  m.impl("importance_ratios_backward", &mmvae_fast::cpu::importance_ratios_backward_cpu);
+  // ---- end mixture log-density and importance ratios
 }
