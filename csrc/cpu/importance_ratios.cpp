@@ -89,7 +89,7 @@ at::Tensor importance_ratios_cpu(const at::Tensor& z, const at::Tensor& loc, con
     using T = scalar_t;
     const RatioArgs<T> p{e.z.data_ptr<T>(), e.loc.data_ptr<T>(), e.inv.data_ptr<T>(), e.log_scale_sum.data_ptr<T>(),
                          nullptr, nullptr, out.data_ptr<T>(), nullptr, nullptr, M, K, B, L, 1};
-    const int64_t grain = std::max<int64_t>(1, 16384 / (M * L));
+    const int64_t grain = row_grain(M * L);
     at::parallel_for(0, M * K * B, grain, [&](int64_t begin, int64_t end) { run_fwd(fam, p, begin, end); });
   });
   return out;
@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cpu(const at::Tens
     const RatioArgs<T> p{e.z.data_ptr<T>(), e.loc.data_ptr<T>(), e.inv.data_ptr<T>(), e.log_scale_sum.data_ptr<T>(),
                          g.data_ptr<T>(), rt.data_ptr<T>(), nullptr, gloc.data_ptr<T>(), gscale.data_ptr<T>(),
                          M, K, B, L, chunks};
-    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) { run_bwd(fam, p, begin, end); });
+    at::parallel_for(0, B * chunks, row_grain(M * M * L * K / chunks), [&](int64_t begin, int64_t end) { run_bwd(fam, p, begin, end); });
   });
   return {gloc.sum(0).to(loc.scalar_type()), gscale.sum(0).to(scale.scalar_type())};
 }

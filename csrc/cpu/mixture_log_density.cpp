@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
                               e.log_scale_sum.data_ptr<scalar_t>(), present.data_ptr<uint8_t>(),
                               count.data_ptr<int64_t>(), lq.data_ptr<scalar_t>(),
                               pairwise ? a.data_ptr<scalar_t>() : nullptr, M, K, B, L};
-    const int64_t grain = std::max<int64_t>(1, 16384 / (M * L));
+    const int64_t grain = row_grain(M * L);
     at::parallel_for(0, M * K * B, grain, [&](int64_t begin, int64_t end) { run_fwd(fam, p, begin, end); });
   });
   return {lq, a};
@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cpu(
                          present.data_ptr<uint8_t>(), count.data_ptr<int64_t>(), gx ? gz.data_ptr<T>() : nullptr,
                          gp ? gloc.data_ptr<T>() : nullptr, gp ? gscale.data_ptr<T>() : nullptr,
                          M, K, B, L, chunks};
-      at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) { run_bwd(fam, p, begin, end); });
+      at::parallel_for(0, B * chunks, row_grain(M * M * L * K / chunks), [&](int64_t begin, int64_t end) { run_bwd(fam, p, begin, end); });
     });
   }
   const auto empty = at::empty({0}, z.options());

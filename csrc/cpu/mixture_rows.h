@@ -97,6 +97,12 @@ inline std::pair<at::Tensor, at::Tensor> prepare_mask(const c10::optional<at::Te
 // Work split of the backward passes over (batch entry, chunk of samples): each task owns the
 // parameter gradients of its batch entry in its own chunk buffer, so there are no races; with
 // few batch entries K is split too, and the chunk buffers are summed afterwards.
+// Tasks per thread chunk for a task of `work` density terms: ~1e5 terms (tens of microseconds),
+// so small problems run on one thread instead of paying for a fork and join.
+inline int64_t row_grain(int64_t work) {
+  return std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, work));
+}
+
 inline int64_t sample_chunks(int64_t B, int64_t K) {
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
   if (B >= want) return 1;
