@@ -53,6 +53,9 @@ def measure(fn, args, repeats):
         t0 = time.perf_counter()
         once()
         times.append(time.perf_counter() - t0)
+    for t in args:
+        if isinstance(t, torch.Tensor):
+            t.grad = None
     gc.collect()
     base = _status("VmRSS:")
     _reset_peak()
@@ -74,7 +77,11 @@ def main():
     p.add_argument("--quick", action="store_true", help="one small size only")
     p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--ops", default="mixture_log_density,importance_ratios", help="comma-separated")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not ops.available_backends("cpu", "mixture_log_density").count("cpu"):
         sys.exit("the C++ extension is not built: python setup.py build_ext --inplace")
     gen = torch.Generator().manual_seed(0)
@@ -97,6 +104,8 @@ def main():
     print("| op | M | K | B | L | impl | median ms | peak MiB | speed-up vs eager | vs compile | memory vs eager |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, impls in (("mixture_log_density", mix), ("importance_ratios", rat)):
+        if name not in args.ops.split(","):
+            continue
         for M, K, B, L in sizes:
             x = inputs(M, K, B, L, gen)
             big = M * M * K * B * L > 5e7

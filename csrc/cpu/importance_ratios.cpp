@@ -20,52 +20,78 @@ struct RatioArgs {
   int64_t M, K, B, L, chunks;
 };
 
+// Forward of one tile (batch entry b, samples dk = d * K + k in [j0, j0 + n)); A: [M][kTile].
 template <int F, typename T>
-MMVAE_ALWAYS_INLINE void fwd_rows_t(const RatioArgs<T>& p, int64_t begin, int64_t end, T* a) {
-  const int64_t M = p.M, B = p.B, L = p.L, KB = p.K * B;
-  for (int64_t i = begin; i < end; ++i) {  // i = (d * K + k) * B + b
-    const int64_t b = i % B, d = i / KB, kb = i % KB;
-    const T* zrow = p.z + i * L;
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t o = (m * B + b) * L;
-      a[m] = row_log_density<F>(zrow, p.loc + o, p.inv + o, L) - p.lss[m * B + b];
+MMVAE_ALWAYS_INLINE void fwd_tile_t(const RatioArgs<T>& p, int64_t b, int64_t j0, int64_t n, T* zt, T* A) {
+  const int64_t M = p.M, K = p.K, B = p.B, L = p.L, KB = K * B;
+  load_tile(p.z, j0, n, B, b, L, zt);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t o = (m * B + b) * L;
+    tile_log_density<F>(zt, p.loc + o, p.inv + o, p.lss[m * B + b], L, A + m * kTile);
+  }
+  T own[kTile], ratio[kTile];
+  for (int64_t j = 0; j < kTile; ++j) own[j] = j < n ? A[((j0 + j) / K) * kTile + j] : T(0);  // a[d, d]
+  for (int64_t r = 0; r < M; ++r) {
+    const T* ar = A + r * kTile;
+#pragma omp simd
+    for (int64_t j = 0; j < kTile; ++j) ratio[j] = importance_ratio(ar[j], own[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t dk = j0 + j, d = dk / K;
+      p.out[(r * M + d) * KB + (dk % K) * B + b] = r == d ? T(1) : ratio[j];
     }
-    for (int64_t r = 0; r < M; ++r) p.out[(r * M + d) * KB + kb] = r == d ? T(1) : importance_ratio(a[r], a[d]);
   }
 }
 
+// Backward of one task: batch entry b, tiles [t0, t1) of chunk c. Scratch: zt [L][kTile],
+// G [kTile], lanes of grad_loc and grad_scale [M][L][kTile] each.
 template <int F, typename T>
-MMVAE_ALWAYS_INLINE void bwd_task_t(const RatioArgs<T>& p, int64_t b, int64_t c) {
-  const int64_t M = p.M, K = p.K, B = p.B, L = p.L, KB = K * B;
-  const int64_t k0 = c * K / p.chunks, k1 = (c + 1) * K / p.chunks;
-  T* gloc = p.gloc + c * M * B * L;
-  T* gscale = p.gscale + c * M * B * L;
-  for (int64_t d = 0; d < M; ++d) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const T* zrow = p.z + ((d * K + k) * B + b) * L;
-      for (int64_t r = 0; r < M; ++r) {
-        if (r == d) continue;  // the constant diagonal
-        const int64_t j = (r * M + d) * KB + k * B + b;
-        const T g = p.grad[j] * p.ratio[j];  // d ratio / d a[d, r] = ratio
-        if (g == T(0)) continue;
-        const int64_t o = (r * B + b) * L;
-        row_grad<F, false, true>(g, zrow, p.loc + o, p.inv + o, static_cast<T*>(nullptr), gloc + o, gscale + o, L);
+MMVAE_ALWAYS_INLINE void bwd_task_t(const RatioArgs<T>& p, int64_t b, int64_t c, T* scratch) {
+  const int64_t M = p.M, K = p.K, B = p.B, L = p.L, KB = K * B, rows = M * K, tiles = num_tiles(rows);
+  const int64_t t0 = c * tiles / p.chunks, t1 = (c + 1) * tiles / p.chunks;
+  T *zt = scratch, *G = zt + L * kTile, *gl = G + kTile, *gs = gl + M * L * kTile;
+  std::fill(gl, gl + 2 * M * L * kTile, T(0));
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t j0 = t * kTile, n = std::min(kTile, rows - j0);
+    load_tile(p.z, j0, n, B, b, L, zt);
+    if (t + 1 < t1) prefetch_tile(p.z, j0 + kTile, std::min(kTile, rows - j0 - kTile), B, b, L);
+    for (int64_t r = 0; r < M; ++r) {
+      bool any = false;
+      for (int64_t j = 0; j < kTile; ++j) {
+        const int64_t dk = j0 + j, d = dk / K;
+        G[j] = T(0);
+        if (j < n && d != r) {  // the diagonal is the constant 1
+          const int64_t idx = (r * M + d) * KB + (dk % K) * B + b;
+          G[j] = p.grad[idx] * p.ratio[idx];  // d ratio / d a[d, r] = ratio
+          any = true;
+        }
       }
+      if (!any) continue;
+      const int64_t o = (r * B + b) * L;
+      tile_grad<F, false, true>(G, zt, p.loc + o, p.inv + o, L, static_cast<T*>(nullptr), gl + r * L * kTile,
+                                gs + r * L * kTile);
     }
   }
+  reduce_lanes(gl, M, B, b, L, p.gloc + c * M * B * L);
+  reduce_lanes(gs, M, B, b, L, p.gscale + c * M * B * L);
 }
 
 template <typename T>
 MMVAE_ALWAYS_INLINE void fwd_rows(int family, const RatioArgs<T>& p, int64_t begin, int64_t end) {
-  std::vector<T> a(p.M);  // a[d, m] of the current sample
-  if (family == kNormal) fwd_rows_t<kNormal>(p, begin, end, a.data());
-  else fwd_rows_t<kLaplace>(p, begin, end, a.data());
+  const int64_t rows = p.M * p.K, tiles = num_tiles(rows);
+  std::vector<T> buf((p.L + p.M) * kTile);
+  (void)tiles;
+  for (int64_t t = begin; t < end; ++t) {  // t = tile * B + b: neighbouring tasks read neighbouring rows of z
+    const int64_t b = t % p.B, j0 = (t / p.B) * kTile, n = std::min(kTile, rows - j0);
+    if (family == kNormal) fwd_tile_t<kNormal>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile);
+    else fwd_tile_t<kLaplace>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile);
+  }
 }
 template <typename T>
 MMVAE_ALWAYS_INLINE void bwd_tasks(int family, const RatioArgs<T>& p, int64_t begin, int64_t end) {
-  for (int64_t t = begin; t < end; ++t) {
-    if (family == kNormal) bwd_task_t<kNormal>(p, t % p.B, t / p.B);
-    else bwd_task_t<kLaplace>(p, t % p.B, t / p.B);
+  std::vector<T> scratch((p.L + 1 + 2 * p.M * p.L) * kTile);
+  for (int64_t t = begin; t < end; ++t) {  // t = c * B + b
+    if (family == kNormal) bwd_task_t<kNormal>(p, t % p.B, t / p.B, scratch.data());
+    else bwd_task_t<kLaplace>(p, t % p.B, t / p.B, scratch.data());
   }
 }
 MMVAE_CPU_CLONES void fwd_f32(int f, const RatioArgs<float>& p, int64_t b, int64_t e) { fwd_rows(f, p, b, e); }
@@ -89,8 +115,7 @@ at::Tensor importance_ratios_cpu(const at::Tensor& z, const at::Tensor& loc, con
     using T = scalar_t;
     const RatioArgs<T> p{e.z.data_ptr<T>(), e.loc.data_ptr<T>(), e.inv.data_ptr<T>(), e.log_scale_sum.data_ptr<T>(),
                          nullptr, nullptr, out.data_ptr<T>(), nullptr, nullptr, M, K, B, L, 1};
-    const int64_t grain = row_grain(M * L);
-    at::parallel_for(0, M * K * B, grain, [&](int64_t begin, int64_t end) { run_fwd(fam, p, begin, end); });
+    at::parallel_for(0, B * num_tiles(M * K), task_grain(kTile * M * L), [&](int64_t begin, int64_t end) { run_fwd(fam, p, begin, end); });
   });
   return out;
 }
@@ -107,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cpu(const at::Tens
   const at::Tensor g = grad.to(acc).contiguous(), rt = ratio.to(acc).contiguous();
   TORCH_CHECK(g.sizes() == at::IntArrayRef({M, M, K, B}) && rt.sizes() == g.sizes(), op,
               ": grad and ratio must have shape [M, M, K, B]");
-  const int64_t chunks = sample_chunks(B, K);
+  const int64_t chunks = tile_chunks(B, num_tiles(M * K));
   at::Tensor gloc = at::zeros({chunks, M, B, L}, e.z.options());
   at::Tensor gscale = at::zeros({chunks, M, B, L}, e.z.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "importance_ratios_backward_cpu", [&] {
@@ -115,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cpu(const at::Tens
     const RatioArgs<T> p{e.z.data_ptr<T>(), e.loc.data_ptr<T>(), e.inv.data_ptr<T>(), e.log_scale_sum.data_ptr<T>(),
                          g.data_ptr<T>(), rt.data_ptr<T>(), nullptr, gloc.data_ptr<T>(), gscale.data_ptr<T>(),
                          M, K, B, L, chunks};
-    at::parallel_for(0, B * chunks, row_grain(M * M * L * K / chunks), [&](int64_t begin, int64_t end) { run_bwd(fam, p, begin, end); });
+    at::parallel_for(0, B * chunks, task_grain(M * M * K * L / chunks),
+                     [&](int64_t begin, int64_t end) { run_bwd(fam, p, begin, end); });
   });
   return {gloc.sum(0).to(loc.scalar_type()), gscale.sum(0).to(scale.scalar_type())};
 }
