@@ -116,15 +116,19 @@ def _paired_z(model, x, K, grad, looser, reps):
 
 
 @pytest.mark.parametrize("looser", [False, True], ids=["stratified", "looser"])
-def test_paired_sampling_mixture_unbiased_eq8_flagged(looser):
+def test_paired_sampling_mixture_unbiased_biased_flagged(looser):
     torch.manual_seed(0)
     model = toy.make_mmvae(2, "laplace", ["laplace", "normal"], L=2)
-    x = toy.sample_batch(model, B=16)
-    reps = 200
-    zs = {g: _paired_z(model, x, 4, g, looser, reps) for g in ("mixture", "mixture-centred", "eq8")}
-    # Bonferroni over the coordinates at family-wise level 1e-3 (z ~ N(0, 1) under no bias)
-    P = zs["eq8"].numel()
+    x = [xi.repeat(4, *[1] * (xi.dim() - 1)) for xi in toy.sample_batch(model, B=16)]  # 4 draws per point
+    reps = 150
+    # the biased one this test must flag: eq. 8 on the looser bound (z up to 8 here); on the
+    # stratified bound eq. 8's bias on this model is below a sampling test's resolution (z ~ 3),
+    # which is why exactness is proven by quadrature above, so there it must flag "released".
+    biased = "eq8" if looser else "released"
+    zs = {g: _paired_z(model, x, 4, g, looser, reps) for g in ("mixture", "mixture-centred", biased)}
+    # Bonferroni over the coordinates at family-wise level 1e-3 (z ~ N(0, 1) without bias)
+    P = zs[biased].numel()
     crit = float(torch.special.ndtri(torch.tensor(1 - 1e-3 / (2 * P), dtype=torch.float64)))
-    assert zs["mixture"].abs().max() < crit, (float(zs["mixture"].abs().max()), crit)
-    assert zs["mixture-centred"].abs().max() < crit, (float(zs["mixture-centred"].abs().max()), crit)
-    assert zs["eq8"].abs().max() > crit, (float(zs["eq8"].abs().max()), crit)  # the test has power
+    for g in ("mixture", "mixture-centred"):
+        assert zs[g].abs().max() < crit, (g, float(zs[g].abs().max()), crit)
+    assert zs[biased].abs().max() > crit + 2, (biased, float(zs[biased].abs().max()), crit)  # it has power
