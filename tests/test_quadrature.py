@@ -132,3 +132,117 @@ def test_paired_sampling_mixture_unbiased_biased_flagged(looser):
     for g in ("mixture", "mixture-centred"):
         assert zs[g].abs().max() < crit, (g, float(zs[g].abs().max()), crit)
     assert zs[biased].abs().max() > crit + 2, (biased, float(zs[biased].abs().max()), crit)  # it has power
+
+
+# ------------------------------------------------------------------------------------------
+# The implementation computes the documented formula, sample by sample
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("looser", [False, True], ids=["stratified", "looser"])
+@pytest.mark.parametrize("grad", ["mixture", "mixture-centred"])
+@pytest.mark.parametrize("M", [2, 3])
+def test_mixture_dreg_equals_per_sample_formula(looser, grad, M):
+    """mixture_dreg_estimator's docstring, term by term, with torch.distributions log_prob."""
+    model = toy.make_mmvae(M, "laplace", ["laplace", "bernoulli", "normal"][:M])
+    x = toy.sample_batch(model, B=3)
+    K = 4
+    torch.manual_seed(5)
+    qz_xs, px_zs, zss = model(x, K)
+    pz = model.pz(*model.pz_params)
+    q_det = [v.qz_x(*[p.detach() for p in v.qz_x_params]) for v in model.vaes]
+    a = [torch.stack([q.log_prob(zss[r]).sum(-1) for q in q_det]) for r in range(M)]  # a[r][m]: z live
+    lw = torch.stack([
+        pz.log_prob(zss[r]).sum(-1)
+        + sum(px.log_prob(x[d]).reshape(K, 3, -1).sum(-1) * model.vaes[d].llik_scaling for d, px in enumerate(px_zs[r]))
+        - (torch.logsumexp(a[r], 0) - math.log(M))
+        for r in range(M)
+    ])
+    if looser:
+        wbar = torch.softmax(lw.detach(), 1)
+        W = wbar / M  # the weight of sample (r, k) in the bound (mean over groups outside)
+    else:
+        wbar = torch.softmax(lw.detach().flatten(0, 1), 0).reshape(lw.shape)
+        W = wbar
+    c = 1 / (M * K) if grad == "mixture-centred" else 0.0  # in units of W, for both bounds
+    pi_own = torch.stack([torch.softmax(a[r], 0)[r] for r in range(M)])  # pi_r(z_rk), z live
+    enc = [p for n, p in model.named_parameters() if ".enc." in n]
+    dec = [p for n, p in model.named_parameters() if ".enc." not in n and p.requires_grad]
+    dlw_dz = torch.autograd.grad(lw.sum(), zss, retain_graph=True)
+    dpi_dz = torch.autograd.grad(pi_own.sum(), zss, retain_graph=True)
+    cot = [
+        (W[r] * (1 - pi_own[r].detach() * (1 - wbar[r]))).unsqueeze(-1) * dlw_dz[r]
+        - (W[r] - c).unsqueeze(-1) * dpi_dz[r]
+        for r in range(M)
+    ]
+    g_z = torch.autograd.grad(zss, enc, cot, retain_graph=True)
+    # direct: - (W - c) sum_{m != r} pi_m(z) d/dphi log q_m(z) at fixed z
+    direct = 0
+    for r in range(M):
+        zr = zss[r].detach()
+        pis = torch.softmax(torch.stack([q.log_prob(zr).sum(-1) for q in q_det]), 0)
+        for m in range(M):
+            if m != r:
+                direct = direct - ((W[r] - c) * pis[m] * qz_xs[m].log_prob(zr).sum(-1)).sum()
+    g_direct = torch.autograd.grad(direct, enc, retain_graph=True)
+    g_dec = torch.autograd.grad(lw, dec, W, allow_unused=True)
+    model.zero_grad()
+    torch.manual_seed(5)
+    f = obj.m_dreg_looser if looser else obj.m_dreg
+    f(model, x, K, grad=grad).backward()
+    for p, g1, g2 in zip(enc, g_z, g_direct):
+        torch.testing.assert_close(p.grad, g1 + g2)
+    for p, g in zip(dec, g_dec):
+        zero = torch.zeros_like(p)
+        torch.testing.assert_close(zero if p.grad is None else p.grad, zero if g is None else g)
+
+
+@pytest.mark.parametrize("looser", [False, True], ids=["stratified", "looser"])
+def test_centred_mixture_dreg_is_zero_at_exact_mixture_posterior(looser):
+    from test_estimators import ExactMMVAE, enc_grads
+
+    torch.manual_seed(0)
+    model = ExactMMVAE()
+    x = [torch.randn(6, 2, dtype=torch.float64) for _ in range(2)]
+    f = BOUNDS[looser][0]
+    assert enc_grads(model, f(model, x, 5, grad="mixture-centred")).abs().max() < 1e-12
+    # the plain mixture estimator keeps the other experts' scores: zero only on average
+    assert enc_grads(model, f(model, x, 5, grad="mixture")).abs().max() > 1e-3
+
+
+def _tensor_problem(seed=0, M=2, K=3, B=4, L=2, family="laplace"):
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(M, B, L, generator=g, dtype=torch.float64).requires_grad_()
+    log_scale = (0.3 * torch.randn(M, B, L, generator=g, dtype=torch.float64)).requires_grad_()
+    theta = torch.randn(L, generator=g, dtype=torch.float64).requires_grad_()
+    eps = torch.randn(M, K, B, L, generator=g, dtype=torch.float64)
+    return loc, log_scale, theta, eps
+
+
+@pytest.mark.parametrize("dim", [1, (0, 1)])
+def test_mixture_dreg_estimator_tensor_forms_agree(dim):
+    """zs as one [M, K, B, L] tensor or as M tensors [K, B, L]: same value, same gradients."""
+    loc, log_scale, theta, eps = _tensor_problem()
+    out = []
+    for as_tensor in (True, False):
+        scale = log_scale.exp()
+        z = loc[:, None] + scale[:, None] * eps
+        zs = z if as_tensor else list(z.unbind(0))
+        zz = zs if as_tensor else torch.stack(zs)
+        log_joint = -0.5 * (zz**2).sum(-1) - ((zz * theta).sum(-1) - 1.0).abs()
+        est = obj.mixture_dreg_estimator(log_joint, zs, loc, scale, dim, family="laplace")
+        out.append((est.detach(), torch.autograd.grad(est.sum(), (loc, log_scale, theta))))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b)
+    # its value is the bound of lw = log_joint - log q_mix(z)
+    assert out[0][0].shape == ((2, 4) if dim == 1 else (4,))
+
+
+def test_mixture_dreg_estimator_rejects_bad_arguments():
+    loc, log_scale, _, eps = _tensor_problem()
+    z = loc[:, None] + log_scale.exp()[:, None] * eps
+    with pytest.raises(ValueError, match="log_joint"):
+        obj.mixture_dreg_estimator(torch.zeros(2, 3), z, loc, log_scale.exp())
+    with pytest.raises(ValueError, match="dim"):
+        obj.mixture_dreg_estimator(torch.zeros(2, 3, 4), z, loc, log_scale.exp(), 0)
