@@ -209,11 +209,12 @@ def _dreg_surrogate(lw, iw, zs, zw, dims):
         for z, wz in zip(groups, weights):
             if z.requires_grad:
                 z.register_hook(_rescale_hook(wz.detach()))
-    surrogate = (iw.wbar * lw).sum(dims)
+    w = iw.wbar
+    surrogate = torch.where(w == 0, 0.0, w * lw).sum(dims)  # a zero weight on lw = -inf adds 0, not NaN
     return iw.bound + (surrogate - surrogate.detach())
 
 
-def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", backend=None):
+def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", weights=None, backend=None):
     r"""Per-slice IWAE bound whose gradient is DReG's (eq. 8).
 
     lw: log weights computed with the encoder parameters *detached* inside log q (z live).
@@ -225,8 +226,10 @@ def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", backend=None):
     with z_weight "wbar" (eq. 8), "one" (the released code), or a tensor of lw's shape. Reduce
     it linearly as you like (sum, mean over groups). A gradient hook on zs does the z-path
     rescaling, so zs must reach the loss only through lw.
+    weights: precomputed ``ops.importance_weights`` (bound, wbar) to use instead of lw's own; the
+    chunked large-K path passes the weights of all K samples, sliced to this chunk's lw.
     """
-    iw = ops.importance_weights(lw.detach(), dim, backend=backend)
+    iw = ops.importance_weights(lw.detach(), dim, backend=backend) if weights is None else weights
     if isinstance(z_weight, torch.Tensor):
         zw = z_weight
     elif z_weight == "wbar":
@@ -238,7 +241,9 @@ def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", backend=None):
     return _dreg_surrogate(lw, iw, zs, zw, _reduce_dims(dim, lw.dim()))
 
 
-def mixture_dreg_estimator(log_joint, zs, loc, scale, dim=(0, 1), *, family="normal", centred=False, backend=None):
+def mixture_dreg_estimator(
+    log_joint, zs, loc, scale, dim=(0, 1), *, family="normal", centred=False, weights=None, num_samples=None, backend=None
+):
     r"""Per-slice MoE IWAE bound whose gradient is the unbiased mixture DReG (DESIGN.md 2a).
 
     log_joint [M, K, B]: log p(z) + sum_d llik_scale_d log p(x_d | z) at z = zs[r, k, b], computed
@@ -270,6 +275,10 @@ def mixture_dreg_estimator(log_joint, zs, loc, scale, dim=(0, 1), *, family="nor
     the centred one vanishes with eq. 8 at the exact posterior (lw constant: wbar = c and
     dlw/dz = 0). With M = 1 both are eq. 8.
 
+    weights, num_samples: for the chunked large-K path, the importance weights of all the
+    bound's samples sliced to this chunk (see `dreg_estimator`) and their number per softmax
+    (K looser, M*K stratified; sets c). Default: computed from log_joint.
+
     Runs on the fused ops: three calls of ops.mixture_log_density (z live with the parameters
     detached; the parameters live at fixed z; the alias below), whose backward passes work on the
     [M, M, K, B] table and never on an M*M*K*B*L tensor.
@@ -298,12 +307,12 @@ def mixture_dreg_estimator(log_joint, zs, loc, scale, dim=(0, 1), *, family="nor
     else:
         direct = torch.zeros_like(lq_det)
     lw = log_joint - lq_det - direct
-    iw = ops.importance_weights(lw.detach(), dims, backend=backend)
+    iw = ops.importance_weights(lw.detach(), dims, backend=backend) if weights is None else weights
     pi_own = torch.diagonal(log_pi, 0, 0, 1).permute(2, 0, 1).exp()  # pi_r(z[r, k, b]) [M, K, B]
     est = _dreg_surrogate(lw, iw, zs, 1 - pi_own * (1 - iw.wbar), dims)
     if M == 1:
         return est
-    c = 1.0 / math.prod(z.shape[d] for d in dims) if centred else 0.0
+    c = 1.0 / (num_samples or math.prod(z.shape[d] for d in dims)) if centred else 0.0
     if centred:  # the direct term's weight wbar - c: add back c times it
         est = est + (c * direct).sum(dims)
     # - sg(wbar - c) pi_r(z): all parameters detached, z live through an alias off the hooked
@@ -402,14 +411,18 @@ def m_iwae_looser(model, x, K=1, *, backend=None):
     return m_iwae_looser_bound(_m_lw(model, x, K, backend), backend=backend)
 
 
-def _m_dreg(model, x, K, grad, looser, backend):
+def _m_dreg(model, x, K, grad, looser, backend, weights=None, K_total=None):
+    # weights: see dreg_estimator (given by the chunked path, computed here otherwise);
+    # K_total: the bound's K when this call sees a chunk of it (sets the centring constant)
     _check_grad(grad)
     qz_xs, _, zss, z, lpz, lpx = _mm_forward(model, x, _check_K(K), backend)
     experts = _mm_experts(model, qz_xs, backend)
     dims = 1 if looser else (0, 1)
     if grad in ("eq8", "released") or len(zss) == 1:  # with M = 1 the mixture estimators are eq. 8
         lw = lpz + lpx - experts.log_density(z, detach=True)
-        est = dreg_estimator(lw, zss, dims, z_weight="one" if grad == "released" else "wbar", backend=backend)
+        est = dreg_estimator(
+            lw, zss, dims, z_weight="one" if grad == "released" else "wbar", weights=weights, backend=backend
+        )
     else:
         if experts.family is None:
             raise ValueError(
@@ -417,7 +430,8 @@ def _m_dreg(model, x, K, grad, looser, backend):
             )
         loc, scale = experts.params()
         est = mixture_dreg_estimator(
-            lpz + lpx, zss, loc, scale, dims, family=experts.family, centred=grad == "mixture-centred", backend=backend
+            lpz + lpx, zss, loc, scale, dims, family=experts.family, centred=grad == "mixture-centred",
+            weights=weights, num_samples=(K_total or K) * (1 if looser else len(zss)), backend=backend,
         )
     return est.mean(0).sum() if looser else est.sum()
 
