@@ -53,7 +53,8 @@ def train_and_evaluate(a, obj, grad, looser, seed, classifiers):
             args += [flag, v]
     cli(*args)
     ev = ["evaluate", run_dir, "--classifiers", classifiers, "--ll-K", a.ll_K]
-    for flag, v in (("--ll-n", a.ll_n), ("--limit", a.test_limit), ("--device", a.device), ("--data-dir", a.data_dir)):
+    for flag, v in (("--ll-n", a.ll_n), ("--limit", a.test_limit), ("--latent-n", a.latent_n), ("--n-joint", a.n_joint),
+                    ("--device", a.device), ("--data-dir", a.data_dir)):
         if v is not None:
             ev += [flag, v]
     cli(*ev)
@@ -115,15 +116,21 @@ def main():
     ap.add_argument("--ll-K", type=int, default=1000, help="samples per expert of the test log-likelihood")
     ap.add_argument("--ll-n", type=int, default=None, help="test items for the log-likelihood")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on a fixed subset of N test items")
+    ap.add_argument("--latent-n", type=int, default=None, help="train items for the latent classifier")
+    ap.add_argument("--n-joint", type=int, default=None, help="prior samples for joint coherence")
+    ap.add_argument("--classifiers", default=None, help="directory of trained digit classifiers (default: OUT/classifiers, trained once)")
+    ap.add_argument("--clf-epochs", type=int, default=None, help="epochs of the digit classifiers (default: the CLI's)")
+    ap.add_argument("--clf-max-train", type=int, default=None, help="train items of the digit classifiers (default: the CLI's)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--only", nargs="+", default=None, help="estimators to run (iwae eq8 mixture ...)")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "estimator_study"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    classifiers = os.path.join(a.out, "classifiers")
+    classifiers = a.classifiers or os.path.join(a.out, "classifiers")
     if not os.path.isdir(classifiers):
         cli("train-classifiers", "--experiment", a.experiment, "--out", classifiers,
+            *(["--epochs", a.clf_epochs] if a.clf_epochs else []), *(["--max-train", a.clf_max_train] if a.clf_max_train else []),
             *(["--data-dir", a.data_dir] if a.data_dir else []), *(["--device", a.device] if a.device else []))
     rows, everything = [], []
     for looser in (True, False):
