@@ -439,14 +439,16 @@ def _m_dreg(model, x, K, grad, looser, backend, weights=None, K_total=None):
 def m_dreg(model, x, K=1, *, grad="eq8", backend=None):
     """Stratified MoE bound (eq. 5) with a DReG gradient; returns the bound's value.
 
-    grad: "eq8" (default for now), "mixture" (unbiased), "released" (see module docstring)."""
+    grad: "eq8" (default for now), "mixture" or "mixture-centred" (unbiased, proven by quadrature:
+    docs/mixture-dreg.md recommends "mixture" as the default), "released" (see module docstring)."""
     return _m_dreg(model, x, K, grad, False, backend)
 
 
 def m_dreg_looser(model, x, K=1, *, grad="eq8", backend=None):
     """Looser MoE bound (eq. 3) with a DReG gradient; returns the bound's value.
 
-    grad: "eq8" (default for now), "mixture" (unbiased), "released" (see module docstring)."""
+    grad: "eq8" (default for now), "mixture" or "mixture-centred" (unbiased, proven by quadrature:
+    docs/mixture-dreg.md recommends "mixture" as the default), "released" (see module docstring)."""
     return _m_dreg(model, x, K, grad, True, backend)
 
 
