@@ -2,8 +2,9 @@
 //   ratio[r, d, k, b] = exp(a[d, r, k, b] - sg a[d, d, k, b]),  1 on the diagonal r == d,
 // with z detached: the gradient reaches only the numerator's expert r,
 //   grad_loc/scale[r, b] = sum_{d != r, k} grad_ratio[r, d, k, b] * ratio[r, d, k, b] * d/d(loc, scale) a[d, r, k, b].
-// One pass per sample (d, k, b) computes its M pairwise entries over L; nothing of size
-// M*M*K*B*L exists. The backward reuses the saved ratios (the op's own output) and needs no exp.
+// One pass over z in tiles of 32 samples of one batch entry computes their M pairwise entries
+// (mixture_rows.h); nothing of size M*M*K*B*L exists. The backward reuses the saved ratios (the
+// op's own output) and needs no exp.
 #include <vector>
 
 #include "mixture_rows.h"
@@ -77,9 +78,8 @@ MMVAE_ALWAYS_INLINE void bwd_task_t(const RatioArgs<T>& p, int64_t b, int64_t c,
 
 template <typename T>
 MMVAE_ALWAYS_INLINE void fwd_rows(int family, const RatioArgs<T>& p, int64_t begin, int64_t end) {
-  const int64_t rows = p.M * p.K, tiles = num_tiles(rows);
+  const int64_t rows = p.M * p.K;
   std::vector<T> buf((p.L + p.M) * kTile);
-  (void)tiles;
   for (int64_t t = begin; t < end; ++t) {  // t = tile * B + b: neighbouring tasks read neighbouring rows of z
     const int64_t b = t % p.B, j0 = (t / p.B) * kTile, n = std::min(kTile, rows - j0);
     if (family == kNormal) fwd_tile_t<kNormal>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile);

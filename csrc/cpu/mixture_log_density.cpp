@@ -1,8 +1,9 @@
 // Fused mixture-of-experts log-density on CPU (DESIGN.md section 3), forward and backward.
 //   a[r, m, k, b] = sum_l log f(z[r, k, b, l]; loc[m, b, l], scale[m, b, l])
 //   lq[r, k, b]   = logsumexp_{m present in b} a[r, m, k, b] - log(#present in b)
-// One pass per sample (r, k, b): M row loops over L and an online log-sum-exp over m. Nothing of
-// size M*M*K*B*L exists; the forward keeps only lq, and the backward recomputes a row at a time:
+// One pass over z in tiles of 32 samples of one batch entry (mixture_rows.h): per tile, M expert
+// loops over L vectorised across the samples, then a log-sum-exp over m per sample. Nothing of
+// size M*M*K*B*L exists; the forward keeps only lq, and the backward recomputes a tile at a time:
 //   G[r, m, k, b] = grad_lq[r, k, b] * pi[r, m, k, b] + grad_a[r, m, k, b],  pi = exp(a - lse)
 //   grad_z[r, k, b]  = sum_m G * d/dz log f,   grad_loc/scale[m, b] = sum_{r,k} G * d/d(loc, scale) log f
 #include <vector>
@@ -64,9 +65,8 @@ MMVAE_ALWAYS_INLINE void fwd_tile_t(const Args<T>& p, int64_t b, int64_t j0, int
 
 template <typename T>
 MMVAE_ALWAYS_INLINE void fwd_tasks(int family, const Args<T>& p, int64_t begin, int64_t end) {
-  const int64_t rows = p.M * p.K, tiles = num_tiles(rows);
+  const int64_t rows = p.M * p.K;
   std::vector<T> buf((p.L + p.M) * kTile);
-  (void)tiles;
   for (int64_t t = begin; t < end; ++t) {  // t = tile * B + b: neighbouring tasks read neighbouring rows of z
     const int64_t b = t % p.B, j0 = (t / p.B) * kTile, n = std::min(kTile, rows - j0);
     if (family == kNormal) fwd_tile_t<kNormal>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile);
@@ -101,11 +101,9 @@ MMVAE_ALWAYS_INLINE void bwd_task_t(const Args<T>& p, int64_t b, int64_t c, T* s
       g[j] = (p.glq != nullptr && j < n) ? p.glq[(j0 + j) * B + b] : T(0);
       lq[j] = j < n ? p.lq[(j0 + j) * B + b] : T(0);
     }
-    bool any[64];  // whether expert m gets a gradient in this tile (M <= 64 checked by the caller)
     for (int64_t m = 0; m < M; ++m) {
       T* Gm = G + m * kTile;
       const bool on = p.glq != nullptr && p.present[m * B + b];
-      any[m] = on || p.ga != nullptr;
       if (on) {
         const int64_t o = (m * B + b) * L;
         tile_log_density<F>(zt, p.loc + o, p.inv + o, p.lss[m * B + b], L, Gm);
@@ -122,7 +120,7 @@ MMVAE_ALWAYS_INLINE void bwd_task_t(const Args<T>& p, int64_t b, int64_t c, T* s
     }
     if (GX) std::fill(gzt, gzt + L * kTile, T(0));
     for (int64_t m = 0; m < M; ++m) {
-      if (!any[m]) continue;  // absent expert, no incoming gradient on a
+      if (!(p.ga != nullptr || (p.glq != nullptr && p.present[m * B + b]))) continue;  // absent, no grad_a
       const int64_t o = (m * B + b) * L;
       tile_grad<F, GX, GP>(G + m * kTile, zt, p.loc + o, p.inv + o, L, gzt, gl + m * L * kTile, gs + m * L * kTile);
     }
@@ -216,7 +214,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cpu(
   if (grad_a.has_value() && grad_a->defined()) ga = grad_a->to(acc).contiguous();
   if (glq.defined()) TORCH_CHECK(glq.sizes() == lqc.sizes(), op, ": grad_lq must have shape [M, K, B]");
   if (ga.defined()) TORCH_CHECK(ga.sizes() == at::IntArrayRef({M, M, K, B}), op, ": grad_a must have shape [M, M, K, B]");
-  TORCH_CHECK(M <= 64, op, ": at most 64 experts are supported, got ", M);
   const int64_t chunks = tile_chunks(B, num_tiles(M * K));
   const bool run = (gx || gp) && (glq.defined() || ga.defined());
   // every row of grad_z is written by exactly one tile when the kernel runs: no zero fill

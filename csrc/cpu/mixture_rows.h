@@ -1,5 +1,5 @@
-// CPU building blocks of the mixture kernels: SIMD loops over the latent dim L of one sample
-// against one expert, and the argument packing common to both ops.
+// CPU building blocks of the mixture kernels (mixture_log_density, importance_ratios): tiles of
+// samples with SIMD loops across the samples, and the argument checks and packing of both ops.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,7 +9,7 @@
 
 #include "mmvae_fast/mixture.h"
 
-// The row loops are vectorised by `omp simd` (reductions need it without -ffast-math). x86-64
+// The tile loops are vectorised by `omp simd` (no -ffast-math needed: no reordering). x86-64
 // builds compile each kernel three times (AVX-512, AVX2+FMA, baseline) and pick one at load
 // time, so the wheel stays portable and still runs 16-wide where the CPU allows.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MMVAE_FAST_NO_CLONES)
