@@ -58,7 +58,7 @@ MMVAE_ALWAYS_INLINE void fwd_tile_t(const Args<T>& p, int64_t b, int64_t j0, int
     if (!p.present[m * B + b]) continue;
     const T* am = A + m * kTile;
 #pragma omp simd
-    for (int64_t j = 0; j < kTile; ++j) sum[j] += exp_vectorisable(am[j] - mx[j]);
+    for (int64_t j = 0; j < kTile; ++j) sum[j] += fast_exp(am[j] - mx[j]);
   }
   for (int64_t j = 0; j < n; ++j) p.lq[(j0 + j) * B + b] = mixture_lq_from_sum(mx[j], sum[j], p.count[b]);
 }

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "mmvae_fast/densities.h"
+#include "mmvae_fast/fastmath.h"
 
 namespace mmvae_fast {
 
@@ -25,31 +26,6 @@ MMVAE_HD T log_expert_count(int64_t n) {
   return n > 0 ? std::log(T(n)) : T(0);
 }
 
-// exp(x) written without calls or branches so that a compiler vectorises the loops that use it
-// (a scalar libm exp per expert and sample costs more than the L-term density itself).
-// float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-6 polynomial
-// (max relative error ~2 ulp); exp(-inf) = 0, exp(+inf) = inf, NaN propagates, results below
-// FLT_MIN flush to 0. double: the libm exp (float64 is the exact path, not the fast one).
-MMVAE_HD float exp_vectorisable(float x) {
-  const float hi = 88.3762626647949f, lo = -87.3365447504f;
-  const float xc = x < lo ? lo : (x > hi ? hi : x);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  const float y = p * two_n;
-  return x < lo ? 0.0f : (x > hi ? std::numeric_limits<float>::infinity() : (x == x ? y : x));
-}
-MMVAE_HD double exp_vectorisable(double x) { return std::exp(x); }
 
 // The log-sum-exp over experts in two passes (max, then sum of exp) for kernels that hold all M
 // values of a sample at once, vectorised across samples. NaN-propagating max: once a NaN is
@@ -77,13 +53,13 @@ MMVAE_HD T mixture_lq_from_sum(T shift, T sum, int64_t n_present) {
 template <typename T>
 MMVAE_HD T responsibility(T a, T lq, T log_count) {
   if (lq == -std::numeric_limits<T>::infinity()) return T(0);
-  return exp_vectorisable(a - (lq + log_count));
+  return fast_exp(a - (lq + log_count));
 }
 
 // Appendix B's importance ratio of expert r on the samples of expert d: exp(a[d, r] - a[d, d]).
 template <typename T>
 MMVAE_HD T importance_ratio(T a_num, T a_own) {
-  return exp_vectorisable(a_num - a_own);
+  return fast_exp(a_num - a_own);
 }
 
 }  // namespace mmvae_fast
