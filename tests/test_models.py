@@ -258,3 +258,18 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(a.latents(x), b.latents(x))
     torch.testing.assert_close(a.pz_params[1], b.pz_params[1])
     assert isinstance(b, MMVAE)
+
+
+def test_float64_model_and_an_expert_taken_out_of_the_mmvae():
+    torch.manual_seed(0)
+    model = build_model("digits", latent_dim=4, learn_prior=True).double()
+    x = [t.double() for t in batch("digits", 2)]
+    value = O.m_iwae(model, x, K=2)
+    assert value.dtype == torch.float64 and torch.isfinite(value)
+    _, px_zs, _ = model(x, K=1)
+    assert px_zs[0][1].scale.dtype == torch.float64  # the fixed likelihood scale follows the dtype
+    # each expert is a VAE of its own, with the joint (shared) prior
+    svhn = model.vaes[1]
+    v = O.dreg(svhn, x[1], 3)
+    v.backward()
+    assert torch.isfinite(v) and model.prior.logvar.grad is not None

@@ -115,8 +115,10 @@ def load_features(root, split):
 def load_images(root, split, size=64):
     """uint8 [N, 3, size, size]: class folders sorted, files sorted (torchvision ImageFolder's order),
     resized to size x size with bilinear filtering."""
-    from PIL import Image
-
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("reading CUB images needs Pillow (pip install pillow)") from e
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise DataNotFoundError(f"CUB image folder not found: {folder} (class sub-folders of .jpg images)")
