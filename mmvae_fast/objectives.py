@@ -20,6 +20,11 @@ DReG gradient choices (``grad=``):
     "mixture"  the unbiased mixture DReG of DESIGN.md 2a (equals "eq8" when M = 1).
     "released" what the paper's released code computes: its wbar-rescaling hook never fires, so
                the z path is weighted by wbar (biased, kept to reproduce published numbers).
+
+Large K (``k_chunk=``, for iwae, dreg, m_iwae, m_iwae_looser, m_dreg, m_dreg_looser): the value
+of the same bound, and a ``backward()`` that recomputes the K samples in chunks of ``k_chunk``
+with the same noise, so memory does not grow with K; gradients equal the unchunked ones. See
+`mmvae_fast.large_k`.
 """
 import math
 import warnings
@@ -56,6 +61,12 @@ def _check_K(K) -> int:
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"argument 'K' must be an integer >= 1 (samples per expert), got {K!r}")
     return K
+
+
+def _chunked(name, model, x, K, k_chunk, **kw):
+    from . import large_k  # large_k builds on this module's helpers
+
+    return large_k.chunked_objective(name, model, x, K, k_chunk, **kw)
 
 
 def _check_grad(grad) -> str:
@@ -193,7 +204,7 @@ def _rescale_hook(weight):
     return lambda g: g * w.to(g.dtype)
 
 
-def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", backend=None):
+def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", weights=None, backend=None):
     r"""Per-slice IWAE bound whose gradient is DReG's (eq. 8).
 
     lw: log weights computed with the encoder parameters *detached* inside log q (z live).
@@ -205,8 +216,10 @@ def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", backend=None):
     with z_weight "wbar" (eq. 8), "one" (the released code), or a tensor of lw's shape. Reduce
     it linearly as you like (sum, mean over groups). A gradient hook on zs does the z-path
     rescaling, so zs must reach the loss only through lw.
+    weights: precomputed ``ops.importance_weights`` (bound, wbar) to use instead of lw's own; the
+    chunked path (`large_k`) passes the weights of all K samples, sliced to this chunk's lw.
     """
-    iw = ops.importance_weights(lw.detach(), dim, backend=backend)
+    iw = ops.importance_weights(lw.detach(), dim, backend=backend) if weights is None else weights
     w = iw.wbar
     if isinstance(z_weight, torch.Tensor):
         zw = z_weight.detach()
@@ -249,18 +262,22 @@ def elbo(model, x, K=1, *, backend=None):
     return lpx.mean(0).sum() - kl(qz_x, model.pz(*model.pz_params)).sum()
 
 
-def iwae(model, x, K, *, backend=None):
-    """IWAE bound: sum_b logmeanexp_k lw[k, b]."""
+def iwae(model, x, K, *, k_chunk=None, backend=None):
+    """IWAE bound: sum_b logmeanexp_k lw[k, b]. k_chunk: see `mmvae_fast.large_k`."""
+    if k_chunk is not None:
+        return _chunked("iwae", model, x, K, k_chunk, backend=backend)
     lw, _ = _single_lw(model, x, _check_K(K), False, backend)
     return iwae_bound(lw, 0, backend=backend).sum()
 
 
-def dreg(model, x, K, *, grad="eq8", backend=None):
+def dreg(model, x, K, *, grad="eq8", k_chunk=None, backend=None):
     """IWAE bound with the DReG gradient (eq. 8; unbiased for one modality).
 
     grad="mixture" is the same estimator here (M = 1); grad="released" weights the z path by
-    wbar instead of wbar**2, as the paper's released code does."""
+    wbar instead of wbar**2, as the paper's released code does. k_chunk: see `mmvae_fast.large_k`."""
     _check_grad(grad)
+    if k_chunk is not None:
+        return _chunked("dreg", model, x, K, k_chunk, grad=grad, backend=backend)
     lw, zs = _single_lw(model, x, _check_K(K), True, backend)
     return dreg_estimator(lw, zs, 0, z_weight="one" if grad == "released" else "wbar", backend=backend).sum()
 
@@ -300,17 +317,24 @@ def _m_lw(model, x, K, backend):
     return lpz + lpx - _mm_experts(model, qz_xs, backend).log_density(z)
 
 
-def m_iwae(model, x, K=1, *, backend=None):
-    """Stratified MoE IWAE bound (eq. 5): all M*K samples in one logmeanexp per batch entry."""
+def m_iwae(model, x, K=1, *, k_chunk=None, backend=None):
+    """Stratified MoE IWAE bound (eq. 5): all M*K samples in one logmeanexp per batch entry.
+    k_chunk: see `mmvae_fast.large_k`."""
+    if k_chunk is not None:
+        return _chunked("m_iwae", model, x, K, k_chunk, backend=backend)
     return m_iwae_bound(_m_lw(model, x, K, backend), backend=backend)
 
 
-def m_iwae_looser(model, x, K=1, *, backend=None):
-    """Looser MoE IWAE bound (eq. 3): mean over modalities outside the logmeanexp."""
+def m_iwae_looser(model, x, K=1, *, k_chunk=None, backend=None):
+    """Looser MoE IWAE bound (eq. 3): mean over modalities outside the logmeanexp.
+    k_chunk: see `mmvae_fast.large_k`."""
+    if k_chunk is not None:
+        return _chunked("m_iwae_looser", model, x, K, k_chunk, backend=backend)
     return m_iwae_looser_bound(_m_lw(model, x, K, backend), backend=backend)
 
 
-def _m_dreg(model, x, K, grad, looser, backend):
+def _m_dreg(model, x, K, grad, looser, backend, weights=None):
+    # weights: see dreg_estimator (given by the chunked path, computed here otherwise)
     _check_grad(grad)
     qz_xs, _, zss, z, lpz, lpx = _mm_forward(model, x, _check_K(K), backend)
     experts = _mm_experts(model, qz_xs, backend)
@@ -318,7 +342,9 @@ def _m_dreg(model, x, K, grad, looser, backend):
     dims = 1 if looser else (0, 1)
     if grad != "mixture" or M == 1:
         lw = lpz + lpx - experts.log_density(z, detach=True)
-        est = dreg_estimator(lw, zss, dims, z_weight="one" if grad == "released" else "wbar", backend=backend)
+        est = dreg_estimator(
+            lw, zss, dims, z_weight="one" if grad == "released" else "wbar", weights=weights, backend=backend
+        )
         return est.mean(0).sum() if looser else est.sum()
     if experts.family is None:
         raise ValueError("grad='mixture' needs Normal or Laplace posteriors (it re-reparameterises z = loc + scale * eps)")
@@ -331,10 +357,10 @@ def _m_dreg(model, x, K, grad, looser, backend):
     off = ~torch.eye(M, dtype=torch.bool, device=z.device)[:, :, None, None]
     lq = lq_det + (log_pi.exp() * off * (a_live - a_live.detach())).sum(1)
     lw = lpz + lpx - lq
-    iw = ops.importance_weights(lw.detach(), dims, backend=backend)
+    iw = ops.importance_weights(lw.detach(), dims, backend=backend) if weights is None else weights
     pi_own = torch.diagonal(log_pi, 0, 0, 1).permute(2, 0, 1).exp()  # pi_r(z) [M, K, B]
     # z path of sg(wbar) lw rescaled per sample by (1 - pi_r (1 - wbar)).
-    est = dreg_estimator(lw, zss, dims, z_weight=1 - pi_own * (1 - iw.wbar), backend=backend)
+    est = dreg_estimator(lw, zss, dims, z_weight=1 - pi_own * (1 - iw.wbar), weights=iw, backend=backend)
     # - sg(wbar) pi_r(z): all parameters detached, z live through its own alias (not hooked).
     loc, scale = experts.params()
     eps = ((z - loc[:, None]) / scale[:, None]).detach()
@@ -347,17 +373,23 @@ def _m_dreg(model, x, K, grad, looser, backend):
     return est.mean(0).sum() if looser else est.sum()
 
 
-def m_dreg(model, x, K=1, *, grad="eq8", backend=None):
+def m_dreg(model, x, K=1, *, grad="eq8", k_chunk=None, backend=None):
     """Stratified MoE bound (eq. 5) with a DReG gradient; returns the bound's value.
 
-    grad: "eq8" (default for now), "mixture" (unbiased), "released" (see module docstring)."""
+    grad: "eq8" (default for now), "mixture" (unbiased), "released" (see module docstring).
+    k_chunk: see `mmvae_fast.large_k`."""
+    if k_chunk is not None:
+        return _chunked("m_dreg", model, x, K, k_chunk, grad=_check_grad(grad), backend=backend)
     return _m_dreg(model, x, K, grad, False, backend)
 
 
-def m_dreg_looser(model, x, K=1, *, grad="eq8", backend=None):
+def m_dreg_looser(model, x, K=1, *, grad="eq8", k_chunk=None, backend=None):
     """Looser MoE bound (eq. 3) with a DReG gradient; returns the bound's value.
 
-    grad: "eq8" (default for now), "mixture" (unbiased), "released" (see module docstring)."""
+    grad: "eq8" (default for now), "mixture" (unbiased), "released" (see module docstring).
+    k_chunk: see `mmvae_fast.large_k`."""
+    if k_chunk is not None:
+        return _chunked("m_dreg_looser", model, x, K, k_chunk, grad=_check_grad(grad), backend=backend)
     return _m_dreg(model, x, K, grad, True, backend)
 
 
