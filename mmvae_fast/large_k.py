@@ -34,6 +34,7 @@ not be recomputed). The backward is not differentiable again (no double backward
 Evaluation: `iwae_log_likelihood` estimates log-likelihoods with K = 1000..5000 under no_grad,
 vectorised over the batch and chunked over K (an online log-sum-exp over the chunks).
 """
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
@@ -70,6 +71,22 @@ class _RNG:
         torch.set_rng_state(cpu)
         for d, s in zip(self.devices, cuda):
             torch.cuda.set_rng_state(s, d)
+
+
+class _Autocast:
+    """The autocast state of the forward, re-entered for the recompute (as checkpointing does), so
+    the chunks are recomputed in the precision their weights were computed in."""
+
+    def __init__(self):
+        self.states = [
+            (dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)
+        ]
+
+    def __call__(self):
+        stack = contextlib.ExitStack()
+        for dev, dtype in self.states:
+            stack.enter_context(torch.autocast(dev, dtype=dtype))
+        return stack
 
 
 def _tensors(x):
@@ -150,6 +167,7 @@ class _Run:
     def __init__(self, objective, model, x, chunks, states, rng, weights):
         self.objective, self.model, self.x = objective, model, x
         self.chunks, self.states, self.rng, self.weights = chunks, states, rng, weights
+        self.autocast = _Autocast()
 
     def backward(self, g, inputs, n_x):
         # Recompute on detached copies of x so the chunk graphs stop at x; the gradient w.r.t.
@@ -163,7 +181,7 @@ class _Run:
         acc = [None] * len(targets)
         entry = self.rng.get()
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), self.autocast():
                 for i, ((start, k), state) in enumerate(zip(self.chunks, self.states)):
                     self.rng.set(state)
                     w = _slice(self.weights, self.objective.k_axis, start, k)

@@ -26,12 +26,13 @@ class NoiseVAE(toy.TinyVAE):
         else:
             eps = self.qz_x(torch.zeros_like(loc), torch.ones_like(loc)).sample((K,))
             self.noise.append(eps)
+            self.autocast.append(torch.is_autocast_enabled("cpu"))
         zs = loc + scale * eps
         return self.qz_x(loc, scale), self.px_z(zs), zs
 
 
 def noisy(vae):
-    vae.__class__, vae.noise, vae.replay = NoiseVAE, [], None
+    vae.__class__, vae.noise, vae.replay, vae.autocast = NoiseVAE, [], None, []
     return vae
 
 
@@ -309,3 +310,21 @@ def test_log_likelihood_converges_to_exact_marginal():
     torch.manual_seed(1)
     est = large_k.iwae_log_likelihood(model, x, K=4000, k_chunk=1000).joint
     assert (est <= exact + 0.05).all() and (exact - est < 0.5).all()
+
+
+def test_recompute_under_the_forward_autocast():
+    """loss under autocast, backward outside it (the usual AMP loop): the chunks are recomputed
+    under the forward's autocast, and the gradients match the unchunked bfloat16 ones to
+    bfloat16 rounding (the chunks' sums round differently from one sum over K)."""
+    model = make_mm(2, "normal", ["normal", "laplace"]).float()
+    x = [t.float() for t in toy.sample_batch(model, B=3)]
+
+    def fn(m, x, K, **kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return obj.m_dreg(m, x, K, **kw)
+
+    for v in model.vaes:
+        v.autocast = []
+    chunked, unchunked = chunked_vs_unchunked(fn, model, x, K=6, k_chunk=4)
+    assert all(v.autocast == [True] * 4 for v in model.vaes)  # forward and recompute, 2 chunks each
+    assert_same(chunked, unchunked, rtol=2e-2, atol=4e-3)
