@@ -236,7 +236,7 @@ def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", weights=None, backend=None
             if z.requires_grad:
                 z.register_hook(_rescale_hook(wz))
     dims = tuple(sorted(d % lw.dim() for d in ((dim,) if isinstance(dim, int) else dim)))
-    surrogate = (w * lw).sum(dims)
+    surrogate = torch.where(w == 0, 0.0, w * lw).sum(dims)  # a zero weight on lw = -inf adds 0, not NaN
     return iw.bound + (surrogate - surrogate.detach())
 
 

@@ -328,3 +328,26 @@ def test_recompute_under_the_forward_autocast():
     chunked, unchunked = chunked_vs_unchunked(fn, model, x, K=6, k_chunk=4)
     assert all(v.autocast == [True] * 4 for v in model.vaes)  # forward and recompute, 2 chunks each
     assert_same(chunked, unchunked, rtol=2e-2, atol=4e-3)
+
+
+def test_surrogate_with_minus_inf_log_weights():
+    """A sample of weight zero (lw = -inf) adds nothing to the chunk surrogate's gradient, as in
+    the unchunked bound; NaN still propagates."""
+    lw = torch.tensor([[0.5, -1.0], [-math.inf, 2.0], [1.0, -math.inf]], dtype=torch.float64, requires_grad=True)
+    full = obj.iwae_bound(lw, 0).sum()
+    (g_full,) = torch.autograd.grad(full, lw)
+    iw = obj.ops.importance_weights(lw.detach(), 0)
+    g_chunks = torch.zeros_like(lw)
+    for start, k in ((0, 2), (2, 1)):
+        part = lw.detach()[start:start + k].requires_grad_()
+        w = large_k._slice(iw, 0, start, k)
+        est = obj.dreg_estimator(part, None, 0, z_weight="one", weights=w).sum()
+        torch.testing.assert_close(est, full.detach())
+        g_chunks[start:start + k] = torch.autograd.grad(est, part)[0]
+    torch.testing.assert_close(g_chunks, g_full)
+    assert not g_chunks.isnan().any()
+    lw_nan = lw.detach().clone()
+    lw_nan[0, 0] = math.nan
+    part = lw_nan.clone().requires_grad_()
+    est = obj.dreg_estimator(part, None, 0, z_weight="one").sum()
+    assert est.isnan() and torch.autograd.grad(est, part)[0][:, 0].isnan().all()
