@@ -237,7 +237,7 @@ def chunked_objective(name, model, x, K, k_chunk, *, grad="eq8", backend=None):
     objective = _Objective(name, _obj._check_grad(grad), backend)
     chunks = _chunks(K, k_chunk)
     params = [p for p in model.parameters() if p.requires_grad]
-    x_in = [t for t in _tensors(x) if t.requires_grad]
+    x_in = list({id(t): t for t in _tensors(x) if t.requires_grad}.values())  # each tensor once
     rng = _RNG(_tensors(x) + list(model.parameters()))
     states, lws = [], []
     with torch.no_grad():
