@@ -199,7 +199,7 @@ def cap_search(args):
         return ref_pts, []
     target = int(args.cap_ratio * ref_fit)
     ch_fit, ch_over, ch_pts = None, None, []
-    for K in (ref_fit, target):
+    for K in sorted({ref_fit, target}):
         r = measure(args, "chunked", K, cap)
         ch_pts.append((K, r))
         print(f"  chunked K={K}: {'over the cap' if r.get('over') else _mib(r['peak']) + ' MiB'}",
@@ -245,8 +245,9 @@ def plot(args, rows, caps):
         ax.set_yscale("log")
         ax.set_xlabel("K (samples per expert)")
         ax.set_title(title)
-        ax.legend()
-    fig.suptitle(f"MNIST-SVHN MMVAE, {args.objective}, batch {args.batch}, k_chunk {args.k_chunk}, {args.device}")
+        ax.legend(fontsize="small", loc="upper left")
+    fig.suptitle(f"One training step, MNIST-SVHN MMVAE, {args.objective}, batch {args.batch}, "
+                 f"k_chunk {args.k_chunk}, {args.device}")
     fig.tight_layout()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "large_k.png")
