@@ -15,8 +15,9 @@ torch.cuda.max_memory_allocated over memory_allocated before the step.
 a step does not fit (a CPU point is killed as soon as its resident set passes the cap), then
 bisects between the last K that fit and the first that did not. The chunked path is measured at
 the reference's largest K and at --cap-ratio (default 20) times it (its memory is flat in K, as
-the sweep shows; past that only time limits it, so the search stops there). Prints markdown tables, writes a PNG plot to benchmarks/out/;
-never asserts timings.
+the sweep shows; past that only time limits it, so the search stops there).
+
+Prints markdown tables, writes a PNG plot to benchmarks/out/; never asserts timings.
 """
 import argparse
 import json
@@ -265,7 +266,8 @@ def main():
     p.add_argument("--grad", default="eq8", choices=["eq8", "mixture", "released"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (0: torch's default; 1 on a shared machine, where idle OpenMP threads stall every op)")
+                   help="torch threads (0: torch's default; use 1 on a shared machine, where waiting "
+                        "OpenMP threads stall every op)")
     p.add_argument("--cap-gib", type=float, default=None, help="find the largest K under this many GiB")
     p.add_argument("--cap-ratio", type=float, default=20.0, help="stop the chunked search at this x the reference")
     p.add_argument("--bisect", type=int, default=3, help="bisection steps after the doubling")
