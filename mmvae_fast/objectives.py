@@ -24,6 +24,11 @@ DReG gradient choices (``grad=``):
                unbiased, lower variance, and zero encoder gradient at the exact posterior.
     "released" what the paper's released code computes: its wbar-rescaling hook never fires, so
                the z path is weighted by wbar (biased, kept to reproduce published numbers).
+
+Large K (``k_chunk=``, for iwae, dreg, m_iwae, m_iwae_looser, m_dreg, m_dreg_looser): the value
+of the same bound, and a ``backward()`` that recomputes the K samples in chunks of ``k_chunk``
+with the same noise, so memory does not grow with K; gradients equal the unchunked ones. See
+`mmvae_fast.large_k`.
 """
 import math
 import warnings
@@ -60,6 +65,12 @@ def _check_K(K) -> int:
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"argument 'K' must be an integer >= 1 (samples per expert), got {K!r}")
     return K
+
+
+def _chunked(name, model, x, K, k_chunk, **kw):
+    from . import large_k  # large_k builds on this module's helpers
+
+    return large_k.chunked_objective(name, model, x, K, k_chunk, **kw)
 
 
 def _check_grad(grad) -> str:
@@ -350,18 +361,22 @@ def elbo(model, x, K=1, *, backend=None):
     return lpx.mean(0).sum() - kl(qz_x, model.pz(*model.pz_params)).sum()
 
 
-def iwae(model, x, K, *, backend=None):
-    """IWAE bound: sum_b logmeanexp_k lw[k, b]."""
+def iwae(model, x, K, *, k_chunk=None, backend=None):
+    """IWAE bound: sum_b logmeanexp_k lw[k, b]. k_chunk: see `mmvae_fast.large_k`."""
+    if k_chunk is not None:
+        return _chunked("iwae", model, x, K, k_chunk, backend=backend)
     lw, _ = _single_lw(model, x, _check_K(K), False, backend)
     return iwae_bound(lw, 0, backend=backend).sum()
 
 
-def dreg(model, x, K, *, grad="eq8", backend=None):
+def dreg(model, x, K, *, grad="eq8", k_chunk=None, backend=None):
     """IWAE bound with the DReG gradient (eq. 8; unbiased for one modality).
 
     grad="mixture" is the same estimator here (M = 1); grad="released" weights the z path by
-    wbar instead of wbar**2, as the paper's released code does."""
+    wbar instead of wbar**2, as the paper's released code does. k_chunk: see `mmvae_fast.large_k`."""
     _check_grad(grad)
+    if k_chunk is not None:
+        return _chunked("dreg", model, x, K, k_chunk, grad=grad, backend=backend)
     lw, zs = _single_lw(model, x, _check_K(K), True, backend)
     return dreg_estimator(lw, zs, 0, z_weight="one" if grad == "released" else "wbar", backend=backend).sum()
 
@@ -401,13 +416,19 @@ def _m_lw(model, x, K, backend):
     return lpz + lpx - _mm_experts(model, qz_xs, backend).log_density(z)
 
 
-def m_iwae(model, x, K=1, *, backend=None):
-    """Stratified MoE IWAE bound (eq. 5): all M*K samples in one logmeanexp per batch entry."""
+def m_iwae(model, x, K=1, *, k_chunk=None, backend=None):
+    """Stratified MoE IWAE bound (eq. 5): all M*K samples in one logmeanexp per batch entry.
+    k_chunk: see `mmvae_fast.large_k`."""
+    if k_chunk is not None:
+        return _chunked("m_iwae", model, x, K, k_chunk, backend=backend)
     return m_iwae_bound(_m_lw(model, x, K, backend), backend=backend)
 
 
-def m_iwae_looser(model, x, K=1, *, backend=None):
-    """Looser MoE IWAE bound (eq. 3): mean over modalities outside the logmeanexp."""
+def m_iwae_looser(model, x, K=1, *, k_chunk=None, backend=None):
+    """Looser MoE IWAE bound (eq. 3): mean over modalities outside the logmeanexp.
+    k_chunk: see `mmvae_fast.large_k`."""
+    if k_chunk is not None:
+        return _chunked("m_iwae_looser", model, x, K, k_chunk, backend=backend)
     return m_iwae_looser_bound(_m_lw(model, x, K, backend), backend=backend)
 
 
@@ -436,19 +457,25 @@ def _m_dreg(model, x, K, grad, looser, backend, weights=None, K_total=None):
     return est.mean(0).sum() if looser else est.sum()
 
 
-def m_dreg(model, x, K=1, *, grad="eq8", backend=None):
+def m_dreg(model, x, K=1, *, grad="eq8", k_chunk=None, backend=None):
     """Stratified MoE bound (eq. 5) with a DReG gradient; returns the bound's value.
 
     grad: "eq8" (default for now), "mixture" or "mixture-centred" (unbiased, proven by quadrature:
-    docs/mixture-dreg.md recommends "mixture" as the default), "released" (see module docstring)."""
+    docs/mixture-dreg.md recommends "mixture" as the default), "released" (see module docstring).
+    k_chunk: see `mmvae_fast.large_k`."""
+    if k_chunk is not None:
+        return _chunked("m_dreg", model, x, K, k_chunk, grad=_check_grad(grad), backend=backend)
     return _m_dreg(model, x, K, grad, False, backend)
 
 
-def m_dreg_looser(model, x, K=1, *, grad="eq8", backend=None):
+def m_dreg_looser(model, x, K=1, *, grad="eq8", k_chunk=None, backend=None):
     """Looser MoE bound (eq. 3) with a DReG gradient; returns the bound's value.
 
     grad: "eq8" (default for now), "mixture" or "mixture-centred" (unbiased, proven by quadrature:
-    docs/mixture-dreg.md recommends "mixture" as the default), "released" (see module docstring)."""
+    docs/mixture-dreg.md recommends "mixture" as the default), "released" (see module docstring).
+    k_chunk: see `mmvae_fast.large_k`."""
+    if k_chunk is not None:
+        return _chunked("m_dreg_looser", model, x, K, k_chunk, grad=_check_grad(grad), backend=backend)
     return _m_dreg(model, x, K, grad, True, backend)
 
 
