@@ -23,7 +23,7 @@ _NEG_INF = float("-inf")
 _DENSE = [triton.Config({"BLOCK_R": br, "BLOCK_E": be}, num_warps=nw) for br, be, nw in [(1, 1024, 4), (4, 256, 4), (16, 128, 4), (64, 32, 4)]]
 _DENSE_I = triton.Config({"BLOCK_R": 4, "BLOCK_E": 8})
 _CAT = [triton.Config({"BLOCK_R": br, "BLOCK_V": bv}, num_warps=nw) for br, bv, nw in [(1, 1024, 4), (1, 4096, 8), (4, 256, 4), (16, 64, 4)]]
-_CAT_I = triton.Config({"BLOCK_R": 4, "BLOCK_V": 8})
+_CAT_I = triton.Config({"BLOCK_R": 4, "BLOCK_V": 128})
 
 
 @triton.jit
