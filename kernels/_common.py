@@ -10,6 +10,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+INTERPRETED = interpreting()  # at import, i.e. when the kernels of this process were decorated
+
+
 def autotune(configs, key, interpret_config):
     """triton.autotune over `configs`; under the interpreter a single fixed config (no timing).
 

@@ -28,16 +28,24 @@ _CAT_I = triton.Config({"BLOCK_R": 4, "BLOCK_V": 128})
 
 @triton.jit
 def _dense_terms(x, p, sc, FAM: tl.constexpr):
-    """(log p, d/dparam, d/dscale) elementwise for the dense families."""
+    """(log p, d/dparam, d/dscale) elementwise for the dense families (one return: the compiler
+    wants a single exit)."""
     if FAM == 2:  # bernoulli logits: x l - softplus(l)
-        sp = tl.maximum(p, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(p)))
-        return x * p - sp, x - 1.0 / (1.0 + tl.exp(-p)), p
-    inv = 1.0 / sc
-    u = (x - p) * inv
-    if FAM == 0:
-        return -0.5 * u * u - tl.log(sc) - _HALF_LOG_2PI, u * inv, (u * u - 1.0) * inv
-    sgn = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))  # sign(0) = 0, as torch
-    return -tl.abs(u) - tl.log(sc) - _LOG_2, sgn * inv, (tl.abs(u) - 1.0) * inv
+        lp = x * p - (tl.maximum(p, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(p))))
+        dp = x - 1.0 / (1.0 + tl.exp(-p))
+        ds = tl.zeros_like(p)
+    else:
+        inv = 1.0 / sc
+        u = (x - p) * inv
+        if FAM == 0:
+            lp = -0.5 * u * u - tl.log(sc) - _HALF_LOG_2PI
+            dp = u * inv
+            ds = (u * u - 1.0) * inv
+        else:
+            lp = -tl.abs(u) - tl.log(sc) - _LOG_2
+            dp = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)) * inv  # sign(0) = 0, as torch
+            ds = (tl.abs(u) - 1.0) * inv
+    return lp, dp, ds
 
 
 @autotune(_DENSE, key=["E", "FAM"], interpret_config=_DENSE_I)

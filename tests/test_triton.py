@@ -2,10 +2,12 @@
 values and gradients, K=1 / M=1, ragged sizes that cross the (small, fixed) interpreter blocks,
 -inf rows, NaN, float16/bfloat16 inputs, float64 gradcheck. Run alone with `pytest -m triton`.
 
-TRITON_INTERPRET must be set before the kernels are decorated: this module sets it at import,
-before anything loads mmvae_fast.kernels (which loads lazily, on first use), and re-registers the
-Triton backend so that it accepts CPU tensors. torch.compile over a triton_op cannot run under
-the interpreter (fake tensors), so compile is not tested here; see docs/triton.md.
+TRITON_INTERPRET must be set before the kernels are decorated. mmvae_fast.kernels loads lazily,
+on the first Triton call, so the module fixture below sets it (triton reads it at decoration
+time, not at import) and registers the Triton backend for CPU tensors for these tests only; on
+teardown both are restored, so other test modules see the backend as a CPU-only machine does.
+torch.compile over a triton_op cannot run under the interpreter (fake tensors), so compile is
+not tested here; see docs/triton.md.
 """
 import importlib.util
 import math
@@ -15,25 +17,33 @@ import sys
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from mmvae_fast import objectives as obj  # noqa: E402
-from mmvae_fast import ops  # noqa: E402
-from mmvae_fast import reference as ref  # noqa: E402
-from mmvae_fast.ops import _dispatch, _triton  # noqa: E402
+from mmvae_fast import objectives as obj
+from mmvae_fast import ops
+from mmvae_fast import reference as ref
+from mmvae_fast.ops import _dispatch, _triton
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-_COMPILED = any(m.startswith("mmvae_fast.kernels.") for m in sys.modules)  # loaded before we set the env
 pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install triton)"),
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1" or _COMPILED,
-        reason="the Triton kernels were loaded without TRITON_INTERPRET=1 in this process; run `pytest -m triton`",
-    ),
 ]
-if HAVE_TRITON:
-    _triton.register()  # TRITON_INTERPRET=1 now: accept CPU tensors
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter():
+    common = sys.modules.get("mmvae_fast.kernels._common")
+    if common is not None and not common.INTERPRETED:
+        pytest.skip("the Triton kernels were already compiled for the GPU in this process; run `pytest -m triton`")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    _triton.register()  # now also for CPU tensors
+    yield
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+    _triton.register()
+
 
 T = dict(backend="triton")
 F64 = torch.float64
