@@ -54,5 +54,14 @@ for src in "${SOURCES[@]}"; do
 done
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || FAILED=1; done
 wait || FAILED=1
+# the CUDA registration block of csrc/ops.cpp (host code: the C++ compiler, syntax only)
+PYINC=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+CXX_FLAGS=(-fsyntax-only -std=c++17 -DMMVAE_FAST_WITH_CUDA=1 -Icsrc/include -I"$PYINC" "${SHIM[@]}")
+for d in "${INC[@]}"; do CXX_FLAGS+=(-I"$d"); done
+if "${CXX:-c++}" "${CXX_FLAGS[@]}" csrc/ops.cpp >"$OUT/ops.log" 2>&1; then
+  echo "  ok    csrc/ops.cpp (with MMVAE_FAST_WITH_CUDA)"
+else
+  echo "  FAIL  csrc/ops.cpp (with MMVAE_FAST_WITH_CUDA)"; cat "$OUT/ops.log"; FAILED=1
+fi
 if [ "$FAILED" -ne 0 ]; then echo "check_cuda_compile: FAILED"; exit 1; fi
 echo "check_cuda_compile: all CUDA sources compile"
