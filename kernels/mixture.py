@@ -21,9 +21,9 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import acc_dtype, autotune, interpreting
 
-_NEG_INF = float("-inf")
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-_LOG_2 = math.log(2.0)
+_NEG_INF = tl.constexpr(float("-inf"))
+_HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
+_LOG_2 = tl.constexpr(math.log(2.0))
 MAX_L = 8192  # the whole latent vector lives in one tile
 _K_CHUNK = 2 if interpreting() else 16  # small under the interpreter: the tests cross chunks
 _TILE = 4096  # max elements of a [BLOCK_B, BLOCK_L] tile

@@ -20,7 +20,7 @@ _CONFIGS = [
     for br, bn, nw in [(1, 1024, 4), (1, 4096, 8), (4, 256, 4), (16, 64, 4), (64, 32, 4)]
 ]
 _INTERPRET = triton.Config({"BLOCK_R": 4, "BLOCK_N": 16})
-_NEG_INF = float("-inf")
+_NEG_INF = tl.constexpr(float("-inf"))
 
 
 @autotune(_CONFIGS, key=["N"], interpret_config=_INTERPRET)
