@@ -49,7 +49,11 @@ def _lazy(op):
 
 def register() -> bool:
     """(Re-)register the Triton backend; reads TRITON_INTERPRET now. False if triton is absent."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or shadowed install counts as absent
+        found = False
+    if not found:
         _dispatch.mark_unavailable("triton", "triton is not installed")
         return False
     devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "0") == "1" else ("cuda",)
