@@ -3,7 +3,7 @@
 Layout (DESIGN.md 2): z[r, k, b, l] sample k of group r; loc, scale[m, b, l] expert m;
 a[r, m, k, b] = sum_l log f(z[r, k, b, l]; loc[m, b, l], scale[m, b, l]).
 
-Each program owns one group r, a chunk of K_CHUNK samples and a tile of BLOCK_B batch entries,
+Each program owns one group r, a chunk of K_CHUNK samples (_K_CHUNK_FWD / _BWD) and a tile of BLOCK_B batch entries,
 with the whole latent vector in the tile (BLOCK_L = next power of two >= L). The pairwise
 values are formed in registers, one expert at a time, and folded into an online log-sum-exp:
 nothing of size M*M*K*B*L exists, and a[M, M, K, B] only when asked for.
@@ -25,7 +25,11 @@ _NEG_INF = tl.constexpr(float("-inf"))
 _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 _LOG_2 = tl.constexpr(math.log(2.0))
 MAX_L = 8192  # the whole latent vector lives in one tile
-_K_CHUNK = 2 if interpreting() else 16  # small under the interpreter: the tests cross chunks
+# Samples per program. Forward: few, for parallelism (a GPU wants thousands of programs). Backward:
+# more, since each program writes a partial loc/scale gradient [M, BLOCK_B, L] per chunk.
+# Under the interpreter 2, so that the tests cross chunks.
+_K_CHUNK_FWD = 2 if interpreting() else 4
+_K_CHUNK_BWD = 2 if interpreting() else 8
 _TILE = 4096  # max elements of a [BLOCK_B, BLOCK_L] tile
 
 
@@ -197,11 +201,11 @@ _ratios_fwd = _tuned(_ratios_fwd_kernel)
 _pairwise_bwd = _tuned(_pairwise_bwd_kernel)
 
 
-def _shape(z):
+def _shape(z, k_chunk):
     M, K, B, L = z.shape
     if L > MAX_L:
         raise ValueError(f"argument 'z': the Triton backend supports latent dims L <= {MAX_L}, got L = {L}")
-    return M, K, B, L, triton.cdiv(K, _K_CHUNK), triton.next_power_of_2(L)
+    return M, K, B, L, triton.cdiv(K, k_chunk), triton.next_power_of_2(L)
 
 
 def _grid(M, n_kc, B):
@@ -213,14 +217,14 @@ def mixture_fwd(
     z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, normal: bool, write_a: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lq [M,K,B], lse over present experts [M,K,B], a [M,M,K,B] or empty) for contiguous inputs."""
-    M, K, B, L, n_kc, BL = _shape(z)
+    M, K, B, L, n_kc, BL = _shape(z, _K_CHUNK_FWD)
     dt = acc_dtype(z.dtype)
     lq = torch.empty(M, K, B, dtype=dt, device=z.device)
     lse = torch.empty(M, K, B, dtype=dt, device=z.device)
     a = torch.empty((M, M, K, B) if write_a else (0,), dtype=dt, device=z.device)
     wrap_triton(_mixture_fwd)[_grid(M, n_kc, B)](
         z, loc, scale, z if mask is None else mask, lq, lse, lq if not write_a else a, M, K, B, L,
-        NORMAL=normal, HAS_MASK=mask is not None, WRITE_A=write_a, K_CHUNK=_K_CHUNK, BLOCK_L=BL,
+        NORMAL=normal, HAS_MASK=mask is not None, WRITE_A=write_a, K_CHUNK=_K_CHUNK_FWD, BLOCK_L=BL,
     )
     return lq, lse, a
 
@@ -231,7 +235,7 @@ def pairwise_bwd(
     g: torch.Tensor | None, ga: torch.Tensor | None, normal: bool, ratios: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dz, dloc, dscale) of the pairwise table's cotangent; see _pairwise_bwd_kernel."""
-    M, K, B, L, n_kc, BL = _shape(z)
+    M, K, B, L, n_kc, BL = _shape(z, _K_CHUNK_BWD)
     dt = acc_dtype(z.dtype)
     dz = torch.zeros(M, K, B, L, dtype=dt, device=z.device) if not ratios else torch.zeros_like(z)
     ploc = torch.empty(M * n_kc, M, B, L, dtype=dt, device=z.device)
@@ -240,7 +244,7 @@ def pairwise_bwd(
         z, loc, scale, z if mask is None else mask, stat, stat if g is None else g, stat if ga is None else ga,
         dz, ploc, pscale, M, K, B, L,
         RATIOS=ratios, NORMAL=normal, HAS_MASK=mask is not None, HAS_G=g is not None, HAS_GA=ga is not None,
-        K_CHUNK=_K_CHUNK, BLOCK_L=BL,
+        K_CHUNK=_K_CHUNK_BWD, BLOCK_L=BL,
     )
     return dz.to(z.dtype), ploc.sum(0).to(loc.dtype), pscale.sum(0).to(scale.dtype)
 
@@ -264,12 +268,12 @@ mixture_fwd.register_autograd(_mixture_backward, setup_context=_mixture_setup)
 @triton_op("mmvae_fast_triton::importance_ratios", mutates_args=())
 def ratios_fwd(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, normal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(ratio [M,M,K,B], own log-density log q_d(z_d) [M,K,B]) for contiguous inputs."""
-    M, K, B, L, n_kc, BL = _shape(z)
+    M, K, B, L, n_kc, BL = _shape(z, _K_CHUNK_FWD)
     dt = acc_dtype(z.dtype)
     ratio = torch.empty(M, M, K, B, dtype=dt, device=z.device)
     own = torch.empty(M, K, B, dtype=dt, device=z.device)
     wrap_triton(_ratios_fwd)[_grid(M, n_kc, B)](
-        z, loc, scale, ratio, own, M, K, B, L, NORMAL=normal, K_CHUNK=_K_CHUNK, BLOCK_L=BL,
+        z, loc, scale, ratio, own, M, K, B, L, NORMAL=normal, K_CHUNK=_K_CHUNK_FWD, BLOCK_L=BL,
     )
     return ratio, own
 

@@ -33,14 +33,14 @@ def variants(W, X, Lk, quick):
         for normal, mask, write_a, dims in [(True, True, True, sizes), (False, False, False, sizes), (True, False, True, ones)]:
             out.append((f"mixture_fwd {dt} normal={normal} mask={mask} a={write_a} ones={dims is ones}", X._mixture_fwd, dict(
                 z_ptr=P(acc if dt == "fp64" else dt), loc_ptr=P(dt), scale_ptr=P(dt), mask_ptr="*i8", lq_ptr=P(acc), lse_ptr=P(acc),
-                a_ptr=P(acc), **dims, NORMAL=normal, HAS_MASK=mask, WRITE_A=write_a, K_CHUNK=16, BLOCK_L=64)))
+                a_ptr=P(acc), **dims, NORMAL=normal, HAS_MASK=mask, WRITE_A=write_a, K_CHUNK=4, BLOCK_L=64)))
         out.append((f"ratios_fwd {dt}", X._ratios_fwd, dict(
-            z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), ratio_ptr=P(acc), own_ptr=P(acc), **sizes, NORMAL=False, K_CHUNK=16, BLOCK_L=32)))
+            z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), ratio_ptr=P(acc), own_ptr=P(acc), **sizes, NORMAL=False, K_CHUNK=4, BLOCK_L=32)))
         for ratios, mask, g, ga, dims in [(False, True, True, True, sizes), (False, False, False, True, ones), (True, False, True, False, sizes)]:
             out.append((f"pairwise_bwd {dt} ratios={ratios} mask={mask} g={g} ga={ga} ones={dims is ones}", X._pairwise_bwd, dict(
                 z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), mask_ptr="*i8", stat_ptr=P(acc), g_ptr=P(acc), ga_ptr=P(acc),
                 dz_ptr=P(dt if ratios else acc), ploc_ptr=P(acc), pscale_ptr=P(acc), **dims,
-                RATIOS=ratios, NORMAL=not ratios, HAS_MASK=mask, HAS_G=g, HAS_GA=ga, K_CHUNK=16, BLOCK_L=16)))
+                RATIOS=ratios, NORMAL=not ratios, HAS_MASK=mask, HAS_G=g, HAS_GA=ga, K_CHUNK=8, BLOCK_L=16)))
         for fam in (0, 1, 2):
             out.append((f"dense_fwd {dt} fam={fam}", Lk._dense_fwd_kernel, dict(
                 x_ptr=P(acc), p_ptr=P(dt), sc_ptr=P(acc), out_ptr=P(acc), R="i32", B="i32", E="i32",
