@@ -4,9 +4,26 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <tuple>
+
 namespace mmvae_fast {
 at::Tensor lse_rows_cpu(const at::Tensor& x);
-}
+
+// ---- begin: importance weights and likelihood sums (csrc/cpu/importance_weights.cpp, likelihood_sum.cpp)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> importance_weights_cpu(const at::Tensor& lw);
+at::Tensor importance_weights_backward_cpu(const at::Tensor& lw, const at::Tensor& lse,
+                                           const std::optional<at::Tensor>& g_lse,
+                                           const std::optional<at::Tensor>& g_wbar,
+                                           const std::optional<at::Tensor>& g_wbar_sq);
+at::Tensor likelihood_sum_cpu(const at::Tensor& x, const at::Tensor& params, const std::optional<at::Tensor>& scale,
+                              int64_t family);
+std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                               const at::Tensor& params,
+                                                               const std::optional<at::Tensor>& scale, int64_t family,
+                                                               bool params_grad, bool scale_grad);
+// ---- end: importance weights and likelihood sums
+}  // namespace mmvae_fast
 
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -15,10 +32,27 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(mmvae_fast, m) {
   m.def("lse_rows(Tensor x) -> Tensor");
+  // ---- begin: importance weights and likelihood sums
+  // lw [R, N] -> (lse [R], wbar [R, N], wbar_sq [R, N]) over the last dim, in float32 (float64 for float64).
+  m.def("importance_weights(Tensor lw) -> (Tensor, Tensor, Tensor)");
+  m.def("importance_weights_backward(Tensor lw, Tensor lse, Tensor? g_lse, Tensor? g_wbar, Tensor? g_wbar_sq) -> Tensor");
+  // out[s, b] = sum_e log p(x[b, e] | params[s, b, e(, :)]); family 0 normal, 1 laplace (scale
+  // [S|1, B|1, E|1]), 2 bernoulli logits, 3 categorical logits [S, B, E, V] with int64 x.
+  m.def("likelihood_sum(Tensor x, Tensor params, Tensor? scale, int family) -> Tensor");
+  m.def(
+      "likelihood_sum_backward(Tensor grad, Tensor x, Tensor params, Tensor? scale, int family, bool params_grad, "
+      "bool scale_grad) -> (Tensor, Tensor)");
+  // ---- end: importance weights and likelihood sums
 }
 
 TORCH_LIBRARY_IMPL(mmvae_fast, CPU, m) {
   m.impl("lse_rows", &mmvae_fast::lse_rows_cpu);
+  // ---- begin: importance weights and likelihood sums
+  m.impl("importance_weights", &mmvae_fast::importance_weights_cpu);
+  m.impl("importance_weights_backward", &mmvae_fast::importance_weights_backward_cpu);
+  m.impl("likelihood_sum", &mmvae_fast::likelihood_sum_cpu);
+  m.impl("likelihood_sum_backward", &mmvae_fast::likelihood_sum_backward_cpu);
+  // ---- end: importance weights and likelihood sums
 }
 
 #ifdef MMVAE_FAST_WITH_CUDA

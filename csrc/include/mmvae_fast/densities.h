@@ -2,6 +2,7 @@
 // (CPU and CUDA). Family codes match the Python strings: "normal" -> kNormal, "laplace" -> kLaplace.
 #pragma once
 
+#include "mmvae_fast/fastmath.h"
 #include "mmvae_fast/math.h"
 
 namespace mmvae_fast {
@@ -36,6 +37,46 @@ MMVAE_HD DensityGrad<T> log_density_grad(int family, T x, T loc, T inv_scale) {
   const T s = T((u > T(0)) - (u < T(0)));
   const T dx = -s * inv_scale;
   return {dx, -dx, (std::abs(u) - T(1)) * inv_scale};
+}
+
+}  // namespace mmvae_fast
+
+// ------------------------------------------------------------------------------------------------
+// Likelihoods on logits (the decoder outputs), elementwise; the CPU kernels sum them over the event
+// dims. fast_exp / fast_log1p are vectorisable on the CPU and CUDA's expf / log1pf on the device.
+// ------------------------------------------------------------------------------------------------
+
+namespace mmvae_fast {
+
+enum Likelihood : int { kLikNormal = kNormal, kLikLaplace = kLaplace, kLikBernoulli = 2, kLikCategorical = 3 };
+
+// Bernoulli on logits l, x in [0, 1] (soft targets allowed):
+//   log p(x | l) = x l - softplus(l),  softplus(l) = max(l, 0) + log1p(exp(-|l|)),
+// the stable form of torch's binary_cross_entropy_with_logits.
+template <typename T>
+MMVAE_HD T bernoulli_log_prob(T x, T l) {
+  const T e = fast_exp(-std::abs(l));
+  return x * l - (l > T(0) ? l : T(0)) - fast_log1p(e);
+}
+
+// d/dl log p(x | l) = x - sigmoid(l), sigmoid from the same exp(-|l|) (no overflow either side).
+template <typename T>
+MMVAE_HD T bernoulli_log_prob_grad(T x, T l) {
+  const T e = fast_exp(-std::abs(l));
+  const T sig = (l >= T(0) ? T(1) : e) / (T(1) + e);
+  return x - sig;
+}
+
+// Categorical on logits l[0..V): log p(x | l) = l[x] - logsumexp(l); its gradient in l[v] is
+// [v == x] - softmax(l)[v] = [v == x] - exp(l[v] - lse). The kernels get lse from LseState (math.h).
+template <typename T>
+MMVAE_HD T categorical_log_prob(T l_x, T lse) {
+  return l_x - lse;
+}
+
+template <typename T>
+MMVAE_HD T categorical_log_prob_grad(T l_v, T lse, bool is_x) {
+  return (is_x ? T(1) : T(0)) - fast_exp(l_v - lse);
 }
 
 }  // namespace mmvae_fast

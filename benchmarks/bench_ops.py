@@ -1,0 +1,360 @@
+"""Forward+backward time and peak memory of the four fused ops through the public API, per backend:
+the fused CPU kernels (backend='cpu', where registered), the PyTorch reference eager
+(backend='reference') and torch.compile of the reference; plus two objectives at MNIST-SVHN-like
+sizes (fused where available vs reference).
+
+    PYTHONPATH=. python benchmarks/bench_ops.py [--quick] [--ops importance_weights likelihood_sum]
+                                                [--threads N] [--no-compile] [--max-gb 5]
+
+Cases (float32, B = 128):
+  importance_weights   lw [M, K, B] reduced over (M, K) (the stratified bound): M in {2, 5}, K in {30, 1000}
+  mixture_log_density  z [M, K, B, L], Normal experts: M in {2, 5}, K in {30, 1000}, L in {20, 64}
+  importance_ratios    the same grid
+  likelihood_sum       decoder outputs [K, B, D]: Laplace D in {784, 3072}, Bernoulli D = 784 and
+                       Categorical over a vocabulary of 1590 for sentences of 32 words, K in {30, 1000}
+  objectives           m_dreg_looser, m_iwae on a 2-modality MLP MMVAE (784- and 3072-dim Laplace
+                       likelihoods, Laplace posteriors, L = 20), K = 30
+Every op's loss is sum(output * fixed random cotangent) over all its outputs, so the backward pass
+runs through everything the op returns.
+
+Time: median over repeats of one forward + backward, after a warm-up call (which also compiles).
+Peak memory: the largest number of bytes torch's CPU allocator holds during one forward + backward
+above what it held before (inputs and parameters are not counted; gradients and every
+intermediate, including those allocated inside C++ kernels, are). It is read from the profiler's
+allocation records (torch.profiler with profile_memory=True): each allocation and free reported
+by c10's CPU allocator, replayed in time order. Small std::vector scratch rows inside the fused
+kernels (a few KB per thread) are outside torch's allocator and not counted.
+Configurations whose estimated reference footprint exceeds --max-gb are skipped and listed.
+
+Writes benchmarks/out/bench_ops.csv and bench_ops.png, prints a markdown table; never asserts.
+"""
+import argparse
+import csv
+import gc
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.distributions as D
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mmvae_fast.objectives as objectives
+from mmvae_fast import ops
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+OPS = ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum")
+GB = 1 << 30
+
+
+# ------------------------------------------------------------------------------- measurement
+
+
+def peak_bytes(fn) -> int:
+    """Peak of torch's CPU allocations during fn() above the level at its start (see docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
+def measure(step, repeats):
+    """(median ms, peak bytes) of step(), one forward + backward."""
+    step()  # warm-up (compiles the torch.compile variant)
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    gc.collect()
+    return 1e3 * statistics.median(times), peak_bytes(step)
+
+
+def make_step(loss_fn, leaves):
+    def step():
+        for t in leaves:
+            t.grad = None
+        loss_fn(*leaves).backward()
+        for t in leaves:
+            t.grad = None
+
+    return step
+
+
+# ------------------------------------------------------------------------------- op cases
+
+
+def _weighted(outs, cots):
+    return sum((o * c).sum() for o, c in zip(outs, cots))
+
+
+def case_importance_weights(M, K, B, gen):
+    lw = (5 * torch.randn(M, K, B, generator=gen)).requires_grad_()
+    cots = [torch.randn(B, generator=gen), torch.randn(M, K, B, generator=gen), torch.randn(M, K, B, generator=gen)]
+
+    def loss(backend):
+        return lambda lw: _weighted(ops.importance_weights(lw, (0, 1), backend=backend), cots)
+
+    return loss, [lw], 4 * M * K * B * 12
+
+
+def _experts(M, K, B, L, gen):
+    z = torch.randn(M, K, B, L, generator=gen).requires_grad_()
+    loc = torch.randn(M, B, L, generator=gen).requires_grad_()
+    scale = (0.5 + torch.rand(M, B, L, generator=gen)).requires_grad_()
+    return [z, loc, scale]
+
+
+def case_mixture(M, K, B, L, gen):
+    leaves = _experts(M, K, B, L, gen)
+    cot = torch.randn(M, K, B, generator=gen)
+
+    def loss(backend):
+        return lambda z, loc, scale: (ops.mixture_log_density(z, loc, scale, family="normal", backend=backend) * cot).sum()
+
+    return loss, leaves, 4 * M * M * K * B * L * 5
+
+
+def case_ratios(M, K, B, L, gen):
+    leaves = _experts(M, K, B, L, gen)
+    cot = torch.randn(M, M, K, B, generator=gen)
+
+    def loss(backend):
+        return lambda z, loc, scale: (ops.importance_ratios(z, loc, scale, family="normal", backend=backend) * cot).sum()
+
+    return loss, leaves, 4 * M * M * K * B * L * 5
+
+
+def case_likelihood(family, K, B, D_, V, gen):
+    if family == "categorical":
+        x = torch.randint(0, V, (B, D_), generator=gen)
+        params = torch.randn(K, B, D_, V, generator=gen).requires_grad_()
+    else:
+        x = torch.rand(B, D_, generator=gen)
+        params = torch.randn(K, B, D_, generator=gen).requires_grad_()
+    scale = 0.75 if family in ("normal", "laplace") else None
+    cot = torch.randn(K, B, generator=gen)
+
+    def loss(backend):
+        return lambda p: (ops.likelihood_sum(x, p, family=family, scale=scale, backend=backend) * cot).sum()
+
+    return loss, [params], 4 * params.numel() * 6
+
+
+def op_cases(quick):
+    B = 32 if quick else 128
+    Ms, Ks, Ls = ((2,), (30,), (20,)) if quick else ((2, 5), (30, 1000), (20, 64))
+    for M in Ms:
+        for K in Ks:
+            yield "importance_weights", f"M={M} K={K} B={B}", lambda g, M=M, K=K: case_importance_weights(M, K, B, g)
+    for name, fn in (("mixture_log_density", case_mixture), ("importance_ratios", case_ratios)):
+        for M in Ms:
+            for K in Ks:
+                for L in Ls:
+                    yield name, f"M={M} K={K} B={B} L={L}", lambda g, fn=fn, M=M, K=K, L=L: fn(M, K, B, L, g)
+    liks = [("laplace", 784, 1), ("laplace", 3072, 1), ("bernoulli", 784, 1), ("categorical", 32, 1590)]
+    if quick:
+        liks = [("laplace", 784, 1), ("categorical", 32, 1590)]
+    for K in Ks:
+        for fam, D_, V in liks:
+            what = f"D={D_}" if fam != "categorical" else f"words={D_} V={V}"
+            yield "likelihood_sum", f"{fam} {what} K={K} B={B}", lambda g, f=fam, K=K, D_=D_, V=V: case_likelihood(f, K, B, D_, V, g)
+
+
+# ------------------------------------------------------------------------------- objectives
+
+
+class MLPVAE(nn.Module):
+    """One modality: MLP encoder / decoder (a stand-in for MNIST / SVHN's), Laplace posterior and
+    likelihood, in the research code's protocol (model(x, K) -> qz_x, px_z, zs)."""
+
+    def __init__(self, dx, L, hidden=400, llik_scaling=1.0):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(dx, hidden), nn.ReLU(), nn.Linear(hidden, 2 * L))
+        self.dec = nn.Sequential(nn.Linear(L, hidden), nn.ReLU(), nn.Linear(hidden, dx))
+        self.qz_x = D.Laplace
+        self.llik_scaling = llik_scaling
+        self._qz_x_params = None
+
+    @property
+    def qz_x_params(self):
+        return self._qz_x_params
+
+    def px_z(self, z):
+        return D.Laplace(self.dec(z), torch.tensor(0.75))
+
+    def forward(self, x, K=1):
+        mu, s = self.enc(x).chunk(2, -1)
+        self._qz_x_params = (mu, F.softmax(s, -1) * s.size(-1) + 1e-6)
+        qz_x = self.qz_x(*self._qz_x_params)
+        zs = qz_x.rsample(torch.Size([K]))
+        return qz_x, self.px_z(zs), zs
+
+
+class MLPMMVAE(nn.Module):
+    def __init__(self, dims=(784, 3072), L=20):
+        super().__init__()
+        self.vaes = nn.ModuleList([MLPVAE(d, L, llik_scaling=max(dims) / d) for d in dims])
+        self.pz = D.Laplace
+        self._pz_params = nn.ParameterList([nn.Parameter(torch.zeros(1, L), requires_grad=False), nn.Parameter(torch.zeros(1, L))])
+
+    @property
+    def pz_params(self):
+        return self._pz_params[0], F.softmax(self._pz_params[1], dim=1) * self._pz_params[1].size(-1)
+
+    def forward(self, x, K=1):
+        qz_xs, zss = [], []
+        px_zs = [[None] * len(self.vaes) for _ in self.vaes]
+        for m, vae in enumerate(self.vaes):
+            qz_x, px_z, zs = vae(x[m], K=K)
+            qz_xs.append(qz_x)
+            zss.append(zs)
+            px_zs[m][m] = px_z
+        for e, zs in enumerate(zss):
+            for d, vae in enumerate(self.vaes):
+                if e != d:
+                    px_zs[e][d] = vae.px_z(zs)
+        return qz_xs, px_zs, zss
+
+
+def objective_cases(quick):
+    B, K = (32, 10) if quick else (128, 30)
+    for name in ("m_dreg_looser", "m_iwae"):
+        yield name, f"MNIST-SVHN MLP K={K} B={B}", B, K
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def fused_available(op):
+    return "cpu" in ops.available_backends("cpu", op=op)
+
+
+def run(args):
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    rows, skipped = [], []
+    for op, config, make in op_cases(args.quick):
+        if args.ops and op not in args.ops:
+            continue
+        gen = torch.Generator().manual_seed(0)
+        loss, leaves, est_bytes = make(gen)
+        if est_bytes > args.max_gb * GB:
+            skipped.append(f"{op} {config} (reference needs ~{est_bytes / GB:.0f} GB)")
+            continue
+        variants = []
+        if fused_available(op):
+            variants.append(("cpu (fused)", loss("cpu")))
+        variants.append(("reference eager", loss("reference")))
+        if not args.no_compile:
+            variants.append(("reference compiled", torch.compile(loss("reference"))))
+        results = {}
+        for label, fn in variants:
+            ms, peak = measure(make_step(fn, leaves), args.repeats)
+            results[label] = (ms, peak)
+            print(f"  {op:20s} {config:36s} {label:18s} {ms:10.2f} ms {peak / 2**20:10.1f} MB", flush=True)
+        rows += [(op, config, label, ms, peak, results["reference eager"]) for label, (ms, peak) in results.items()]
+        torch._dynamo.reset()
+    if not args.ops or "objectives" in args.ops:
+        for name, config, B, K in objective_cases(args.quick):
+            torch.manual_seed(0)
+            model = MLPMMVAE()
+            x = [torch.rand(B, 784), torch.rand(B, 3072)]
+            fn = getattr(objectives, name)
+            leaves = [p for p in model.parameters() if p.requires_grad]
+            results = {}
+            for label, backend in (("fused where available", None), ("reference eager", "reference")):
+                def step(backend=backend):
+                    model.zero_grad(set_to_none=True)
+                    torch.manual_seed(1)
+                    (-fn(model, x, K, backend=backend)).backward()
+                    model.zero_grad(set_to_none=True)
+
+                ms, peak = measure(step, args.repeats)
+                results[label] = (ms, peak)
+                print(f"  {name:20s} {config:36s} {label:18s} {ms:10.2f} ms {peak / 2**20:10.1f} MB", flush=True)
+            rows += [(name, config, label, ms, peak, results["reference eager"]) for label, (ms, peak) in results.items()]
+    return rows, skipped
+
+
+def report(rows, skipped, args):
+    os.makedirs(OUT, exist_ok=True)
+    header = ["op", "config", "backend", "fwd+bwd ms", "peak MB", "speed-up vs eager", "peak vs eager"]
+    table = []
+    for op, config, label, ms, peak, (ems, epeak) in rows:
+        table.append([op, config, label, f"{ms:.2f}", f"{peak / 2**20:.1f}", f"{ems / ms:.2f}x", f"{peak / epeak:.2f}" if epeak else "-"])
+    print(f"\nforward + backward, float32, {torch.get_num_threads()} thread(s), torch {torch.__version__}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in table:
+        print("| " + " | ".join(r) + " |")
+    if skipped:
+        print("\nskipped (over --max-gb): " + "; ".join(skipped))
+    csv_path = os.path.join(OUT, "bench_ops.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["op", "config", "backend", "ms", "peak_bytes", "eager_ms", "eager_peak_bytes", "threads"])
+        for op, config, label, ms, peak, (ems, epeak) in rows:
+            w.writerow([op, config, label, f"{ms:.4f}", peak, f"{ems:.4f}", epeak, torch.get_num_threads()])
+    png = plot(rows)
+    print(f"\nwrote {csv_path}" + (f" and {png}" if png else ""))
+
+
+def plot(rows):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    groups = list(dict.fromkeys(op for op, *_ in rows))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(16, 3.2 * len(groups)), squeeze=False)
+    for gi, op in enumerate(groups):
+        sub = [r for r in rows if r[0] == op]
+        configs = list(dict.fromkeys(r[1] for r in sub))
+        labels = list(dict.fromkeys(r[2] for r in sub))
+        width = 0.8 / len(labels)
+        for j, metric in enumerate(("fwd+bwd time (ms)", "peak memory (MB)")):
+            ax = axes[gi][j]
+            for li, label in enumerate(labels):
+                vals = {r[1]: (r[3] if j == 0 else r[4] / 2**20) for r in sub if r[2] == label}
+                xs = [i + li * width for i, c in enumerate(configs) if c in vals]
+                ax.bar(xs, [vals[c] for c in configs if c in vals], width, label=label)
+            ax.set_yscale("log")
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
+            ax.set_xticklabels(configs, rotation=20, ha="right", fontsize=7)
+            ax.set_title(f"{op}: {metric}", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(OUT, "bench_ops.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small grid (B=32, M=2, K=30, L=20), for a smoke run")
+    p.add_argument("--ops", nargs="*", choices=OPS + ("objectives",), help="only these ops (default: all, and the objectives)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 7, quick 3)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) rows")
+    p.add_argument("--max-gb", type=float, default=5.0, help="skip cases whose reference would need more memory")
+    args = p.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    rows, skipped = run(args)
+    report(rows, skipped, args)
+
+
+if __name__ == "__main__":
+    main()

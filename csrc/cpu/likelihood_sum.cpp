@@ -1,0 +1,343 @@
+// Likelihood sums: out[s, b] = sum_e log p(x[b, e] | params[s, b, e]) for the decoder outputs of S
+// samples (the Python adapter flattens the sample dims to S and the event dims to E):
+//   normal / laplace  params = location [S, B, E], fixed scale [S|1, B|1, E|1] (compacted broadcast)
+//   bernoulli         params = logits [S, B, E], x in [0, 1]
+//   categorical       params = logits [S, B, E, V], x int64 class indices
+// x is read once per sample row and never expanded over S; no S*B*E log-prob tensor exists:
+// each (s, b) row is reduced on the fly in float (double for double params), and backward
+// recomputes the elementwise gradient from x and params. The log-densities and their gradients
+// come from csrc/include/mmvae_fast/densities.h, shared with the CUDA kernels.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "mmvae_fast/densities.h"
+#include "mmvae_fast/fastmath.h"
+#include "mmvae_fast/math.h"
+
+#define MMVAE_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace mmvae_fast {
+namespace {
+
+// ------------------------------------------------------------------------------------ row kernels
+// inv / logs: 1/scale and log(scale) of this row's scale, stepping by se (0: one scale for the row).
+
+template <int F, typename T>
+MMVAE_ALWAYS_INLINE T loc_forward_impl(const T* x, const T* mu, const T* inv, const T* logs, int64_t se, int64_t E) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t e = 0; e < E; ++e) s += log_density<T>(F, x[e], mu[e], inv[e * se], logs[e * se]);
+  return s;
+}
+
+// gmu[e] = g d/dmu log f (if gmu); gscale[e * se] += g d/dscale log f (if gscale).
+template <int F, typename T>
+MMVAE_ALWAYS_INLINE void loc_backward_impl(const T* x, const T* mu, const T* inv, int64_t se, int64_t E, T g, T* gmu,
+                                           T* gscale) {
+  if (gmu) {
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) gmu[e] = g * log_density_grad<T>(F, x[e], mu[e], inv[e * se]).dloc;
+  }
+  if (!gscale) return;
+  if (se == 0) {
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t e = 0; e < E; ++e) s += log_density_grad<T>(F, x[e], mu[e], inv[0]).dscale;
+    gscale[0] += g * s;
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) gscale[e] += g * log_density_grad<T>(F, x[e], mu[e], inv[e]).dscale;
+  }
+}
+
+template <typename T>
+MMVAE_ALWAYS_INLINE T bernoulli_forward_impl(const T* x, const T* l, int64_t E) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t e = 0; e < E; ++e) s += bernoulli_log_prob(x[e], l[e]);
+  return s;
+}
+
+template <typename T>
+MMVAE_ALWAYS_INLINE void bernoulli_backward_impl(const T* x, const T* l, int64_t E, T g, T* gl) {
+#pragma omp simd
+  for (int64_t e = 0; e < E; ++e) gl[e] = g * bernoulli_log_prob_grad(x[e], l[e]);
+}
+
+// logsumexp of one row of V logits: its max (an all -inf row uses 0, as the reference), then the
+// sum of exp(l - max), optionally stored in ebuf for the backward pass. NaN reaches the sum.
+template <typename T>
+MMVAE_ALWAYS_INLINE LseState<T> logit_row_state(const T* l, int64_t V, T* ebuf) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t v = 0; v < V; ++v) m = l[v] > m ? l[v] : m;
+  m = m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+  T s = 0;
+  if (ebuf) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t v = 0; v < V; ++v) {
+      const T ev = fast_exp(l[v] - m);
+      ebuf[v] = ev;
+      s += ev;
+    }
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t v = 0; v < V; ++v) s += fast_exp(l[v] - m);
+  }
+  return {m, s};
+}
+
+// The multiversioned entry points: one clone per x86-64 ISA level, chosen at load time.
+#define MMVAE_LIK_ROWS(T)                                                                                      \
+  MMVAE_CPU_MULTIVERSION T loc_forward_row(int f, const T* x, const T* mu, const T* inv, const T* logs,       \
+                                           int64_t se, int64_t E) {                                            \
+    return f == kNormal ? loc_forward_impl<kNormal>(x, mu, inv, logs, se, E)                                   \
+                        : loc_forward_impl<kLaplace>(x, mu, inv, logs, se, E);                                 \
+  }                                                                                                            \
+  MMVAE_CPU_MULTIVERSION void loc_backward_row(int f, const T* x, const T* mu, const T* inv, int64_t se,      \
+                                               int64_t E, T g, T* gmu, T* gscale) {                            \
+    if (f == kNormal) loc_backward_impl<kNormal>(x, mu, inv, se, E, g, gmu, gscale);                           \
+    else loc_backward_impl<kLaplace>(x, mu, inv, se, E, g, gmu, gscale);                                       \
+  }                                                                                                            \
+  MMVAE_CPU_MULTIVERSION T bernoulli_forward_row(const T* x, const T* l, int64_t E) {                         \
+    return bernoulli_forward_impl(x, l, E);                                                                    \
+  }                                                                                                            \
+  MMVAE_CPU_MULTIVERSION void bernoulli_backward_row(const T* x, const T* l, int64_t E, T g, T* gl) {         \
+    bernoulli_backward_impl(x, l, E, g, gl);                                                                   \
+  }                                                                                                            \
+  MMVAE_CPU_MULTIVERSION T categorical_forward_row(const T* l, int64_t V, int64_t xi) {                       \
+    return categorical_log_prob(l[xi], lse_value(logit_row_state<T>(l, V, nullptr)));                          \
+  }                                                                                                            \
+  /* gl[v] = g ([v == x] - softmax(l)[v]), softmax from the stored exp(l - max) / sum: one exp each */         \
+  MMVAE_CPU_MULTIVERSION void categorical_backward_row(const T* l, int64_t V, int64_t xi, T g, T* gl) {       \
+    const LseState<T> st = logit_row_state<T>(l, V, gl);                                                       \
+    const T c = -g / st.s;                                                                                     \
+    _Pragma("omp simd") for (int64_t v = 0; v < V; ++v) gl[v] *= c;                                           \
+    gl[xi] += g;                                                                                               \
+  }
+
+MMVAE_LIK_ROWS(float)
+MMVAE_LIK_ROWS(double)
+#undef MMVAE_LIK_ROWS
+
+// ------------------------------------------------------------------------------------ helpers
+
+at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A row of params as acc_t: the tensor's memory when it already is acc_t, else widened into buf.
+template <typename acc_t, typename scalar_t>
+MMVAE_ALWAYS_INLINE const acc_t* widen(const scalar_t* p, int64_t n, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return p;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(p[i]);
+    return buf.data();
+  }
+}
+
+// Where to write a row of acc_t gradients: the output itself when it is acc_t, else buf.
+template <typename acc_t, typename scalar_t>
+MMVAE_ALWAYS_INLINE acc_t* acc_row(scalar_t* p, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) return p;
+  else return buf.data();
+}
+
+// Narrows a row written by acc_row into the output (nothing to do when it is acc_t).
+template <typename acc_t, typename scalar_t>
+MMVAE_ALWAYS_INLINE void narrow_row(scalar_t* p, int64_t n, const std::vector<acc_t>& buf) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(buf[i]);
+  }
+}
+
+struct Dims {
+  int64_t S, B, E, V;       // V = 1 unless categorical
+  int64_t sS, sB, sE;       // compact scale sizes (1 or S, B, E)
+  int64_t row_elems() const { return E * V; }
+  // Offset of the scale row of sample row (s, b) in the compact scale.
+  int64_t scale_row(int64_t s, int64_t b) const { return ((sS > 1 ? s : 0) * sB + (sB > 1 ? b : 0)) * sE; }
+};
+
+Dims check_args(const at::Tensor& x, const at::Tensor& params, const std::optional<at::Tensor>& scale, int64_t family,
+                const char* op) {
+  TORCH_CHECK(family >= 0 && family <= 3, op, ": family must be 0 (normal), 1 (laplace), 2 (bernoulli) or 3 (categorical), got ", family);
+  TORCH_CHECK(params.device().is_cpu() && x.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(params.is_floating_point(), op, ": 'params' must be floating point, got ", params.scalar_type());
+  const bool cat = family == kLikCategorical;
+  TORCH_CHECK(params.dim() == (cat ? 4 : 3), op, ": 'params' must be ", cat ? "[S, B, E, V]" : "[S, B, E]", ", got ", params.sizes());
+  Dims d{params.size(0), params.size(1), params.size(2), cat ? params.size(3) : 1, 1, 1, 1};
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == d.B && x.size(1) == d.E, op, ": 'x' must be [B, E] = [", d.B, ", ", d.E, "], got ", x.sizes());
+  if (cat) {
+    TORCH_CHECK(x.scalar_type() == at::kLong, op, ": 'x' must hold int64 class indices, got ", x.scalar_type());
+    TORCH_CHECK(d.V > 0, op, ": the vocabulary (last dim of 'params') is empty");
+  } else {
+    TORCH_CHECK(x.scalar_type() == acc_type(params), op, ": 'x' must be ", acc_type(params), ", got ", x.scalar_type());
+  }
+  if (family == kLikNormal || family == kLikLaplace) {
+    TORCH_CHECK(scale.has_value() && scale->defined(), op, ": 'scale' is required for normal / laplace");
+    const at::Tensor& sc = *scale;
+    TORCH_CHECK(sc.dim() == 3 && sc.scalar_type() == acc_type(params), op, ": 'scale' must be a 3-D ", acc_type(params),
+                " tensor [S|1, B|1, E|1], got ", sc.sizes(), " ", sc.scalar_type());
+    d.sS = sc.size(0), d.sB = sc.size(1), d.sE = sc.size(2);
+    TORCH_CHECK((d.sS == 1 || d.sS == d.S) && (d.sB == 1 || d.sB == d.B) && (d.sE == 1 || d.sE == d.E), op,
+                ": 'scale' of shape ", sc.sizes(), " must be [S|1, B|1, E|1] with [S, B, E] = [", d.S, ", ", d.B, ", ", d.E, "]");
+  }
+  return d;
+}
+
+void check_indices(const at::Tensor& x, int64_t V) {
+  if (x.numel() == 0) return;
+  const int64_t lo = x.min().item<int64_t>(), hi = x.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < V, "likelihood_sum: 'x' holds class index ", lo < 0 ? lo : hi,
+              " outside the vocabulary [0, ", V, ")");
+}
+
+int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------ forward
+
+at::Tensor likelihood_sum_cpu(const at::Tensor& x_in, const at::Tensor& params_in, const std::optional<at::Tensor>& scale,
+                              int64_t family) {
+  const Dims d = check_args(x_in, params_in, scale, family, "likelihood_sum");
+  const at::Tensor x = x_in.contiguous(), params = params_in.contiguous();
+  const auto acc = acc_type(params);
+  at::Tensor out = at::empty({d.S, d.B}, params.options().dtype(acc));
+  const int64_t SB = d.S * d.B, E = d.E, V = d.V;
+  if (SB == 0) return out;
+  if (family == kLikCategorical) check_indices(x, V);
+  at::Tensor inv, logs;
+  if (family == kLikNormal || family == kLikLaplace) {
+    const at::Tensor sc = scale->contiguous();
+    inv = sc.reciprocal();
+    logs = sc.log();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.scalar_type(), "likelihood_sum_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pp = params.const_data_ptr<scalar_t>();
+    acc_t* po = out.data_ptr<acc_t>();
+    constexpr bool kWide = std::is_same_v<scalar_t, acc_t>;
+    if (family == kLikCategorical) {
+      // Parallel over (s, b, e) rows of V logits (a tiny batch can still have huge rows); each
+      // thread sums into its own slice of `partial`, reduced at the end.
+      const int64_t* px = x.const_data_ptr<int64_t>();
+      const int64_t n_threads = at::get_num_threads();
+      at::Tensor partial = at::zeros({n_threads, SB}, out.options());
+      acc_t* ppart = partial.data_ptr<acc_t>();
+      at::parallel_for(0, SB * E, grain_for(V), [&](int64_t begin, int64_t end) {
+        acc_t* mine = ppart + at::get_thread_num() * SB;
+        std::vector<acc_t> buf(kWide ? 0 : V);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t row = i / E, b = row % d.B, e = i % E;
+          const acc_t* l = widen<acc_t>(pp + i * V, V, buf);
+          mine[row] += categorical_forward_row(l, V, px[b * E + e]);
+        }
+      });
+      out.view({SB}).copy_(partial.sum(0));
+      return;
+    }
+    const acc_t* px = x.const_data_ptr<acc_t>();
+    const acc_t* pinv = inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* plogs = logs.defined() ? logs.const_data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, SB, grain_for(E), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(kWide ? 0 : E);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t s = row / d.B, b = row % d.B;
+        const acc_t* p = widen<acc_t>(pp + row * E, E, buf);
+        const acc_t* xr = px + b * E;
+        if (family == kLikBernoulli) {
+          po[row] = bernoulli_forward_row(xr, p, E);
+        } else {
+          const int64_t so = d.scale_row(s, b);
+          po[row] = loc_forward_row(int(family), xr, p, pinv + so, plogs + so, d.sE > 1 ? 1 : 0, E);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ backward
+
+std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                               const at::Tensor& params_in,
+                                                               const std::optional<at::Tensor>& scale, int64_t family,
+                                                               bool params_grad, bool scale_grad) {
+  const Dims d = check_args(x_in, params_in, scale, family, "likelihood_sum_backward");
+  const auto acc = acc_type(params_in);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == d.S && grad_in.size(1) == d.B,
+              "likelihood_sum_backward: 'grad' must be [S, B] = [", d.S, ", ", d.B, "], got ", grad_in.sizes());
+  const bool loc_family = family == kLikNormal || family == kLikLaplace;
+  scale_grad = scale_grad && loc_family;
+  const at::Tensor x = x_in.contiguous(), params = params_in.contiguous(), grad = grad_in.to(acc).contiguous();
+  at::Tensor gparams = params_grad ? at::empty_like(params, at::MemoryFormat::Contiguous) : params.new_empty({0});
+  at::Tensor gscale = scale_grad ? at::zeros_like(*scale, at::MemoryFormat::Contiguous) : params.new_empty({0}, params.options().dtype(acc));
+  const int64_t SB = d.S * d.B, E = d.E, V = d.V;
+  if (SB == 0 || !(params_grad || scale_grad)) return {gparams, gscale};
+  if (family == kLikCategorical) check_indices(x, V);
+  at::Tensor inv;
+  if (loc_family) inv = scale->contiguous().reciprocal();
+  // The scale gradient sums over the rows that share a scale row. When every sample row has its
+  // own, rows write directly; otherwise each thread accumulates into its own copy.
+  const bool own_scale_rows = d.sS * d.sB == SB;
+  const int64_t n_threads = at::get_num_threads();
+  at::Tensor gscale_partial;
+  if (scale_grad && !own_scale_rows) gscale_partial = at::zeros({n_threads, gscale.numel()}, gscale.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.scalar_type(), "likelihood_sum_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool kWide = std::is_same_v<scalar_t, acc_t>;
+    const scalar_t* pp = params.const_data_ptr<scalar_t>();
+    const acc_t* pg = grad.const_data_ptr<acc_t>();
+    scalar_t* pgp = params_grad ? gparams.data_ptr<scalar_t>() : nullptr;
+    if (family == kLikCategorical) {
+      const int64_t* px = x.const_data_ptr<int64_t>();
+      at::parallel_for(0, SB * E, grain_for(V), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buf(kWide ? 0 : V), gbuf(kWide ? 0 : V);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t row = i / E, b = row % d.B, e = i % E;
+          const acc_t* l = widen<acc_t>(pp + i * V, V, buf);
+          categorical_backward_row(l, V, px[b * E + e], pg[row], acc_row<acc_t>(pgp + i * V, gbuf));
+          narrow_row<acc_t>(pgp + i * V, V, gbuf);
+        }
+      });
+      return;
+    }
+    const acc_t* px = x.const_data_ptr<acc_t>();
+    const acc_t* pinv = inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr;
+    acc_t* pgs = scale_grad ? gscale.data_ptr<acc_t>() : nullptr;
+    acc_t* pgs_part = gscale_partial.defined() ? gscale_partial.data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, SB, grain_for(E), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(kWide ? 0 : E), gbuf(kWide ? 0 : E);
+      acc_t* gs_base = pgs_part ? pgs_part + at::get_thread_num() * gscale.numel() : pgs;
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t s = row / d.B, b = row % d.B;
+        const acc_t* p = widen<acc_t>(pp + row * E, E, buf);
+        const acc_t* xr = px + b * E;
+        acc_t* gr = params_grad ? acc_row<acc_t>(pgp + row * E, gbuf) : nullptr;
+        if (family == kLikBernoulli) {
+          bernoulli_backward_row(xr, p, E, pg[row], gr);
+        } else {
+          const int64_t so = d.scale_row(s, b);
+          loc_backward_row(int(family), xr, p, pinv + so, d.sE > 1 ? 1 : 0, E, pg[row], gr,
+                           gs_base ? gs_base + so : nullptr);
+        }
+        if (params_grad) narrow_row<acc_t>(pgp + row * E, E, gbuf);
+      }
+    });
+  });
+  if (gscale_partial.defined()) gscale.copy_(gscale_partial.sum(0).view(gscale.sizes()));
+  return {gparams, gscale};
+}
+
+}  // namespace mmvae_fast
