@@ -25,7 +25,7 @@ if ! ls "${INC[0]}/c10/cuda/impl/cuda_cmake_macros.h" >/dev/null 2>&1; then
 fi
 # NVCC_EXTRA_FLAGS: more flags, first on the line (e.g. another -gencode, or -I to override a header)
 read -r -a EXTRA <<<"${NVCC_EXTRA_FLAGS:-}"
-FLAGS=("${EXTRA[@]}" -c -O3 -std=c++17 --expt-relaxed-constexpr -DMMVAE_FAST_WITH_CUDA=1
+FLAGS=("${EXTRA[@]}" -c -O3 -std=c++20 --expt-relaxed-constexpr -DMMVAE_FAST_WITH_CUDA=1
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
        -D__CUDA_NO_HALF2_OPERATORS__ -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
        -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
@@ -56,7 +56,7 @@ while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || FAILED=1; done
 wait || FAILED=1
 # the CUDA registration block of csrc/ops.cpp (host code: the C++ compiler, syntax only)
 PYINC=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-CXX_FLAGS=(-fsyntax-only -std=c++17 -DMMVAE_FAST_WITH_CUDA=1 -Icsrc/include -I"$PYINC" "${SHIM[@]}")
+CXX_FLAGS=(-fsyntax-only -std=c++20 -DMMVAE_FAST_WITH_CUDA=1 -Icsrc/include -I"$PYINC" "${SHIM[@]}")
 for d in "${INC[@]}"; do CXX_FLAGS+=(-I"$d"); done
 if "${CXX:-c++}" "${CXX_FLAGS[@]}" csrc/ops.cpp >"$OUT/ops.log" 2>&1; then
   echo "  ok    csrc/ops.cpp (with MMVAE_FAST_WITH_CUDA)"
