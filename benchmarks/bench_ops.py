@@ -14,8 +14,8 @@ Cases (float32, B = 128):
                        Categorical over a vocabulary of 1590 for sentences of 32 words, K in {30, 1000}
   objectives           m_dreg_looser, m_iwae on a 2-modality MLP MMVAE (784- and 3072-dim Laplace
                        likelihoods, Laplace posteriors, L = 20), K = 30
-Every op's loss is sum(output * fixed random cotangent) over all its outputs, so the backward pass
-runs through everything the op returns.
+Backward is torch.autograd.backward(outputs, fixed random cotangents) over all the op's outputs, so
+it runs through everything the op returns and nothing else is timed.
 
 Time: median over repeats of one forward + backward, after a warm-up call (which also compiles).
 Peak memory: the largest number of bytes torch's CPU allocator holds during one forward + backward
@@ -69,7 +69,8 @@ def peak_bytes(fn) -> int:
 
 
 def measure(step, repeats):
-    """(median ms, peak bytes) of step(), one forward + backward."""
+    """(median ms, min ms, peak bytes) of step(), one forward + backward. The minimum is printed
+    too: on a shared machine it is the better estimate of the cost itself."""
     step()  # warm-up (compiles the torch.compile variant)
     times = []
     for _ in range(repeats):
@@ -78,14 +79,15 @@ def measure(step, repeats):
         step()
         times.append(time.perf_counter() - t0)
     gc.collect()
-    return 1e3 * statistics.median(times), peak_bytes(step)
+    return 1e3 * statistics.median(times), 1e3 * min(times), peak_bytes(step)
 
 
-def make_step(loss_fn, leaves):
+def make_step(fn, leaves, cots):
     def step():
         for t in leaves:
             t.grad = None
-        loss_fn(*leaves).backward()
+        outs = fn(*leaves)
+        torch.autograd.backward(list(outs) if isinstance(outs, (tuple, list)) else [outs], cots)
         for t in leaves:
             t.grad = None
 
@@ -95,18 +97,14 @@ def make_step(loss_fn, leaves):
 # ------------------------------------------------------------------------------- op cases
 
 
-def _weighted(outs, cots):
-    return sum((o * c).sum() for o, c in zip(outs, cots))
-
-
 def case_importance_weights(M, K, B, gen):
     lw = (5 * torch.randn(M, K, B, generator=gen)).requires_grad_()
     cots = [torch.randn(B, generator=gen), torch.randn(M, K, B, generator=gen), torch.randn(M, K, B, generator=gen)]
 
-    def loss(backend):
-        return lambda lw: _weighted(ops.importance_weights(lw, (0, 1), backend=backend), cots)
+    def fn(backend):
+        return lambda lw: tuple(ops.importance_weights(lw, (0, 1), backend=backend))
 
-    return loss, [lw], 4 * M * K * B * 12
+    return fn, [lw], cots
 
 
 def _experts(M, K, B, L, gen):
@@ -118,22 +116,18 @@ def _experts(M, K, B, L, gen):
 
 def case_mixture(M, K, B, L, gen):
     leaves = _experts(M, K, B, L, gen)
-    cot = torch.randn(M, K, B, generator=gen)
+    def fn(backend):
+        return lambda z, loc, scale: ops.mixture_log_density(z, loc, scale, family="normal", backend=backend)
 
-    def loss(backend):
-        return lambda z, loc, scale: (ops.mixture_log_density(z, loc, scale, family="normal", backend=backend) * cot).sum()
-
-    return loss, leaves, 4 * M * M * K * B * L * 5
+    return fn, leaves, [torch.randn(M, K, B, generator=gen)]
 
 
 def case_ratios(M, K, B, L, gen):
     leaves = _experts(M, K, B, L, gen)
-    cot = torch.randn(M, M, K, B, generator=gen)
+    def fn(backend):
+        return lambda z, loc, scale: ops.importance_ratios(z, loc, scale, family="normal", backend=backend)
 
-    def loss(backend):
-        return lambda z, loc, scale: (ops.importance_ratios(z, loc, scale, family="normal", backend=backend) * cot).sum()
-
-    return loss, leaves, 4 * M * M * K * B * L * 5
+    return fn, leaves, [torch.randn(M, M, K, B, generator=gen)]
 
 
 def case_likelihood(family, K, B, D_, V, gen):
@@ -144,12 +138,10 @@ def case_likelihood(family, K, B, D_, V, gen):
         x = torch.rand(B, D_, generator=gen)
         params = torch.randn(K, B, D_, generator=gen).requires_grad_()
     scale = 0.75 if family in ("normal", "laplace") else None
-    cot = torch.randn(K, B, generator=gen)
+    def fn(backend):
+        return lambda p: ops.likelihood_sum(x, p, family=family, scale=scale, backend=backend)
 
-    def loss(backend):
-        return lambda p: (ops.likelihood_sum(x, p, family=family, scale=scale, backend=backend) * cot).sum()
-
-    return loss, [params], 4 * params.numel() * 6
+    return fn, [params], [torch.randn(K, B, generator=gen)]
 
 
 def op_cases(quick):
@@ -157,19 +149,21 @@ def op_cases(quick):
     Ms, Ks, Ls = ((2,), (30,), (20,)) if quick else ((2, 5), (30, 1000), (20, 64))
     for M in Ms:
         for K in Ks:
-            yield "importance_weights", f"M={M} K={K} B={B}", lambda g, M=M, K=K: case_importance_weights(M, K, B, g)
+            yield "importance_weights", f"M={M} K={K} B={B}", 4 * M * K * B * 12, lambda g, M=M, K=K: case_importance_weights(M, K, B, g)
     for name, fn in (("mixture_log_density", case_mixture), ("importance_ratios", case_ratios)):
         for M in Ms:
             for K in Ks:
                 for L in Ls:
-                    yield name, f"M={M} K={K} B={B} L={L}", lambda g, fn=fn, M=M, K=K, L=L: fn(M, K, B, L, g)
+                    est = 4 * M * M * K * B * L * 5
+                    yield name, f"M={M} K={K} B={B} L={L}", est, lambda g, fn=fn, M=M, K=K, L=L: fn(M, K, B, L, g)
     liks = [("laplace", 784, 1), ("laplace", 3072, 1), ("bernoulli", 784, 1), ("categorical", 32, 1590)]
     if quick:
         liks = [("laplace", 784, 1), ("categorical", 32, 1590)]
     for K in Ks:
         for fam, D_, V in liks:
             what = f"D={D_}" if fam != "categorical" else f"words={D_} V={V}"
-            yield "likelihood_sum", f"{fam} {what} K={K} B={B}", lambda g, f=fam, K=K, D_=D_, V=V: case_likelihood(f, K, B, D_, V, g)
+            est = 4 * K * B * D_ * V * 6
+            yield "likelihood_sum", f"{fam} {what} K={K} B={B}", est, lambda g, f=fam, K=K, D_=D_, V=V: case_likelihood(f, K, B, D_, V, g)
 
 
 # ------------------------------------------------------------------------------- objectives
@@ -244,26 +238,27 @@ def fused_available(op):
 def run(args):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     rows, skipped = [], []
-    for op, config, make in op_cases(args.quick):
+    for op, config, est_bytes, make in op_cases(args.quick):
         if args.ops and op not in args.ops:
             continue
-        gen = torch.Generator().manual_seed(0)
-        loss, leaves, est_bytes = make(gen)
         if est_bytes > args.max_gb * GB:
             skipped.append(f"{op} {config} (reference needs ~{est_bytes / GB:.0f} GB)")
             continue
+        gen = torch.Generator().manual_seed(0)
+        fn_for, leaves, cots = make(gen)
         variants = []
         if fused_available(op):
-            variants.append(("cpu (fused)", loss("cpu")))
-        variants.append(("reference eager", loss("reference")))
+            variants.append(("cpu (fused)", fn_for("cpu")))
+        variants.append(("reference eager", fn_for("reference")))
         if not args.no_compile:
-            variants.append(("reference compiled", torch.compile(loss("reference"))))
+            variants.append(("reference compiled", torch.compile(fn_for("reference"))))
         results = {}
         for label, fn in variants:
-            ms, peak = measure(make_step(fn, leaves), args.repeats)
-            results[label] = (ms, peak)
+            ms, ms_min, peak = measure(make_step(fn, leaves, cots), args.repeats)
+            results[label] = (ms, ms_min, peak)
             print(f"  {op:20s} {config:36s} {label:18s} {ms:10.2f} ms {peak / 2**20:10.1f} MB", flush=True)
-        rows += [(op, config, label, ms, peak, results["reference eager"]) for label, (ms, peak) in results.items()]
+        rows += [(op, config, label, *r, results["reference eager"]) for label, r in results.items()]
+        del fn_for, leaves, cots, variants
         torch._dynamo.reset()
     if not args.ops or "objectives" in args.ops:
         for name, config, B, K in objective_cases(args.quick):
@@ -280,19 +275,19 @@ def run(args):
                     (-fn(model, x, K, backend=backend)).backward()
                     model.zero_grad(set_to_none=True)
 
-                ms, peak = measure(step, args.repeats)
-                results[label] = (ms, peak)
+                ms, ms_min, peak = measure(step, args.repeats)
+                results[label] = (ms, ms_min, peak)
                 print(f"  {name:20s} {config:36s} {label:18s} {ms:10.2f} ms {peak / 2**20:10.1f} MB", flush=True)
-            rows += [(name, config, label, ms, peak, results["reference eager"]) for label, (ms, peak) in results.items()]
+            rows += [(name, config, label, *r, results["reference eager"]) for label, r in results.items()]
     return rows, skipped
 
 
 def report(rows, skipped, args):
     os.makedirs(OUT, exist_ok=True)
-    header = ["op", "config", "backend", "fwd+bwd ms", "peak MB", "speed-up vs eager", "peak vs eager"]
+    header = ["op", "config", "backend", "fwd+bwd ms (median)", "min ms", "peak MB", "speed-up vs eager (median / min)", "peak vs eager"]
     table = []
-    for op, config, label, ms, peak, (ems, epeak) in rows:
-        table.append([op, config, label, f"{ms:.2f}", f"{peak / 2**20:.1f}", f"{ems / ms:.2f}x", f"{peak / epeak:.2f}" if epeak else "-"])
+    for op, config, label, ms, ms_min, peak, (ems, ems_min, epeak) in rows:
+        table.append([op, config, label, f"{ms:.2f}", f"{ms_min:.2f}", f"{peak / 2**20:.2f}", f"{ems / ms:.2f}x / {ems_min / ms_min:.2f}x", f"{peak / epeak:.2f}" if epeak else "-"])
     print(f"\nforward + backward, float32, {torch.get_num_threads()} thread(s), torch {torch.__version__}\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -303,9 +298,9 @@ def report(rows, skipped, args):
     csv_path = os.path.join(OUT, "bench_ops.csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["op", "config", "backend", "ms", "peak_bytes", "eager_ms", "eager_peak_bytes", "threads"])
-        for op, config, label, ms, peak, (ems, epeak) in rows:
-            w.writerow([op, config, label, f"{ms:.4f}", peak, f"{ems:.4f}", epeak, torch.get_num_threads()])
+        w.writerow(["op", "config", "backend", "median_ms", "min_ms", "peak_bytes", "eager_median_ms", "eager_min_ms", "eager_peak_bytes", "threads"])
+        for op, config, label, ms, ms_min, peak, (ems, ems_min, epeak) in rows:
+            w.writerow([op, config, label, f"{ms:.4f}", f"{ms_min:.4f}", peak, f"{ems:.4f}", f"{ems_min:.4f}", epeak, torch.get_num_threads()])
     png = plot(rows)
     print(f"\nwrote {csv_path}" + (f" and {png}" if png else ""))
 
@@ -325,10 +320,10 @@ def plot(rows):
         configs = list(dict.fromkeys(r[1] for r in sub))
         labels = list(dict.fromkeys(r[2] for r in sub))
         width = 0.8 / len(labels)
-        for j, metric in enumerate(("fwd+bwd time (ms)", "peak memory (MB)")):
+        for j, metric in enumerate(("fwd+bwd median time (ms)", "peak memory (MB)")):
             ax = axes[gi][j]
             for li, label in enumerate(labels):
-                vals = {r[1]: (r[3] if j == 0 else r[4] / 2**20) for r in sub if r[2] == label}
+                vals = {r[1]: (r[3] if j == 0 else r[5] / 2**20) for r in sub if r[2] == label}
                 xs = [i + li * width for i, c in enumerate(configs) if c in vals]
                 ax.bar(xs, [vals[c] for c in configs if c in vals], width, label=label)
             ax.set_yscale("log")

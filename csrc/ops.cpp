@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <array>
+#include <string>
 #include <tuple>
 
 namespace mmvae_fast {
@@ -25,6 +27,25 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
 // ---- end: importance weights and likelihood sums
 }  // namespace mmvae_fast
 
+// ---- mixture log-density and importance ratios (csrc/cpu/mixture_log_density.cpp, importance_ratios.cpp)
+namespace mmvae_fast::cpu {
+at::Tensor mixture_log_density_cpu(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
+                                   c10::string_view family, const c10::optional<at::Tensor>& mask);
+std::tuple<at::Tensor, at::Tensor> mixture_log_density_pairwise_cpu(const at::Tensor& z, const at::Tensor& loc,
+                                                                    const at::Tensor& scale, c10::string_view family,
+                                                                    const c10::optional<at::Tensor>& mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cpu(
+    const c10::optional<at::Tensor>& grad_lq, const c10::optional<at::Tensor>& grad_a, const at::Tensor& z,
+    const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& lq, c10::string_view family,
+    const c10::optional<at::Tensor>& mask, std::array<bool, 3> output_mask);
+at::Tensor importance_ratios_cpu(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
+                                 c10::string_view family);
+std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cpu(const at::Tensor& grad, const at::Tensor& ratio,
+                                                                  const at::Tensor& z, const at::Tensor& loc,
+                                                                  const at::Tensor& scale, c10::string_view family);
+}  // namespace mmvae_fast::cpu
+// ---- end mixture log-density and importance ratios
+
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
@@ -43,6 +64,15 @@ TORCH_LIBRARY(mmvae_fast, m) {
       "likelihood_sum_backward(Tensor grad, Tensor x, Tensor params, Tensor? scale, int family, bool params_grad, "
       "bool scale_grad) -> (Tensor, Tensor)");
   // ---- end: importance weights and likelihood sums
+  // ---- mixture log-density and importance ratios (family: "normal" | "laplace"; mask: bool [M, B])
+  m.def("mixture_log_density(Tensor z, Tensor loc, Tensor scale, str family, Tensor? mask) -> Tensor");
+  m.def("mixture_log_density_pairwise(Tensor z, Tensor loc, Tensor scale, str family, Tensor? mask) -> (Tensor, Tensor)");
+  m.def("mixture_log_density_backward(Tensor? grad_lq, Tensor? grad_a, Tensor z, Tensor loc, Tensor scale, "
+        "Tensor lq, str family, Tensor? mask, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("importance_ratios(Tensor z, Tensor loc, Tensor scale, str family) -> Tensor");
+  m.def("importance_ratios_backward(Tensor grad, Tensor ratio, Tensor z, Tensor loc, Tensor scale, str family) "
+        "-> (Tensor, Tensor)");
+  // ---- end mixture log-density and importance ratios
 }
 
 TORCH_LIBRARY_IMPL(mmvae_fast, CPU, m) {
@@ -53,6 +83,13 @@ TORCH_LIBRARY_IMPL(mmvae_fast, CPU, m) {
   m.impl("likelihood_sum", &mmvae_fast::likelihood_sum_cpu);
   m.impl("likelihood_sum_backward", &mmvae_fast::likelihood_sum_backward_cpu);
   // ---- end: importance weights and likelihood sums
+  // ---- mixture log-density and importance ratios
+  m.impl("mixture_log_density", &mmvae_fast::cpu::mixture_log_density_cpu);
+  m.impl("mixture_log_density_pairwise", &mmvae_fast::cpu::mixture_log_density_pairwise_cpu);
+  m.impl("mixture_log_density_backward", &mmvae_fast::cpu::mixture_log_density_backward_cpu);
+  m.impl("importance_ratios", &mmvae_fast::cpu::importance_ratios_cpu);
+  m.impl("importance_ratios_backward", &mmvae_fast::cpu::importance_ratios_backward_cpu);
+  // ---- end mixture log-density and importance ratios
 }
 
 #ifdef MMVAE_FAST_WITH_CUDA

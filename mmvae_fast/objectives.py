@@ -17,7 +17,11 @@ With M modalities, K samples per expert, batch B (notation of DESIGN.md section 
 DReG gradient choices (``grad=``):
     "eq8"      eq. 8 as written: encoder parameters detached inside log q, the z path weighted
                by wbar**2, the decoder by wbar. Unbiased for one modality; biased for a mixture.
-    "mixture"  the unbiased mixture DReG of DESIGN.md 2a (equals "eq8" when M = 1).
+    "mixture"  the unbiased mixture DReG of DESIGN.md 2a (equals "eq8" when M = 1); see
+               `mixture_dreg_estimator` for the maths. Proven exact by quadrature
+               (tests/test_quadrature.py).
+    "mixture-centred"  the same with its score terms centred by a zero-mean control variate:
+               unbiased, lower variance, and zero encoder gradient at the exact posterior.
     "released" what the paper's released code computes: its wbar-rescaling hook never fires, so
                the z path is weighted by wbar (biased, kept to reproduce published numbers).
 """
@@ -29,7 +33,7 @@ import torch.distributions as D
 
 from . import ops
 
-GRADS = ("eq8", "mixture", "released")
+GRADS = ("eq8", "mixture", "mixture-centred", "released")
 _WARNED: set = set()
 
 
@@ -193,7 +197,24 @@ def _rescale_hook(weight):
     return lambda g: g * w.to(g.dtype)
 
 
-def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", backend=None):
+def _reduce_dims(dim, ndim):
+    return tuple(sorted(d % ndim for d in ((dim,) if isinstance(dim, int) else dim)))
+
+
+def _dreg_surrogate(lw, iw, zs, zw, dims):
+    """iw.bound with gradient sum sg(wbar) lw, the z path of sample k rescaled by zw_k (a hook)."""
+    if zw is not None:
+        groups = [zs] if isinstance(zs, torch.Tensor) else list(zs)
+        weights = [zw] if isinstance(zs, torch.Tensor) else list(zw)
+        for z, wz in zip(groups, weights):
+            if z.requires_grad:
+                z.register_hook(_rescale_hook(wz.detach()))
+    w = iw.wbar
+    surrogate = torch.where(w == 0, 0.0, w * lw).sum(dims)  # a zero weight on lw = -inf adds 0, not NaN
+    return iw.bound + (surrogate - surrogate.detach())
+
+
+def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", weights=None, backend=None):
     r"""Per-slice IWAE bound whose gradient is DReG's (eq. 8).
 
     lw: log weights computed with the encoder parameters *detached* inside log q (z live).
@@ -205,26 +226,106 @@ def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", backend=None):
     with z_weight "wbar" (eq. 8), "one" (the released code), or a tensor of lw's shape. Reduce
     it linearly as you like (sum, mean over groups). A gradient hook on zs does the z-path
     rescaling, so zs must reach the loss only through lw.
+    weights: precomputed ``ops.importance_weights`` (bound, wbar) to use instead of lw's own; the
+    chunked large-K path passes the weights of all K samples, sliced to this chunk's lw.
     """
-    iw = ops.importance_weights(lw.detach(), dim, backend=backend)
-    w = iw.wbar
+    iw = ops.importance_weights(lw.detach(), dim, backend=backend) if weights is None else weights
     if isinstance(z_weight, torch.Tensor):
-        zw = z_weight.detach()
+        zw = z_weight
     elif z_weight == "wbar":
-        zw = w
+        zw = iw.wbar
     elif z_weight == "one":
         zw = None
     else:
         raise ValueError(f"argument 'z_weight' must be 'wbar', 'one' or a tensor, got {z_weight!r}")
-    if zw is not None:
-        groups = [zs] if isinstance(zs, torch.Tensor) else list(zs)
-        weights = [zw] if isinstance(zs, torch.Tensor) else list(zw)
-        for z, wz in zip(groups, weights):
-            if z.requires_grad:
-                z.register_hook(_rescale_hook(wz))
-    dims = tuple(sorted(d % lw.dim() for d in ((dim,) if isinstance(dim, int) else dim)))
-    surrogate = (w * lw).sum(dims)
-    return iw.bound + (surrogate - surrogate.detach())
+    return _dreg_surrogate(lw, iw, zs, zw, _reduce_dims(dim, lw.dim()))
+
+
+def mixture_dreg_estimator(
+    log_joint, zs, loc, scale, dim=(0, 1), *, family="normal", centred=False, weights=None, num_samples=None, backend=None
+):
+    r"""Per-slice MoE IWAE bound whose gradient is the unbiased mixture DReG (DESIGN.md 2a).
+
+    log_joint [M, K, B]: log p(z) + sum_d llik_scale_d log p(x_d | z) at z = zs[r, k, b], computed
+        from zs (z live; decoder and prior parameters live).
+    zs:  the reparameterised samples, z[r] = loc[r] + scale[r] * eps[r] ~ q_r: a tensor
+        [M, K, B, L] or a sequence of M tensors [K, B, L]; they must reach the loss only
+        through log_joint (a gradient hook rescales their z path).
+    loc, scale [M, B, L]: the experts (live), diagonal Normal or Laplace (`family`).
+    dim: 1 for the looser bound (eq. 3: one logmeanexp per group; reduce the result with a mean
+        over groups), (0, 1) for the stratified bound (eq. 5).
+    Returns the bound of each slice (lw = log_joint - log q_mix(z)), shape [M, B] or [B].
+
+    Gradient. With wbar the softmax of lw over `dim`, pi_m(z) = q_m(z) / sum_j q_j(z) the
+    responsibilities (a softmax over m of the pairwise table a[r, m, k, b] of
+    ops.mixture_log_density) and sample k of group r drawn from q_r, the exact gradient of the
+    bound is
+        sum_k wbar_k [dlw_k/dz_k dz_k/dphi - sum_m pi_m(z_k) d/dphi log q_m(z_k)].
+    The m = r score term is the score of the density z_k came from, so it is reparameterised once
+    more, E_{q_r}[h d/dphi log q_r] = E[dh/dz dz/dphi] with h = wbar_k pi_r(z_k) (parameters and
+    the other samples held fixed, dwbar_k/dlw_k = wbar_k (1 - wbar_k)); the other experts' scores
+    stay as they are. Per sample k of group r the encoder gets
+        [wbar_k - pi_r wbar_k (1 - wbar_k)] dlw_k/dz_k dz_k/dphi              (z path, hooked)
+      - (wbar_k - c) dpi_r(z_k)/dz_k dz_k/dphi                               (z path, own alias)
+      - (wbar_k - c) sum_{m != r} pi_m(z_k) d/dphi log q_m(z_k)              (direct)
+    and the decoder and prior sum_k wbar_k d lw_k / d theta. c = 0 is the plain mixture DReG;
+    `centred` sets c = 1 / (number of samples in the softmax), subtracting c times
+        sum_{r,k} [dpi_r(z_rk)/dz dz/dphi + sum_{m != r} pi_m(z_rk) d/dphi log q_m(z_rk)],
+    whose expectation is c K sum_m int q_m d/dphi log q_m = 0 (same identity). Both are unbiased;
+    the centred one vanishes with eq. 8 at the exact posterior (lw constant: wbar = c and
+    dlw/dz = 0). With M = 1 both are eq. 8.
+
+    weights, num_samples: for the chunked large-K path, the importance weights of all the
+    bound's samples sliced to this chunk (see `dreg_estimator`) and their number per softmax
+    (K looser, M*K stratified; sets c). Default: computed from log_joint.
+
+    Runs on the fused ops: three calls of ops.mixture_log_density (z live with the parameters
+    detached; the parameters live at fixed z; the alias below), whose backward passes work on the
+    [M, M, K, B] table and never on an M*M*K*B*L tensor.
+    """
+    z = zs if isinstance(zs, torch.Tensor) else torch.stack(list(zs))
+    if log_joint.dim() != 3 or tuple(log_joint.shape) != tuple(z.shape[:3]):
+        raise ValueError(
+            f"argument 'log_joint' must have shape [M, K, B] = {tuple(z.shape[:3])} (that of zs without L), "
+            f"got {tuple(log_joint.shape)}"
+        )
+    dims = _reduce_dims(dim, 3)
+    if dims not in ((1,), (0, 1)):
+        raise ValueError(f"argument 'dim' must be 1 (looser bound) or (0, 1) (stratified bound), got {dim!r}")
+    M = z.shape[0]
+    # In lq the own expert's parameters are detached and the other experts' live:
+    #   lq = lq_det + sum_{m != r} sg(pi_rm) (a_live - sg a_live)
+    # has lq_det's value and z gradient and exactly the direct gradient of the other experts.
+    lq_det, a_det = ops.mixture_log_density(
+        z, loc.detach(), scale.detach(), family=family, return_pairwise=True, backend=backend
+    )
+    log_pi = (a_det - (lq_det + math.log(M))[:, None]).detach()  # log pi[r, m, k, b]
+    if M > 1:
+        _, a_live = ops.mixture_log_density(z.detach(), loc, scale, family=family, return_pairwise=True, backend=backend)
+        off = ~torch.eye(M, dtype=torch.bool, device=z.device)[:, :, None, None]
+        direct = (log_pi.exp() * off * (a_live - a_live.detach())).sum(1)  # value 0, direct gradient
+    else:
+        direct = torch.zeros_like(lq_det)
+    lw = log_joint - lq_det - direct
+    iw = ops.importance_weights(lw.detach(), dims, backend=backend) if weights is None else weights
+    pi_own = torch.diagonal(log_pi, 0, 0, 1).permute(2, 0, 1).exp()  # pi_r(z[r, k, b]) [M, K, B]
+    est = _dreg_surrogate(lw, iw, zs, 1 - pi_own * (1 - iw.wbar), dims)
+    if M == 1:
+        return est
+    c = 1.0 / (num_samples or math.prod(z.shape[d] for d in dims)) if centred else 0.0
+    if centred:  # the direct term's weight wbar - c: add back c times it
+        est = est + (c * direct).sum(dims)
+    # - sg(wbar - c) pi_r(z): all parameters detached, z live through an alias off the hooked
+    # path, z_alias = sg(z) + (loc + scale * sg(eps)) - sg(...): value z, gradient dz/dphi.
+    eps = ((z - loc[:, None]) / scale[:, None]).detach()
+    z_path = loc[:, None] + scale[:, None] * eps
+    z_alias = z.detach() + (z_path - z_path.detach())
+    lq_a, a_a = ops.mixture_log_density(
+        z_alias, loc.detach(), scale.detach(), family=family, return_pairwise=True, backend=backend
+    )
+    pi_alias = torch.exp(torch.diagonal(a_a, 0, 0, 1).permute(2, 0, 1) - lq_a - math.log(M))
+    resp = ((iw.wbar - c) * pi_alias).sum(dims)
+    return est - (resp - resp.detach())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,54 +411,44 @@ def m_iwae_looser(model, x, K=1, *, backend=None):
     return m_iwae_looser_bound(_m_lw(model, x, K, backend), backend=backend)
 
 
-def _m_dreg(model, x, K, grad, looser, backend):
+def _m_dreg(model, x, K, grad, looser, backend, weights=None, K_total=None):
+    # weights: see dreg_estimator (given by the chunked path, computed here otherwise);
+    # K_total: the bound's K when this call sees a chunk of it (sets the centring constant)
     _check_grad(grad)
     qz_xs, _, zss, z, lpz, lpx = _mm_forward(model, x, _check_K(K), backend)
     experts = _mm_experts(model, qz_xs, backend)
-    M = len(zss)
     dims = 1 if looser else (0, 1)
-    if grad != "mixture" or M == 1:
+    if grad in ("eq8", "released") or len(zss) == 1:  # with M = 1 the mixture estimators are eq. 8
         lw = lpz + lpx - experts.log_density(z, detach=True)
-        est = dreg_estimator(lw, zss, dims, z_weight="one" if grad == "released" else "wbar", backend=backend)
-        return est.mean(0).sum() if looser else est.sum()
-    if experts.family is None:
-        raise ValueError("grad='mixture' needs Normal or Laplace posteriors (it re-reparameterises z = loc + scale * eps)")
-    # Mixture DReG (DESIGN.md 2a). In lq the own expert's parameters are detached and the other
-    # experts' are live: lq = lq_det + sum_{m != r} sg(pi_rm) (a_live - sg a_live) has lq_det's
-    # value and z-gradient and exactly the direct gradient of the other experts.
-    lq_det, a_det = experts.log_density(z, detach=True, return_pairwise=True)
-    _, a_live = experts.log_density(z.detach(), return_pairwise=True)
-    log_pi = (a_det - (lq_det + math.log(M))[:, None]).detach()  # responsibilities pi[r, m, k, b]
-    off = ~torch.eye(M, dtype=torch.bool, device=z.device)[:, :, None, None]
-    lq = lq_det + (log_pi.exp() * off * (a_live - a_live.detach())).sum(1)
-    lw = lpz + lpx - lq
-    iw = ops.importance_weights(lw.detach(), dims, backend=backend)
-    pi_own = torch.diagonal(log_pi, 0, 0, 1).permute(2, 0, 1).exp()  # pi_r(z) [M, K, B]
-    # z path of sg(wbar) lw rescaled per sample by (1 - pi_r (1 - wbar)).
-    est = dreg_estimator(lw, zss, dims, z_weight=1 - pi_own * (1 - iw.wbar), backend=backend)
-    # - sg(wbar) pi_r(z): all parameters detached, z live through its own alias (not hooked).
-    loc, scale = experts.params()
-    eps = ((z - loc[:, None]) / scale[:, None]).detach()
-    z_path = loc[:, None] + scale[:, None] * eps
-    z_alias = z.detach() + (z_path - z_path.detach())
-    lq_a, a_a = experts.log_density(z_alias, detach=True, return_pairwise=True)
-    pi_alias = torch.exp(torch.diagonal(a_a, 0, 0, 1).permute(2, 0, 1) - lq_a - math.log(M))
-    resp = (iw.wbar * pi_alias).sum(1 if looser else (0, 1))
-    est = est - (resp - resp.detach())
+        est = dreg_estimator(
+            lw, zss, dims, z_weight="one" if grad == "released" else "wbar", weights=weights, backend=backend
+        )
+    else:
+        if experts.family is None:
+            raise ValueError(
+                f"grad={grad!r} needs Normal or Laplace posteriors (it re-reparameterises z = loc + scale * eps)"
+            )
+        loc, scale = experts.params()
+        est = mixture_dreg_estimator(
+            lpz + lpx, zss, loc, scale, dims, family=experts.family, centred=grad == "mixture-centred",
+            weights=weights, num_samples=(K_total or K) * (1 if looser else len(zss)), backend=backend,
+        )
     return est.mean(0).sum() if looser else est.sum()
 
 
 def m_dreg(model, x, K=1, *, grad="eq8", backend=None):
     """Stratified MoE bound (eq. 5) with a DReG gradient; returns the bound's value.
 
-    grad: "eq8" (default for now), "mixture" (unbiased), "released" (see module docstring)."""
+    grad: "eq8" (default for now), "mixture" or "mixture-centred" (unbiased, proven by quadrature:
+    docs/mixture-dreg.md recommends "mixture" as the default), "released" (see module docstring)."""
     return _m_dreg(model, x, K, grad, False, backend)
 
 
 def m_dreg_looser(model, x, K=1, *, grad="eq8", backend=None):
     """Looser MoE bound (eq. 3) with a DReG gradient; returns the bound's value.
 
-    grad: "eq8" (default for now), "mixture" (unbiased), "released" (see module docstring)."""
+    grad: "eq8" (default for now), "mixture" or "mixture-centred" (unbiased, proven by quadrature:
+    docs/mixture-dreg.md recommends "mixture" as the default), "released" (see module docstring)."""
     return _m_dreg(model, x, K, grad, True, backend)
 
 
@@ -376,6 +467,7 @@ __all__ = [
     "m_iwae_bound",
     "m_iwae_looser_bound",
     "dreg_estimator",
+    "mixture_dreg_estimator",
     "log_likelihood",
     "log_prior",
     "kl",

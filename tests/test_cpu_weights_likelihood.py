@@ -56,6 +56,20 @@ def test_importance_weights_any_subset_of_gradients_matches_reference():
         torch.testing.assert_close(a, b, msg=lambda m: f"outputs {subset}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_importance_weights_low_precision_column_tiles(dtype):
+    """lw [M, K, B] over (0, 1): the column-tile kernel (B = 37: two full tiles and a partial one)."""
+    lw = (3 * torch.randn(2, 50, 37, generator=gen(13))).to(dtype).requires_grad_()
+    out = ops.importance_weights(lw, (0, 1), backend="cpu")
+    ref = ops.importance_weights(lw.detach().double(), (0, 1), backend="reference")
+    assert out.bound.dtype == torch.float32 and out.wbar.shape == lw.shape
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-7)
+    (g,) = torch.autograd.grad(out.bound.sum(), lw)
+    assert g.dtype == dtype
+    torch.testing.assert_close(g.double(), ref.wbar, rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("family", LIK)
 def test_likelihood_sum_gradcheck(family):
     x, params = lik_inputs(family, (2,), 3, (4,), g=gen(2))
@@ -168,13 +182,14 @@ def test_importance_weights_large_rows_float32():
 
 
 def test_fast_exp_over_its_whole_range():
-    """exp(x - lse) for x from the max down to underflow: accurate where the result is normal,
-    exact 0 for -inf, graceful underflow through the denormals."""
+    """exp(x - lse) for x from the max down to underflow: accurate where the result is a normal
+    float, exact 0 for -inf; results below the smallest normal float are flushed to 0."""
     x = torch.cat([torch.zeros(1), torch.linspace(-87.0, 0.0, 4001), torch.linspace(-120.0, -87.0, 100), torch.tensor([-math.inf])])
     w = ops.importance_weights(x[None], 1, backend="cpu").wbar[0]
     ref = torch.softmax(x.double(), 0)
     assert_weights_accurate(w, x, ref)
-    assert w[-1] == 0 and (w[x < -104] == 0).all() and (w[(x > -100) & (x < -88)] > 0).all()
+    lse = torch.logsumexp(x.double(), 0)
+    assert w[-1] == 0 and (w[x < -104] == 0).all() and (w[x - lse > -87] > 0).all()
 
 
 @pytest.mark.parametrize("family", LIK)

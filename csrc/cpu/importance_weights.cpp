@@ -260,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> importance_weights_cpu(const at::
     scalar_t* pw = w.data_ptr<scalar_t>();
     scalar_t* pw2 = w2.data_ptr<scalar_t>();
     at::parallel_for(0, it.count, it.grain, [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz;
       const int64_t n_chunks = (N + kChunk - 1) / kChunk;
       std::vector<scalar_t> cm(n_chunks), cs(n_chunks);
       for (int64_t i = begin; i < end; ++i) {
@@ -304,6 +305,7 @@ at::Tensor importance_weights_backward_cpu(const at::Tensor& lw_in, const at::Te
     const scalar_t* pgw2 = gw2.defined() ? gw2.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* pgx = gx.data_ptr<scalar_t>();
     at::parallel_for(0, it.count, it.grain, [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz;
       for (int64_t i = begin; i < end; ++i) {
         if (Q == 1) {
           backward_row(px + i * N, N, plse[i], pgb ? pgb[i] : scalar_t(0), pgw ? pgw + i * N : nullptr,

@@ -235,6 +235,7 @@ at::Tensor likelihood_sum_cpu(const at::Tensor& x_in, const at::Tensor& params_i
       at::Tensor partial = at::zeros({n_threads, SB}, out.options());
       acc_t* ppart = partial.data_ptr<acc_t>();
       at::parallel_for(0, SB * E, grain_for(V), [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz;
         acc_t* mine = ppart + at::get_thread_num() * SB;
         std::vector<acc_t> buf(kWide ? 0 : V);
         for (int64_t i = begin; i < end; ++i) {
@@ -250,6 +251,7 @@ at::Tensor likelihood_sum_cpu(const at::Tensor& x_in, const at::Tensor& params_i
     const acc_t* pinv = inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr;
     const acc_t* plogs = logs.defined() ? logs.const_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, SB, grain_for(E), [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz;
       std::vector<acc_t> buf(kWide ? 0 : E);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t s = row / d.B, b = row % d.B;
@@ -303,6 +305,7 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
     if (family == kLikCategorical) {
       const int64_t* px = x.const_data_ptr<int64_t>();
       at::parallel_for(0, SB * E, grain_for(V), [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz;
         std::vector<acc_t> buf(kWide ? 0 : V), gbuf(kWide ? 0 : V);
         for (int64_t i = begin; i < end; ++i) {
           const int64_t row = i / E, b = row % d.B, e = i % E;
@@ -318,6 +321,7 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
     acc_t* pgs = scale_grad ? gscale.data_ptr<acc_t>() : nullptr;
     acc_t* pgs_part = gscale_partial.defined() ? gscale_partial.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, SB, grain_for(E), [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz;
       std::vector<acc_t> buf(kWide ? 0 : E), gbuf(kWide ? 0 : E);
       acc_t* gs_base = pgs_part ? pgs_part + at::get_thread_num() * gscale.numel() : pgs;
       for (int64_t row = begin; row < end; ++row) {

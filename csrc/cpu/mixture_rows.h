@@ -1,0 +1,177 @@
+// CPU building blocks of the mixture kernels (mixture_log_density, importance_ratios): tiles of
+// samples with SIMD loops across the samples, and the argument checks and packing of both ops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <string>
+
+#include "mmvae_fast/mixture.h"
+
+// The tile loops are vectorised by `omp simd` (no -ffast-math needed: no reordering). x86-64
+// builds compile each kernel three times (AVX-512, AVX2+FMA, baseline) and pick one at load
+// time, so the wheel stays portable and still runs 16-wide where the CPU allows.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MMVAE_FAST_NO_CLONES)
+#define MMVAE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MMVAE_CPU_CLONES
+#endif
+#define MMVAE_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+namespace mmvae_fast {
+namespace cpu {
+
+inline int parse_family(const std::string& family) {
+  if (family == "normal") return kNormal;
+  if (family == "laplace") return kLaplace;
+  TORCH_CHECK(false, "argument 'family' must be 'normal' or 'laplace', got '", family, "'");
+}
+
+// The kernels work on tiles of kTile samples of one batch entry b, transposed to [L][kTile] so
+// that the loops over L run over whole SIMD registers of samples (loc and 1/scale of one expert
+// are broadcast): no horizontal reductions, no remainder lanes for L = 20, and each tile is
+// loaded once for all M experts. Samples of a tile: rows rk = r * K + k in [j0, j0 + n).
+constexpr int64_t kTile = 32;  // floats: 2 AVX-512 or 4 AVX2 registers per accumulator
+
+template <typename T>
+MMVAE_ALWAYS_INLINE void load_tile(const T* z, int64_t j0, int64_t n, int64_t B, int64_t b, int64_t L, T* zt) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* row = z + ((j0 + j) * B + b) * L;
+    for (int64_t l = 0; l < L; ++l) zt[l * kTile + j] = row[l];
+  }
+  for (int64_t j = n; j < kTile; ++j)
+    for (int64_t l = 0; l < L; ++l) zt[l * kTile + j] = T(0);
+}
+
+// Prefetch the rows of the tile [j0, j0 + n) of batch entry b (rows are B * L apart, so the
+// hardware prefetcher does not see them coming); the backward passes walk tiles of one b.
+template <typename T>
+MMVAE_ALWAYS_INLINE void prefetch_tile(const T* z, int64_t j0, int64_t n, int64_t B, int64_t b, int64_t L) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* row = z + ((j0 + j) * B + b) * L;
+    for (int64_t l = 0; l < L; l += kLine) __builtin_prefetch(row + l);
+    __builtin_prefetch(row + L - 1);
+  }
+}
+
+template <typename T>
+MMVAE_ALWAYS_INLINE void store_tile(const T* zt, int64_t j0, int64_t n, int64_t B, int64_t b, int64_t L, T* z) {
+  for (int64_t j = 0; j < n; ++j) {
+    T* row = z + ((j0 + j) * B + b) * L;
+    for (int64_t l = 0; l < L; ++l) row[l] = zt[l * kTile + j];
+  }
+}
+
+// a[j] = sum_l log f(zt[l][j]; loc[l], 1/inv[l]) for the kTile samples of a tile against one
+// expert; log_scale_sum = sum_l log scale[l] is subtracted once.
+template <int F, typename T>
+MMVAE_ALWAYS_INLINE void tile_log_density(const T* zt, const T* loc, const T* inv, T log_scale_sum, int64_t L, T* a) {
+  T acc[kTile];
+#pragma omp simd
+  for (int64_t j = 0; j < kTile; ++j) acc[j] = T(0);
+  for (int64_t l = 0; l < L; ++l) {
+    const T lo = loc[l], iv = inv[l];
+    const T* zl = zt + l * kTile;
+#pragma omp simd
+    for (int64_t j = 0; j < kTile; ++j) acc[j] += log_density_unscaled<F, T>(zl[j], lo, iv);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < kTile; ++j) a[j] = acc[j] - log_scale_sum;
+}
+
+// For one expert: gzt[l][j] += G[j] * d/dz, glt[l][j] += G[j] * d/dloc, gst[l][j] += G[j] * d/dscale
+// of log f(zt[l][j]; loc[l], scale[l]). glt, gst are per-lane partial sums (reduced over j once
+// per task), so nothing is reduced across lanes in the inner loop.
+template <int F, bool GX, bool GP, typename T>
+MMVAE_ALWAYS_INLINE void tile_grad(const T* G, const T* zt, const T* loc, const T* inv, int64_t L, T* gzt, T* glt,
+                                   T* gst) {
+  for (int64_t l = 0; l < L; ++l) {
+    const T lo = loc[l], iv = inv[l];
+    const T* zl = zt + l * kTile;
+#pragma omp simd
+    for (int64_t j = 0; j < kTile; ++j) {
+      const DensityGrad<T> d = log_density_grad<T>(F, zl[j], lo, iv);
+      if (GX) gzt[l * kTile + j] += G[j] * d.dx;
+      if (GP) {
+        glt[l * kTile + j] += G[j] * d.dloc;
+        gst[l * kTile + j] += G[j] * d.dscale;
+      }
+    }
+  }
+}
+
+// Adds the per-lane partial sums lanes[m][l][j] into out[m, b, l] ([M, B, L]).
+template <typename T>
+MMVAE_ALWAYS_INLINE void reduce_lanes(const T* lanes, int64_t M, int64_t B, int64_t b, int64_t L, T* out) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t l = 0; l < L; ++l) {
+      const T* v = lanes + (m * L + l) * kTile;
+      T s = T(0);
+      for (int64_t j = 0; j < kTile; ++j) s += v[j];
+      out[(m * B + b) * L + l] += s;
+    }
+}
+
+// The experts' parameters in the accumulation dtype: loc, 1/scale [M, B, L] and
+// sum_l log(scale) [M, B], plus z [M, K, B, L], all contiguous.
+struct Experts {
+  at::Tensor z, loc, inv, log_scale_sum;
+  int64_t M, K, B, L;
+};
+
+inline at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline Experts prepare_experts(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const char* op) {
+  TORCH_CHECK(z.dim() == 4, op, ": argument 'z' must have shape [M, K, B, L], got ", z.sizes());
+  const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
+  TORCH_CHECK(loc.sizes() == at::IntArrayRef({M, B, L}), op, ": argument 'loc' must have shape [M, B, L] = ",
+              at::IntArrayRef({M, B, L}), ", got ", loc.sizes());
+  TORCH_CHECK(scale.sizes() == loc.sizes(), op, ": argument 'scale' must have shape ", loc.sizes(), ", got ",
+              scale.sizes());
+  TORCH_CHECK(z.device().is_cpu() && loc.device().is_cpu() && scale.device().is_cpu(), op,
+              ": expected CPU tensors");
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()) && z.scalar_type() == loc.scalar_type() &&
+                  z.scalar_type() == scale.scalar_type(),
+              op, ": z, loc and scale must share one floating dtype");
+  const auto acc = acc_type(z);
+  const at::Tensor s = scale.to(acc);
+  return {z.to(acc).contiguous(), loc.to(acc).contiguous(), s.reciprocal().contiguous(),
+          s.log().sum(-1).contiguous(), M, K, B, L};
+}
+
+// Present-expert mask as uint8 [M, B] (all ones when absent) and the count per batch entry.
+inline std::pair<at::Tensor, at::Tensor> prepare_mask(const c10::optional<at::Tensor>& mask, int64_t M, int64_t B,
+                                                      const char* op) {
+  if (!mask.has_value()) {
+    return {at::ones({M, B}, at::kByte), at::full({B}, M, at::kLong)};
+  }
+  TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": argument 'mask' must be a bool tensor");
+  TORCH_CHECK(mask->sizes() == at::IntArrayRef({M, B}), op, ": argument 'mask' must have shape [M, B] = ",
+              at::IntArrayRef({M, B}), ", got ", mask->sizes());
+  const at::Tensor m = mask->to(at::kByte).contiguous();
+  return {m, m.sum(0, /*keepdim=*/false, at::kLong).contiguous()};
+}
+
+// Tasks per thread chunk for a task of `work` density terms: ~1e5 terms (tens of microseconds),
+// so small problems run on one thread instead of paying for a fork and join.
+inline int64_t task_grain(int64_t work) {
+  return std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, work));
+}
+
+inline int64_t num_tiles(int64_t rows) { return (rows + kTile - 1) / kTile; }
+
+// Work split of the backward passes over (batch entry, chunk of tiles): each task owns the
+// parameter gradients of its batch entry in its own chunk buffer, so there are no races; with
+// few batch entries the tiles are split too, and the chunk buffers are summed afterwards.
+inline int64_t tile_chunks(int64_t B, int64_t tiles) {
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  if (B >= want) return 1;
+  return std::min(tiles, (want + B - 1) / B);
+}
+
+}  // namespace cpu
+}  // namespace mmvae_fast

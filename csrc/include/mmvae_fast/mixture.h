@@ -1,0 +1,89 @@
+// Mixture-of-experts maths shared by the CPU and CUDA kernels of mixture_log_density and
+// importance_ratios (DESIGN.md section 2):
+//   a[r, m, k, b] = sum_l log f(z[r, k, b, l]; loc[m, b, l], scale[m, b, l])
+//   lq[r, k, b]   = logsumexp_{m present} a[r, m, k, b] - log(#present)
+//   ratio[r, d]   = exp(a[d, r] - a[d, d])                       (appendix B, r != d)
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "mmvae_fast/densities.h"
+
+namespace mmvae_fast {
+
+// One term of a: log f without its -log(scale) part, which depends on (m, b) only and is
+// added once per row as -sum_l log(scale[m, b, l]) instead of once per element.
+template <int F, typename T>
+MMVAE_HD T log_density_unscaled(T x, T loc, T inv_scale) {
+  return log_density<T>(F, x, loc, inv_scale, T(0));
+}
+
+// log of the number of present experts (0 when none: lq is then -inf, set by the caller).
+template <typename T>
+MMVAE_HD T log_expert_count(int64_t n) {
+  return n > 0 ? std::log(T(n)) : T(0);
+}
+
+// exp(x) written without calls or branches so that a compiler vectorises the loops that use it
+// (a scalar libm exp per expert and sample costs more than the L-term density itself).
+// float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-6 polynomial
+// (max relative error ~2 ulp); exp(-inf) = 0, exp(+inf) = inf, NaN propagates, results below
+// FLT_MIN flush to 0. double: the libm exp (float64 is the exact path, not the fast one).
+MMVAE_HD float exp_vectorisable(float x) {
+  const float hi = 88.3762626647949f, lo = -87.3365447504f;
+  const float xc = x < lo ? lo : (x > hi ? hi : x);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  const float y = p * two_n;
+  return x < lo ? 0.0f : (x > hi ? std::numeric_limits<float>::infinity() : (x == x ? y : x));
+}
+MMVAE_HD double exp_vectorisable(double x) { return std::exp(x); }
+
+// The log-sum-exp over experts in two passes (max, then sum of exp) for kernels that hold all M
+// values of a sample at once, vectorised across samples. NaN-propagating max: once a NaN is
+// seen it stays.
+template <typename T>
+MMVAE_HD T nan_max(T m, T x) {
+  return (x > m || x != x) ? x : m;
+}
+// The shift used for the sum: the max, or 0 when every term is -inf (the sum is then 0).
+template <typename T>
+MMVAE_HD T lse_shift(T max) {
+  return max == -std::numeric_limits<T>::infinity() ? T(0) : max;
+}
+// lq from the shift and the sum of exp(a - shift) over the n_present experts; none present or
+// all -inf -> -inf; NaN propagates.
+template <typename T>
+MMVAE_HD T mixture_lq_from_sum(T shift, T sum, int64_t n_present) {
+  if (n_present == 0 || sum == T(0)) return -std::numeric_limits<T>::infinity();
+  return shift + std::log(sum) - log_expert_count<T>(n_present);
+}
+
+// Responsibility pi_m = exp(a_m - lse) of expert m for one sample, lse = lq + log(#present).
+// A sample no present expert can explain (lq = -inf) has pi = 0 and so zero gradients, as the
+// reference's safe log-sum-exp; NaN propagates.
+template <typename T>
+MMVAE_HD T responsibility(T a, T lq, T log_count) {
+  if (lq == -std::numeric_limits<T>::infinity()) return T(0);
+  return exp_vectorisable(a - (lq + log_count));
+}
+
+// Appendix B's importance ratio of expert r on the samples of expert d: exp(a[d, r] - a[d, d]).
+template <typename T>
+MMVAE_HD T importance_ratio(T a_num, T a_own) {
+  return exp_vectorisable(a_num - a_own);
+}
+
+}  // namespace mmvae_fast
