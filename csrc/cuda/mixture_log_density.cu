@@ -35,7 +35,9 @@ __global__ void forward_kernel(const T* __restrict__ z, const T* __restrict__ lo
       if (a != nullptr && lane == 0) a[(r * M + m) * KB + kb] = am;
       if (on) st = lse_push(st, am);
     }
-    if (lane == 0) lq[i] = mixture_lq(st, count[b]);
+    // lq = lse over the present experts - log(#present); -inf when none is present; NaN propagates
+    if (lane == 0)
+      lq[i] = count[b] == 0 ? -std::numeric_limits<T>::infinity() : lse_value(st) - log_expert_count<T>(count[b]);
   }
 }
 
