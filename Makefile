@@ -4,12 +4,12 @@ PY := .venv/bin/python
 TORCH := torch==2.13.0
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/include/mmvae_fast/*.h)
 
-.PHONY: main test bench clean
+.PHONY: main test bench clean cuda-check
 
 .venv/.deps:
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH) numpy pytest tqdm matplotlib scikit-learn
+	$(PY) -m pip install -q $(TORCH) numpy pytest tqdm matplotlib scikit-learn triton
 	touch $@
 
 .venv/.built: .venv/.deps $(SOURCES)
@@ -21,6 +21,10 @@ main: .venv/.built
 
 test: .venv/.built
 	$(PY) -m pytest -q tests
+
+# every csrc/cuda/*.cu through nvcc for sm_80 and sm_90 (no GPU needed; skipped without nvcc)
+cuda-check: .venv/.deps
+	PYTHON=$(PY) scripts/check_cuda_compile.sh
 
 clean:
 	rm -rf .venv build *.egg-info mmvae_fast/*.so

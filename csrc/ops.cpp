@@ -91,3 +91,51 @@ TORCH_LIBRARY_IMPL(mmvae_fast, CPU, m) {
   m.impl("importance_ratios_backward", &mmvae_fast::cpu::importance_ratios_backward_cpu);
   // ---- end mixture log-density and importance ratios
 }
+
+#ifdef MMVAE_FAST_WITH_CUDA
+// ---- CUDA kernels (csrc/cuda/*.cu): the same ops and schemas as the CPU kernels above
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace mmvae_fast::cuda {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> importance_weights_cuda(const at::Tensor& lw);
+at::Tensor importance_weights_backward_cuda(const at::Tensor& lw, const at::Tensor& lse,
+                                            const std::optional<at::Tensor>& g_lse,
+                                            const std::optional<at::Tensor>& g_wbar,
+                                            const std::optional<at::Tensor>& g_wbar_sq);
+at::Tensor likelihood_sum_cuda(const at::Tensor& x, const at::Tensor& params, const std::optional<at::Tensor>& scale,
+                               int64_t family);
+std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                                const at::Tensor& params,
+                                                                const std::optional<at::Tensor>& scale, int64_t family,
+                                                                bool params_grad, bool scale_grad);
+at::Tensor mixture_log_density_cuda(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
+                                    c10::string_view family, const c10::optional<at::Tensor>& mask);
+std::tuple<at::Tensor, at::Tensor> mixture_log_density_pairwise_cuda(const at::Tensor& z, const at::Tensor& loc,
+                                                                     const at::Tensor& scale, c10::string_view family,
+                                                                     const c10::optional<at::Tensor>& mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cuda(
+    const c10::optional<at::Tensor>& grad_lq, const c10::optional<at::Tensor>& grad_a, const at::Tensor& z,
+    const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& lq, c10::string_view family,
+    const c10::optional<at::Tensor>& mask, std::array<bool, 3> output_mask);
+at::Tensor importance_ratios_cuda(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
+                                  c10::string_view family);
+std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cuda(const at::Tensor& grad, const at::Tensor& ratio,
+                                                                   const at::Tensor& z, const at::Tensor& loc,
+                                                                   const at::Tensor& scale, c10::string_view family);
+}  // namespace mmvae_fast::cuda
+
+TORCH_LIBRARY_IMPL(mmvae_fast, CUDA, m) {
+  m.impl("importance_weights", &mmvae_fast::cuda::importance_weights_cuda);
+  m.impl("importance_weights_backward", &mmvae_fast::cuda::importance_weights_backward_cuda);
+  m.impl("likelihood_sum", &mmvae_fast::cuda::likelihood_sum_cuda);
+  m.impl("likelihood_sum_backward", &mmvae_fast::cuda::likelihood_sum_backward_cuda);
+  m.impl("mixture_log_density", &mmvae_fast::cuda::mixture_log_density_cuda);
+  m.impl("mixture_log_density_pairwise", &mmvae_fast::cuda::mixture_log_density_pairwise_cuda);
+  m.impl("mixture_log_density_backward", &mmvae_fast::cuda::mixture_log_density_backward_cuda);
+  m.impl("importance_ratios", &mmvae_fast::cuda::importance_ratios_cuda);
+  m.impl("importance_ratios_backward", &mmvae_fast::cuda::importance_ratios_backward_cuda);
+}
+// ---- end CUDA kernels
+#endif  // MMVAE_FAST_WITH_CUDA

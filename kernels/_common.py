@@ -1,0 +1,27 @@
+"""Shared helpers of the Triton kernels: interpreter detection, autotuning, dtypes."""
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+INTERPRETED = interpreting()  # at import, i.e. when the kernels of this process were decorated
+
+
+def autotune(configs, key, interpret_config):
+    """triton.autotune over `configs`; under the interpreter a single fixed config (no timing).
+
+    The interpreter config uses small blocks on purpose: the tests then cross block boundaries
+    and exercise the masks of ragged tiles with tiny tensors.
+    """
+    return triton.autotune(configs=[interpret_config] if interpreting() else configs, key=key)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates (and is returned) in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,240 @@
+"""Likelihood sums in Triton: out[s, b] = sum_e log p(x[b, e] | params[s, b, e]).
+
+The adapter flattens params to [S, B, E] (categorical: [S, B, E, V]) and x to [B, E]; each
+program reads x[b, :] for its rows directly, so x is never expanded over the S samples, and the
+per-element log-probabilities are summed in registers (never stored).
+Families: 0 normal, 1 laplace (params = location, fixed scale), 2 bernoulli (logits),
+3 categorical (logits; online log-sum-exp over the vocabulary, lse [S, B, E] saved for backward).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import acc_dtype, autotune
+
+FAMILY = {"normal": 0, "laplace": 1, "bernoulli": 2, "categorical": 3}
+_HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
+_LOG_2 = tl.constexpr(math.log(2.0))
+_NEG_INF = tl.constexpr(float("-inf"))
+_NAN = tl.constexpr(float("nan"))
+
+_DENSE = [triton.Config({"BLOCK_R": br, "BLOCK_E": be}, num_warps=nw) for br, be, nw in [(1, 1024, 4), (4, 256, 4), (16, 128, 4), (64, 32, 4)]]
+_DENSE_I = triton.Config({"BLOCK_R": 4, "BLOCK_E": 8})
+_CAT = [triton.Config({"BLOCK_R": br, "BLOCK_V": bv}, num_warps=nw) for br, bv, nw in [(1, 1024, 4), (1, 4096, 8), (4, 256, 4), (16, 64, 4)]]
+_CAT_I = triton.Config({"BLOCK_R": 4, "BLOCK_V": 128})
+
+
+@triton.jit
+def _dense_terms(x, p, sc, FAM: tl.constexpr):
+    """(log p, d/dparam, d/dscale) elementwise for the dense families (one return: the compiler
+    wants a single exit)."""
+    if FAM == 2:  # bernoulli logits: x l - softplus(l)
+        lp = x * p - (tl.maximum(p, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(p))))
+        dp = x - 1.0 / (1.0 + tl.exp(-p))
+        ds = tl.zeros_like(p)
+    else:
+        inv = 1.0 / sc
+        u = (x - p) * inv
+        if FAM == 0:
+            lp = -0.5 * u * u - tl.log(sc) - _HALF_LOG_2PI
+            dp = u * inv
+            ds = (u * u - 1.0) * inv
+        else:
+            lp = -tl.abs(u) - tl.log(sc) - _LOG_2
+            dp = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)) * inv  # sign(0) = 0, as torch
+            ds = (tl.abs(u) - 1.0) * inv
+    return lp, dp, ds
+
+
+@autotune(_DENSE, key=["E", "FAM"], interpret_config=_DENSE_I)
+@triton.jit
+def _dense_fwd_kernel(
+    x_ptr, p_ptr, sc_ptr, out_ptr, R, B, E, ss_s, ss_b, ss_e,
+    FAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    acc = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    s_idx = (rows // B).to(tl.int64)
+    b_idx = (rows % B).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    total = tl.zeros([BLOCK_R], acc)
+    for e0 in range(0, E, BLOCK_E):
+        e = e0 + cols
+        msk = rmask[:, None] & (e < E)[None, :]
+        x = tl.load(x_ptr + b_idx[:, None] * E + e[None, :], mask=msk, other=0.0).to(acc)
+        p = tl.load(p_ptr + rows.to(tl.int64)[:, None] * E + e[None, :], mask=msk, other=0.0).to(acc)
+        sc = tl.full([BLOCK_R, BLOCK_E], 1.0, acc)
+        if FAM < 2:
+            sc = tl.load(sc_ptr + s_idx[:, None] * ss_s + b_idx[:, None] * ss_b + e[None, :] * ss_e, mask=msk, other=1.0).to(acc)
+        lp, _dp, _ds = _dense_terms(x, p, sc, FAM)
+        total += tl.sum(tl.where(msk, lp, 0.0), 1)
+    tl.store(out_ptr + rows, total, mask=rmask)
+
+
+@autotune(_DENSE, key=["E", "FAM"], interpret_config=_DENSE_I)
+@triton.jit
+def _dense_bwd_kernel(
+    x_ptr, p_ptr, sc_ptr, g_ptr, dp_ptr, dsc_ptr, R, B, E, ss_s, ss_b, ss_e,
+    FAM: tl.constexpr, SCALE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    acc = g_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    s_idx = (rows // B).to(tl.int64)
+    b_idx = (rows % B).to(tl.int64)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)[:, None]
+    cols = tl.arange(0, BLOCK_E)
+    for e0 in range(0, E, BLOCK_E):
+        e = e0 + cols
+        msk = rmask[:, None] & (e < E)[None, :]
+        off = rows.to(tl.int64)[:, None] * E + e[None, :]
+        x = tl.load(x_ptr + b_idx[:, None] * E + e[None, :], mask=msk, other=0.0).to(acc)
+        p = tl.load(p_ptr + off, mask=msk, other=0.0).to(acc)
+        sc = tl.full([BLOCK_R, BLOCK_E], 1.0, acc)
+        if FAM < 2:
+            sc = tl.load(sc_ptr + s_idx[:, None] * ss_s + b_idx[:, None] * ss_b + e[None, :] * ss_e, mask=msk, other=1.0).to(acc)
+        _lp, dp, ds = _dense_terms(x, p, sc, FAM)
+        tl.store(dp_ptr + off, (g * dp).to(dp_ptr.dtype.element_ty), mask=msk)
+        if SCALE_GRAD:
+            tl.store(dsc_ptr + off, g * ds, mask=msk)
+
+
+@autotune(_CAT, key=["V"], interpret_config=_CAT_I)
+@triton.jit
+def _cat_fwd_kernel(x_ptr, p_ptr, out_ptr, lse_ptr, R, B, E, V, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    acc = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    b_idx = (rows % B).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    total = tl.zeros([BLOCK_R], acc)
+    for e in range(0, E):
+        base = (rows.to(tl.int64) * E + e) * V  # logits of (s, b, e)
+        m = tl.full([BLOCK_R], _NEG_INF, acc)
+        s = tl.zeros([BLOCK_R], acc)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + cols
+            msk = rmask[:, None] & (v < V)[None, :]
+            lg = tl.load(p_ptr + base[:, None] + v[None, :], mask=msk, other=_NEG_INF).to(acc)
+            m_new = tl.maximum(m, tl.max(lg, 1))
+            m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
+            m = m_new
+        lse = tl.where(s == 0.0, _NEG_INF, m + tl.log(tl.where(s == 0.0, 1.0, s)))
+        xi = tl.load(x_ptr + b_idx * E + e, mask=rmask, other=0).to(tl.int64)
+        ok = (xi >= 0) & (xi < V)
+        lx = tl.load(p_ptr + base + tl.where(ok, xi, 0), mask=rmask, other=0.0).to(acc)
+        total += tl.where(ok, lx - lse, _NAN)  # an index outside [0, V) gives NaN, not a number
+        tl.store(lse_ptr + rows.to(tl.int64) * E + e, lse, mask=rmask)
+    tl.store(out_ptr + rows, total, mask=rmask)
+
+
+@autotune(_CAT, key=["V"], interpret_config=_CAT_I)
+@triton.jit
+def _cat_bwd_kernel(x_ptr, p_ptr, lse_ptr, g_ptr, dp_ptr, RE, B, E, V, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """dlogits[s, b, e, v] = g[s, b] (1[v == x[b, e]] - softmax_v); rows are (s, b, e)."""
+    acc = lse_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < RE
+    sb = rows // E
+    b_idx = (sb % B).to(tl.int64)
+    e_idx = (rows % E).to(tl.int64)
+    g = tl.load(g_ptr + sb, mask=rmask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    xi = tl.load(x_ptr + b_idx * E + e_idx, mask=rmask, other=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    base = rows.to(tl.int64) * V
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + cols
+        msk = rmask[:, None] & (v < V)[None, :]
+        lg = tl.load(p_ptr + base[:, None] + v[None, :], mask=msk, other=0.0).to(acc)
+        d = tl.where(v[None, :] == xi[:, None], 1.0, 0.0) - tl.exp(lg - lse[:, None])
+        tl.store(dp_ptr + base[:, None] + v[None, :], (g[:, None] * d).to(dp_ptr.dtype.element_ty), mask=msk)
+
+
+def _grid(R):
+    return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)
+
+
+@triton_op("mmvae_fast_triton::likelihood_sum", mutates_args=())
+def lik_fwd(x: torch.Tensor, params: torch.Tensor, scale: torch.Tensor | None, family: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [S*B], categorical lse [S, B, E] or empty) for x [B, E], params [S, B, E(, V)] contiguous,
+    scale [S, B, E] (any strides, e.g. an expanded scalar) for normal/laplace."""
+    S, B, E = params.shape[:3]
+    dt = acc_dtype(params.dtype)
+    out = torch.empty(S * B, dtype=dt, device=params.device)
+    R = S * B
+    if family == 3:
+        V = params.shape[3]
+        lse = torch.empty(S, B, E, dtype=dt, device=params.device)
+        if R > 0:
+            wrap_triton(_cat_fwd_kernel)[_grid(R)](x, params, out, lse, R, B, E, V)
+        return out, lse
+    sc = params if scale is None else scale
+    ss = (0, 0, 0) if scale is None else scale.stride()
+    if R > 0:
+        wrap_triton(_dense_fwd_kernel)[_grid(R)](x, params, sc, out, R, B, E, ss[0], ss[1], ss[2], FAM=family)
+    return out, out.new_empty(0)
+
+
+@triton_op("mmvae_fast_triton::likelihood_sum_backward", mutates_args=())
+def lik_bwd(
+    x: torch.Tensor, params: torch.Tensor, scale: torch.Tensor | None, lse: torch.Tensor, g: torch.Tensor,
+    family: int, scale_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d params, d scale [S, B, E] in the accumulation dtype, or empty)."""
+    S, B, E = params.shape[:3]
+    dp = torch.empty_like(params)
+    if family == 3:
+        V = params.shape[3]
+        RE = S * B * E
+        if RE > 0:
+            wrap_triton(_cat_bwd_kernel)[_grid(RE)](x, params, lse, g, dp, RE, B, E, V)
+        return dp, g.new_empty(0)
+    R = S * B
+    dsc = torch.empty(S, B, E, dtype=g.dtype, device=g.device) if scale_grad else g.new_empty(0)
+    sc = params if scale is None else scale
+    ss = (0, 0, 0) if scale is None else scale.stride()
+    if R > 0:
+        wrap_triton(_dense_bwd_kernel)[_grid(R)](
+            x, params, sc, g, dp, dsc, R, B, E, ss[0], ss[1], ss[2], FAM=family, SCALE_GRAD=scale_grad
+        )
+    return dp, dsc
+
+
+def _setup(ctx, inputs, output):
+    x, params, scale, family = inputs
+    ctx.family = family
+    ctx.save_for_backward(x, params, scale, output[1])
+
+
+def _backward(ctx, g_out, _g_lse):
+    x, params, scale, lse = ctx.saved_tensors
+    scale_grad = scale is not None and ctx.needs_input_grad[2]
+    dp, dsc = lik_bwd(x, params, scale, lse, g_out.contiguous(), ctx.family, scale_grad)
+    return None, dp, (dsc.to(scale.dtype) if scale_grad else None), None
+
+
+lik_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def likelihood_sum(x, params, family, scale=None):
+    """The backend entry of ops.likelihood_sum: x [B, *E], params [*S, B, *E(, V)] -> [*S, B]."""
+    x = x.detach()
+    B = x.shape[0]
+    E = math.prod(x.shape[1:])
+    cat = family == "categorical"
+    S_shape = params.shape[: params.dim() - x.dim() - cat]
+    S = math.prod(S_shape)
+    p3 = params.reshape(S, B, E, params.shape[-1]) if cat else params.reshape(S, B, E)
+    sc3 = None
+    if family in ("normal", "laplace"):
+        sc = torch.as_tensor(scale, device=params.device)
+        sc = sc.to(acc_dtype(params.dtype)) if not sc.is_floating_point() else sc
+        sc3 = sc.expand(params.shape).reshape(S, B, E)  # a view for scalar / per-event scales
+    out, _ = lik_fwd(x.reshape(B, E).contiguous(), p3.contiguous(), sc3, FAMILY[family])
+    return out.reshape(*S_shape, B)

@@ -1,0 +1,307 @@
+"""Mixture log-density and appendix B's importance ratios in Triton.
+
+Layout (DESIGN.md 2): z[r, k, b, l] sample k of group r; loc, scale[m, b, l] expert m;
+a[r, m, k, b] = sum_l log f(z[r, k, b, l]; loc[m, b, l], scale[m, b, l]).
+
+Each program owns one group r, a chunk of K_CHUNK samples (_K_CHUNK_FWD / _BWD) and a tile of BLOCK_B batch entries,
+with the whole latent vector in the tile (BLOCK_L = next power of two >= L). The pairwise
+values are formed in registers, one expert at a time, and folded into an online log-sum-exp:
+nothing of size M*M*K*B*L exists, and a[M, M, K, B] only when asked for.
+
+Backward recomputes a from z and the saved per-row statistic (lse for the mixture, the own
+log-density for the ratios) and writes per-program partial sums of the loc/scale gradients,
+[M * n_chunks, M, B, L], summed afterwards: deterministic, no atomics.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import acc_dtype, autotune, interpreting
+
+_NEG_INF = tl.constexpr(float("-inf"))
+_HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
+_LOG_2 = tl.constexpr(math.log(2.0))
+MAX_L = 8192  # the whole latent vector lives in one tile
+# Samples per program. Forward: few, for parallelism (a GPU wants thousands of programs). Backward:
+# more, since each program writes a partial loc/scale gradient [M, BLOCK_B, L] per chunk.
+# Under the interpreter 2, so that the tests cross chunks.
+_K_CHUNK_FWD = 2 if interpreting() else 4
+_K_CHUNK_BWD = 2 if interpreting() else 8
+_TILE = 4096  # max elements of a [BLOCK_B, BLOCK_L] tile
+
+
+def _prune(configs, named_args, **kwargs):
+    bl = kwargs.get("BLOCK_L", named_args.get("BLOCK_L"))
+    kept = [c for c in configs if c.kwargs["BLOCK_B"] * bl <= _TILE]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_B"])]
+
+
+_CONFIGS = [triton.Config({"BLOCK_B": bb}, num_warps=nw) for bb, nw in [(1, 2), (2, 4), (4, 4), (8, 4), (16, 4), (32, 8), (64, 8)]]
+
+
+def _tuned(fn):
+    if interpreting():
+        return triton.autotune(configs=[triton.Config({"BLOCK_B": 2})], key=["L"])(fn)
+    return triton.autotune(configs=_CONFIGS, key=["M", "B", "L"], prune_configs_by={"early_config_prune": _prune})(fn)
+
+
+@triton.jit
+def _logf(zz, lo, sc, lmask, NORMAL: tl.constexpr):
+    """sum_l log f(z; loc, scale) over a [BLOCK_B, BLOCK_L] tile, and u = (z - loc) / scale."""
+    inv = 1.0 / sc
+    u = (zz - lo) * inv
+    if NORMAL:
+        lp = -0.5 * u * u - tl.log(sc) - _HALF_LOG_2PI
+    else:
+        lp = -tl.abs(u) - tl.log(sc) - _LOG_2
+    return tl.sum(tl.where(lmask, lp, 0.0), 1), u, inv
+
+
+@triton.jit
+def _mixture_fwd_kernel(
+    z_ptr, loc_ptr, scale_ptr, mask_ptr, lq_ptr, lse_ptr, a_ptr, M, K, B, L,
+    NORMAL: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_A: tl.constexpr,
+    K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    acc = lse_ptr.dtype.element_ty
+    n_kc = tl.cdiv(K, K_CHUNK)
+    r = tl.program_id(0) // n_kc
+    k0 = (tl.program_id(0) % n_kc) * K_CHUNK
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_l = tl.arange(0, BLOCK_L)
+    bmask = offs_b < B
+    tmask = bmask[:, None] & (offs_l < L)[None, :]
+    bl = offs_b.to(tl.int64)[:, None] * L + offs_l[None, :]  # (b, l) offset within one [B, L] slab
+    for k in range(k0, tl.minimum(k0 + K_CHUNK, K)):
+        rk = r * K + k
+        zz = tl.load(z_ptr + rk.to(tl.int64) * B * L + bl, mask=tmask, other=0.0).to(acc)
+        m_run = tl.full([BLOCK_B], _NEG_INF, acc)
+        s = tl.zeros([BLOCK_B], acc)
+        n = tl.zeros([BLOCK_B], acc)
+        for mm in range(0, M):
+            lo = tl.load(loc_ptr + mm * B * L + bl, mask=tmask, other=0.0).to(acc)
+            sc = tl.load(scale_ptr + mm * B * L + bl, mask=tmask, other=1.0).to(acc)
+            a, _u, _inv = _logf(zz, lo, sc, tmask, NORMAL)
+            if WRITE_A:
+                tl.store(a_ptr + ((r * M + mm) * K + k).to(tl.int64) * B + offs_b, a, mask=bmask)
+            if HAS_MASK:
+                present = tl.load(mask_ptr + mm * B + offs_b, mask=bmask, other=0) != 0
+                a = tl.where(present, a, _NEG_INF)
+                n += present.to(acc)
+            else:
+                n += 1.0
+            # online log-sum-exp over experts; shift by 0 while only -inf has been seen
+            m_new = tl.maximum(m_run, a)
+            m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            s = s * tl.exp(m_run - m_safe) + tl.exp(a - m_safe)  # NaN sticks in s
+            m_run = m_new
+        lse = tl.where(s == 0.0, _NEG_INF, m_run + tl.log(tl.where(s == 0.0, 1.0, s)))
+        lq = lse - tl.log(tl.where(n > 0, n, 1.0))  # no expert present: lq = lse = -inf
+        tl.store(lse_ptr + rk.to(tl.int64) * B + offs_b, lse, mask=bmask)
+        tl.store(lq_ptr + rk.to(tl.int64) * B + offs_b, lq, mask=bmask)
+
+
+@triton.jit
+def _ratios_fwd_kernel(
+    z_ptr, loc_ptr, scale_ptr, ratio_ptr, own_ptr, M, K, B, L,
+    NORMAL: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    acc = own_ptr.dtype.element_ty
+    n_kc = tl.cdiv(K, K_CHUNK)
+    d = tl.program_id(0) // n_kc  # the sample group: z_d ~ q_d
+    k0 = (tl.program_id(0) % n_kc) * K_CHUNK
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_l = tl.arange(0, BLOCK_L)
+    bmask = offs_b < B
+    tmask = bmask[:, None] & (offs_l < L)[None, :]
+    bl = offs_b.to(tl.int64)[:, None] * L + offs_l[None, :]
+    lo_d = tl.load(loc_ptr + d * B * L + bl, mask=tmask, other=0.0).to(acc)
+    sc_d = tl.load(scale_ptr + d * B * L + bl, mask=tmask, other=1.0).to(acc)
+    for k in range(k0, tl.minimum(k0 + K_CHUNK, K)):
+        dk = d * K + k
+        zz = tl.load(z_ptr + dk.to(tl.int64) * B * L + bl, mask=tmask, other=0.0).to(acc)
+        own, _u, _inv = _logf(zz, lo_d, sc_d, tmask, NORMAL)
+        tl.store(own_ptr + dk.to(tl.int64) * B + offs_b, own, mask=bmask)
+        for r in range(0, M):
+            lo = tl.load(loc_ptr + r * B * L + bl, mask=tmask, other=0.0).to(acc)
+            sc = tl.load(scale_ptr + r * B * L + bl, mask=tmask, other=1.0).to(acc)
+            a, _u, _inv = _logf(zz, lo, sc, tmask, NORMAL)
+            ratio = tl.where(r == d, 1.0, tl.exp(a - own))
+            tl.store(ratio_ptr + ((r * M + d) * K + k).to(tl.int64) * B + offs_b, ratio, mask=bmask)
+
+
+@triton.jit
+def _pairwise_bwd_kernel(
+    z_ptr, loc_ptr, scale_ptr, mask_ptr, stat_ptr, g_ptr, ga_ptr, dz_ptr, ploc_ptr, pscale_ptr, M, K, B, L,
+    RATIOS: tl.constexpr, NORMAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_GA: tl.constexpr,
+    K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Cotangent G[r, m, k, b] of the pairwise table, then the chain rule through log f:
+    mixture: G = g_lq[r,k,b] pi[r,m,k,b] + g_a[r,m,k,b], pi = exp(a - lse) over present experts;
+             dz[r,k,b,:] = sum_m G dlogf/dz (written here), dloc/dscale partials per program.
+    ratios:  G = g_ratio[m,r,k,b] exp(a[r,m] - own[r]) for m != r, 0 on the diagonal; no dz.
+    """
+    acc = stat_ptr.dtype.element_ty
+    n_kc = tl.cdiv(K, K_CHUNK)
+    r = tl.program_id(0) // n_kc
+    k0 = (tl.program_id(0) % n_kc) * K_CHUNK
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_l = tl.arange(0, BLOCK_L)
+    bmask = offs_b < B
+    tmask = bmask[:, None] & (offs_l < L)[None, :]
+    bl = offs_b.to(tl.int64)[:, None] * L + offs_l[None, :]
+    for mm in range(0, M):
+        lo = tl.load(loc_ptr + mm * B * L + bl, mask=tmask, other=0.0).to(acc)
+        sc = tl.load(scale_ptr + mm * B * L + bl, mask=tmask, other=1.0).to(acc)
+        if HAS_MASK:
+            present = tl.load(mask_ptr + mm * B + offs_b, mask=bmask, other=0) != 0
+        dloc = tl.zeros([BLOCK_B, BLOCK_L], acc)
+        dscale = tl.zeros([BLOCK_B, BLOCK_L], acc)
+        for k in range(k0, tl.minimum(k0 + K_CHUNK, K)):
+            rk = (r * K + k).to(tl.int64)
+            zz = tl.load(z_ptr + rk * B * L + bl, mask=tmask, other=0.0).to(acc)
+            a, u, inv = _logf(zz, lo, sc, tmask, NORMAL)
+            stat = tl.load(stat_ptr + rk * B + offs_b, mask=bmask, other=0.0)
+            G = tl.zeros([BLOCK_B], acc)
+            if RATIOS:
+                if HAS_G:
+                    g = tl.load(g_ptr + ((mm * M + r) * K + k).to(tl.int64) * B + offs_b, mask=bmask, other=0.0).to(acc)
+                    G = tl.where(mm == r, 0.0, g * tl.exp(a - stat))
+            else:
+                if HAS_G:
+                    live = stat != _NEG_INF  # lse = -inf: no expert present, pi = 0
+                    if HAS_MASK:
+                        live = live & present
+                    g = tl.load(g_ptr + rk * B + offs_b, mask=bmask, other=0.0).to(acc)
+                    G = tl.where(live, g * tl.exp(a - tl.where(live, stat, 0.0)), 0.0)
+                if HAS_GA:
+                    G += tl.load(ga_ptr + ((r * M + mm) * K + k).to(tl.int64) * B + offs_b, mask=bmask, other=0.0).to(acc)
+            G2 = G[:, None]
+            if NORMAL:
+                dx = -u * inv
+                ds = (u * u - 1.0) * inv
+            else:
+                dx = -tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)) * inv  # sign(0) = 0, as torch
+                ds = (tl.abs(u) - 1.0) * inv
+            dloc -= G2 * dx
+            dscale += G2 * ds
+            if not RATIOS:
+                dzp = dz_ptr + rk * B * L + bl
+                tl.store(dzp, tl.load(dzp, mask=tmask, other=0.0) + G2 * dx, mask=tmask)
+        out = ((tl.program_id(0) * M + mm) * B).to(tl.int64) * L + bl
+        tl.store(ploc_ptr + out, dloc, mask=tmask)
+        tl.store(pscale_ptr + out, dscale, mask=tmask)
+
+
+_mixture_fwd = _tuned(_mixture_fwd_kernel)
+_ratios_fwd = _tuned(_ratios_fwd_kernel)
+_pairwise_bwd = _tuned(_pairwise_bwd_kernel)
+
+
+def _shape(z, k_chunk):
+    M, K, B, L = z.shape
+    if L > MAX_L:
+        raise ValueError(f"argument 'z': the Triton backend supports latent dims L <= {MAX_L}, got L = {L}")
+    return M, K, B, L, triton.cdiv(K, k_chunk), triton.next_power_of_2(L)
+
+
+def _grid(M, n_kc, B):
+    return lambda meta: (M * n_kc, triton.cdiv(B, meta["BLOCK_B"]))
+
+
+@triton_op("mmvae_fast_triton::mixture_log_density", mutates_args=())
+def mixture_fwd(
+    z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, normal: bool, write_a: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lq [M,K,B], lse over present experts [M,K,B], a [M,M,K,B] or empty) for contiguous inputs."""
+    M, K, B, L, n_kc, BL = _shape(z, _K_CHUNK_FWD)
+    dt = acc_dtype(z.dtype)
+    lq = torch.empty(M, K, B, dtype=dt, device=z.device)
+    lse = torch.empty(M, K, B, dtype=dt, device=z.device)
+    a = torch.empty((M, M, K, B) if write_a else (0,), dtype=dt, device=z.device)
+    wrap_triton(_mixture_fwd)[_grid(M, n_kc, B)](
+        z, loc, scale, z if mask is None else mask, lq, lse, lq if not write_a else a, M, K, B, L,
+        NORMAL=normal, HAS_MASK=mask is not None, WRITE_A=write_a, K_CHUNK=_K_CHUNK_FWD, BLOCK_L=BL,
+    )
+    return lq, lse, a
+
+
+@triton_op("mmvae_fast_triton::pairwise_backward", mutates_args=())
+def pairwise_bwd(
+    z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, stat: torch.Tensor,
+    g: torch.Tensor | None, ga: torch.Tensor | None, normal: bool, ratios: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dz, dloc, dscale) of the pairwise table's cotangent; see _pairwise_bwd_kernel."""
+    M, K, B, L, n_kc, BL = _shape(z, _K_CHUNK_BWD)
+    dt = acc_dtype(z.dtype)
+    dz = torch.zeros(M, K, B, L, dtype=dt, device=z.device) if not ratios else torch.zeros_like(z)
+    ploc = torch.empty(M * n_kc, M, B, L, dtype=dt, device=z.device)
+    pscale = torch.empty_like(ploc)
+    wrap_triton(_pairwise_bwd)[_grid(M, n_kc, B)](
+        z, loc, scale, z if mask is None else mask, stat, stat if g is None else g, stat if ga is None else ga,
+        dz, ploc, pscale, M, K, B, L,
+        RATIOS=ratios, NORMAL=normal, HAS_MASK=mask is not None, HAS_G=g is not None, HAS_GA=ga is not None,
+        K_CHUNK=_K_CHUNK_BWD, BLOCK_L=BL,
+    )
+    return dz.to(z.dtype), ploc.sum(0).to(loc.dtype), pscale.sum(0).to(scale.dtype)
+
+
+def _mixture_setup(ctx, inputs, output):
+    z, loc, scale, mask, normal, write_a = inputs
+    ctx.normal = normal
+    ctx.save_for_backward(z, loc, scale, mask, output[1])
+
+
+def _mixture_backward(ctx, g_lq, _g_lse, g_a):
+    z, loc, scale, mask, lse = ctx.saved_tensors
+    c = lambda g: None if g is None or g.numel() == 0 else g.contiguous()  # noqa: E731
+    dz, dloc, dscale = pairwise_bwd(z, loc, scale, mask, lse, c(g_lq), c(g_a), ctx.normal, False)
+    return dz, dloc, dscale, None, None, None
+
+
+mixture_fwd.register_autograd(_mixture_backward, setup_context=_mixture_setup)
+
+
+@triton_op("mmvae_fast_triton::importance_ratios", mutates_args=())
+def ratios_fwd(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, normal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ratio [M,M,K,B], own log-density log q_d(z_d) [M,K,B]) for contiguous inputs."""
+    M, K, B, L, n_kc, BL = _shape(z, _K_CHUNK_FWD)
+    dt = acc_dtype(z.dtype)
+    ratio = torch.empty(M, M, K, B, dtype=dt, device=z.device)
+    own = torch.empty(M, K, B, dtype=dt, device=z.device)
+    wrap_triton(_ratios_fwd)[_grid(M, n_kc, B)](
+        z, loc, scale, ratio, own, M, K, B, L, NORMAL=normal, K_CHUNK=_K_CHUNK_FWD, BLOCK_L=BL,
+    )
+    return ratio, own
+
+
+def _ratios_setup(ctx, inputs, output):
+    z, loc, scale, normal = inputs
+    ctx.normal = normal
+    ctx.save_for_backward(z, loc, scale, output[1])
+
+
+def _ratios_backward(ctx, g_ratio, _g_own):
+    z, loc, scale, own = ctx.saved_tensors
+    g = None if g_ratio is None else g_ratio.contiguous()
+    _, dloc, dscale = pairwise_bwd(z, loc, scale, None, own, g, None, ctx.normal, True)
+    return None, dloc, dscale, None  # z_d is detached: no gradient to z
+
+
+ratios_fwd.register_autograd(_ratios_backward, setup_context=_ratios_setup)
+
+
+def mixture_log_density(z, loc, scale, family, mask, return_pairwise):
+    """The backend entry of ops.mixture_log_density (mask: bool [M, B] or None)."""
+    m8 = None if mask is None else mask.to(torch.int8).contiguous()
+    lq, _, a = mixture_fwd(z.contiguous(), loc.contiguous(), scale.contiguous(), m8, family == "normal", bool(return_pairwise))
+    return (lq, a) if return_pairwise else lq
+
+
+def importance_ratios(z, loc, scale, family):
+    """The backend entry of ops.importance_ratios."""
+    ratio, _ = ratios_fwd(z.detach().contiguous(), loc.contiguous(), scale.contiguous(), family == "normal")
+    return ratio

@@ -1,0 +1,65 @@
+"""The Triton backend: registers the kernels of `mmvae_fast.kernels` for CUDA tensors, and for CPU
+tensors when TRITON_INTERPRET=1 (Triton's interpreter: how the tests run them without a GPU).
+
+Importing this module never imports triton: the kernels load on first use, so `import mmvae_fast`
+stays cheap and works where triton is absent.
+"""
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from . import _dispatch
+
+# op -> (module of mmvae_fast.kernels, function)
+_ENTRIES = {
+    "importance_weights": ("weights", "importance_weights"),
+    "mixture_log_density": ("mixture", "mixture_log_density"),
+    "importance_ratios": ("mixture", "importance_ratios"),
+    "likelihood_sum": ("likelihood", "likelihood_sum"),
+}
+
+
+def _kernels_package():
+    """mmvae_fast.kernels when installed; in a source checkout, the top-level kernels/ directory
+    loaded under that name (setuptools maps kernels/ to mmvae_fast.kernels on install)."""
+    name = "mmvae_fast.kernels"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        src = Path(__file__).resolve().parents[2] / "kernels"
+        spec = importlib.util.spec_from_file_location(name, src / "__init__.py", submodule_search_locations=[str(src)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+def _lazy(op):
+    module, fn = _ENTRIES[op]
+
+    def impl(*args):
+        pkg = _kernels_package()
+        return getattr(importlib.import_module(f"{pkg.__name__}.{module}"), fn)(*args)
+
+    impl.__name__ = f"triton_{op}"
+    return impl
+
+
+def register() -> bool:
+    """(Re-)register the Triton backend; reads TRITON_INTERPRET now. False if triton is absent."""
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or shadowed install counts as absent
+        found = False
+    if not found:
+        _dispatch.mark_unavailable("triton", "triton is not installed")
+        return False
+    devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "0") == "1" else ("cuda",)
+    for op in _ENTRIES:
+        _dispatch.register(op, "triton", _lazy(op), devices=devices)
+    return True
+
+
+register()
