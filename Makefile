@@ -9,7 +9,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu
 .venv/.deps:
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH) numpy pytest tqdm matplotlib scikit-learn triton
+	$(PY) -m pip install -q $(TORCH) numpy pytest tqdm matplotlib scikit-learn triton==3.9.0
 	touch $@
 
 .venv/.built: .venv/.deps $(SOURCES)
