@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.distributions as D
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from . import ops
 from . import objectives as O
+from .train import subset as _subset
 
 DIGIT_EXPERIMENTS = ("digits", "mnist-svhn")  # the ones with digit labels: coherence is defined
 
@@ -67,14 +68,9 @@ def classifier_path(directory, experiment):
     return os.path.join(directory, f"classifiers-{experiment}.pt")
 
 
-def _subset(ds, n, seed):
-    if n is None or n >= len(ds):
-        return ds
-    g = torch.Generator().manual_seed(seed)
-    return Subset(ds, torch.randperm(len(ds), generator=g)[:n].tolist())
 
 
-def train_classifiers(experiment, out, data_dir=None, epochs=10, max_train=60000, batch_size=128, lr=1e-3,
+def train_classifiers(experiment, out, data_dir=None, epochs=4, max_train=8000, batch_size=128, lr=1e-3,
                       seed=0, device="cpu", verbose=True):
     """Train one digit classifier per modality on the experiment's train split; save them to
     out/classifiers-<experiment>.pt and return (classifiers, test accuracies)."""
@@ -243,16 +239,17 @@ def default_classifier_dir():
     return os.environ.get("MMVAE_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmvae_fast"))
 
 
-def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=None, n_joint=10000, latent_n=10000, batch_size=256,
-             device=None, data_dir=None, verbose=True):
+def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=None, n_joint=10000, latent_n=10000, limit=None,
+             batch_size=256, device=None, data_dir=None, verbose=True):
     """Evaluate the run in run_dir; writes run_dir/eval.json and returns the results dict."""
     from .data import get_datasets
-    from .train import limit_data, load_model
+    from .train import load_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, a = load_model(run_dir, device)
     torch.manual_seed(a.seed)
-    train_set, test_set = limit_data(*get_datasets(a.experiment, data_dir=data_dir or a.data_dir), a.limit)
+    train_set, test_set = get_datasets(a.experiment, data_dir=data_dir or a.data_dir)
+    test_set = _subset(test_set, limit)
     test_loader = DataLoader(test_set, batch_size=batch_size)
     res = dict(run_dir=run_dir, experiment=a.experiment, obj=a.obj, looser=a.looser, dreg_grad=a.dreg_grad, K=a.K,
                seed=a.seed, epochs=a.epochs)
@@ -274,10 +271,10 @@ def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=None, n_joint=10000, lat
         res["cross_coherence"] = {f"m{r + 1}->m{d + 1}": cc[r][d] for r in range(M) for d in range(M) if r != d}
         res["self_coherence"] = {f"m{d + 1}->m{d + 1}": cc[d][d] for d in range(M)}
         res["joint_coherence"] = joint_coherence(model, clfs, n_joint)
-        res["latent_acc"] = latent_accuracy(model, DataLoader(_subset(train_set, latent_n, a.seed), batch_size=batch_size),
+        res["latent_acc"] = latent_accuracy(model, DataLoader(_subset(train_set, latent_n), batch_size=batch_size),
                                             test_loader, device)
     if ll_K:
-        ll_set = _subset(test_set, ll_n, a.seed)
+        ll_set = _subset(test_set, ll_n)
         ll = torch.cat([iwae_log_likelihood(model, [x.to(device) for x in xs], ll_K).cpu()
                         for xs, _ in DataLoader(ll_set, batch_size=min(batch_size, 64))])
         res["log_likelihood"] = dict(K=ll_K, n=len(ll_set), mean=ll.mean().item(),
@@ -317,8 +314,8 @@ def add_classifier_arguments(p):
     p.add_argument("--experiment", choices=EXPERIMENTS, default="digits")
     p.add_argument("--out", default=None, help="directory for classifiers-<experiment>.pt (default: the cache dir)")
     p.add_argument("--data-dir")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-train", type=int, default=60000, help="train on at most this many items")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--max-train", type=int, default=8000, help="train on a fixed random subset of this many items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
 
@@ -337,10 +334,11 @@ def add_evaluate_arguments(p):
     p.add_argument("--ll-n", type=int, default=None, help="test items for the log-likelihood (default all)")
     p.add_argument("--n-joint", type=int, default=10000, help="prior samples for joint coherence")
     p.add_argument("--latent-n", type=int, default=10000, help="train items for the latent classifier")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on a fixed random subset of N test items (default all)")
     p.add_argument("--data-dir")
     p.add_argument("--device")
 
 
 def run_evaluate(a):
     return evaluate(a.run_dir, classifiers=a.classifiers, ll_K=a.ll_K, ll_n=a.ll_n, n_joint=a.n_joint,
-                    latent_n=a.latent_n, device=a.device, data_dir=a.data_dir)
+                    latent_n=a.latent_n, limit=a.limit, device=a.device, data_dir=a.data_dir)

@@ -45,9 +45,9 @@ EXPERIMENT_DEFAULTS = {
     "cub-features": dict(_PAPER, K=50, epochs=50, batch_size=64, latent_dim=64),
     "cub-images-sentences": dict(_PAPER, K=50, epochs=50, batch_size=64, latent_dim=64),
 }
-GLOBAL_DEFAULTS = dict(dreg_grad=None, llik_scaling=None, seed=1, device=None, data_dir=None, workers=0, limit=None)
+GLOBAL_DEFAULTS = dict(dreg_grad=None, llik_scaling=None, seed=1, device=None, data_dir=None, workers=0, limit=None, test_n=None)
 # What a resumed run may change; everything else comes from its checkpoint.
-RESUMABLE = ("epochs", "device", "data_dir", "workers")
+RESUMABLE = ("epochs", "device", "data_dir", "workers", "test_n")
 ARG_NAMES = set(GLOBAL_DEFAULTS) | set(_PAPER) | {"experiment", "out", "resume"}
 
 
@@ -77,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--data-dir", help="directory of the dataset files (not needed for digits)")
     p.add_argument("--workers", type=int, help="data-loader worker processes (default 0)")
-    p.add_argument("--limit", type=int, help="use only the first N train and N test items (smoke tests)")
+    p.add_argument("--limit", type=int, help="train on a fixed random subset of N items (short runs; default all)")
+    p.add_argument("--test-n", type=int, help="test items for the per-epoch test objective (default: as many as --limit, or all)")
     p.add_argument("--out", help="run directory to write (default runs/<experiment>-<obj>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
 
@@ -109,7 +110,7 @@ def resolve_args(ns: argparse.Namespace, stored: dict = None) -> argparse.Namesp
         raise ValueError(f"--dreg-grad applies to --obj dreg, not {a['obj']}")
     if a["obj"] == "dreg" and a["dreg_grad"] is None:
         a["dreg_grad"] = inspect.signature(O.m_dreg).parameters["grad"].default
-    for k in ("K", "epochs", "batch_size", "latent_dim", "limit"):
+    for k in ("K", "epochs", "batch_size", "latent_dim", "limit", "test_n"):
         if a[k] is not None and a[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {a[k]}")
     if a["out"] is None:
@@ -257,6 +258,7 @@ def image_grid(rows, pad=2):
     return grid
 
 
+@torch.no_grad()
 def save_images(model, xs, out_dir, tag, n_prior=16):
     """Three PNG grids (paths returned): reconstructions (input row, reconstruction row per image
     modality), cross-modal generations (source row, generated row per pair r -> d) and prior samples
@@ -286,11 +288,11 @@ def save_images(model, xs, out_dir, tag, n_prior=16):
 # ----------------------------------------------------------------------------------------------
 
 
-def limit_data(train_set, test_set, limit):
-    """The first `limit` items of each split (all when limit is None)."""
-    if limit is None:
-        return train_set, test_set
-    return tuple(Subset(s, range(min(limit, len(s)))) for s in (train_set, test_set))
+def subset(ds, n, seed=0):
+    """A fixed random subset of n items (all when n is None): every class, not the first ones."""
+    if n is None or n >= len(ds):
+        return ds
+    return Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist())
 
 
 def _to(xs, device):
@@ -330,7 +332,7 @@ def train(ns: argparse.Namespace):
     np.random.seed(a.seed)
     random.seed(a.seed)
     train_set, test_set = get_datasets(a.experiment, data_dir=a.data_dir)  # the data's own fixed seed
-    train_set, test_set = limit_data(train_set, test_set, a.limit)
+    train_set, test_set = subset(train_set, a.limit), subset(test_set, a.test_n or a.limit)
     model = build_model(a.experiment, latent_dim=a.latent_dim, learn_prior=a.learn_prior,
                         llik_scaling=a.llik_scaling).to(device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=a.lr, amsgrad=True)
@@ -360,10 +362,11 @@ def train(ns: argparse.Namespace):
     if lead:
         os.makedirs(out, exist_ok=True)
         _atomic_write_text(json.dumps(vars(a), indent=1, sort_keys=True) + "\n", os.path.join(out, "args.json"))
+        keep = []
         if ck is not None and os.path.exists(metrics_path):  # drop epochs the checkpoint does not have
             with open(metrics_path) as f:
                 keep = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] < start]
-            _atomic_write_text("".join(keep), metrics_path)
+        _atomic_write_text("".join(keep), metrics_path)  # a fresh run starts a fresh file
         what = f"{a.obj}{' looser' if a.looser else ''}{f' grad={a.dreg_grad}' if a.obj == 'dreg' else ''}"
         print(f"mmvae-fast train: {a.experiment}, {what}, K={a.K}, {len(train_set)} train / {len(test_set)} test, "
               f"device {device}{f' x{world} (DDP)' if world > 1 else ''}, run dir {out}")
