@@ -286,6 +286,10 @@ def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=None, n_joint=10000, lat
     if verbose:
         print(markdown_table(res))
         print(f"\nresults: {os.path.join(run_dir, 'eval.json')}")
+        images = os.path.join(run_dir, "images")
+        if os.path.isdir(images):
+            print(f"PNG grids (per epoch: recon_eNNN reconstructions, cross_eNNN cross-modal generations, "
+                  f"prior_eNNN prior samples): {images}")
     return res
 
 
