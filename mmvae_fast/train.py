@@ -213,14 +213,18 @@ def load_model(run_dir: str, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 
 
+_OWN_GROUP = []
+
+
 def _distributed(device_arg):
     """(rank, world, device). Under torchrun (WORLD_SIZE > 1) joins the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() if device_arg is None else str(device_arg).startswith("cuda")
     if world > 1:
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if not dist.is_initialized():
+        if not dist.is_initialized():  # ours to destroy at the end of train()
             dist.init_process_group("nccl" if cuda else "gloo")
+            _OWN_GROUP.append(True)
         device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
@@ -336,8 +340,9 @@ def train(ns: argparse.Namespace):
     model = build_model(a.experiment, latent_dim=a.latent_dim, learn_prior=a.learn_prior,
                         llik_scaling=a.llik_scaling).to(device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=a.lr, amsgrad=True)
-    # A fixed test batch for the image grids (made before the RNG is set: a DataLoader draws a seed).
-    show = _to(next(iter(DataLoader(test_set, batch_size=16, shuffle=False)))[0], device)
+    # A fixed test batch for the image grids, spread over the test set (made before the RNG is set: a DataLoader draws a seed).
+    spread = Subset(test_set, list(range(0, len(test_set), max(1, len(test_set) // 16)))[:16])
+    show = _to(next(iter(DataLoader(spread, batch_size=16, shuffle=False)))[0], device)
     torch.manual_seed(a.seed + 1000 * rank)  # each rank its own sampling noise
     start = 1
     if ck is not None:
@@ -417,6 +422,9 @@ def train(ns: argparse.Namespace):
             dist.barrier()
     if world > 1:
         dist.barrier()
+        if _OWN_GROUP:
+            _OWN_GROUP.clear()
+            dist.destroy_process_group()
     return model, a
 
 
