@@ -28,8 +28,10 @@ _CACHE = {}
 @functools.lru_cache(maxsize=1)
 def load_sources():
     """(images [1797, 8, 8] float in [0, 1], labels [1797]) from scikit-learn (cached)."""
-    from sklearn.datasets import load_digits
-
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the 'digits' experiment needs scikit-learn (pip install scikit-learn)") from e
     d = load_digits()
     return torch.tensor(d.images, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long)
 

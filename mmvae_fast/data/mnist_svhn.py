@@ -150,8 +150,10 @@ def load_svhn(data_dir, train=True, download_ok=True):
             path = download(SVHN_URL + name, os.path.join(data_dir, name), SVHN_FILES[name])
         except Exception as e:  # noqa: BLE001
             raise _missing_error("SVHN", data_dir, [name], SVHN_SUBS, f"download failed ({e})") from e
-    from scipy.io import loadmat
-
+    try:
+        from scipy.io import loadmat
+    except ImportError as e:
+        raise ImportError("reading SVHN's .mat files needs scipy (pip install scipy)") from e
     mat = loadmat(path)
     x, y = mat["X"], mat["y"]  # X [32, 32, 3, N]
     images = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (3, 2, 0, 1)))).to(torch.uint8)
