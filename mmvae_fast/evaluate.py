@@ -1,0 +1,348 @@
+"""Evaluation of a trained run: coherence (the seed's Table 5), latent accuracy, log-likelihood.
+
+    mmvae-fast train-classifiers --experiment digits --out runs/classifiers
+    mmvae-fast evaluate runs/digits --classifiers runs/classifiers
+
+- cross coherence r -> d: the digit classifier of modality d, applied to modality d generated
+  from modality r alone (decoded mean at expert r's posterior mean), predicts the source label;
+- joint coherence: prior samples decoded in every modality get the same predicted label;
+- latent accuracy: logistic regression on each expert's posterior means (train split -> test);
+- log-likelihood: the stratified importance-sampled estimate of log p(x_1:M) with the MoE
+  posterior as proposal, K samples per expert (M*K in all), unscaled likelihoods, per datum.
+
+Results go to RUN_DIR/eval.json; a markdown table is printed.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributions as D
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from . import ops
+from . import objectives as O
+from .train import subset as _subset
+
+DIGIT_EXPERIMENTS = ("digits", "mnist-svhn")  # the ones with digit labels: coherence is defined
+
+
+# ----------------------------------------------------------------------------------------------
+# Digit classifiers, one per image modality
+# ----------------------------------------------------------------------------------------------
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN on [C, H, W] images in [0, 1]: two conv-pool blocks and an MLP head."""
+
+    def __init__(self, shape, n_classes=10):
+        super().__init__()
+        C, H, W = shape
+        self.shape = tuple(shape)
+        self.net = nn.Sequential(
+            nn.Conv2d(C, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.25), nn.Linear(32 * (H // 4) * (W // 4), 128), nn.ReLU(),
+            nn.Linear(128, n_classes),
+        )
+
+    def forward(self, x):
+        return self.net(x.reshape(-1, *self.shape))
+
+    @torch.no_grad()
+    def predict(self, x, batch=1024):
+        self.eval()
+        return torch.cat([self(x[i:i + batch]).argmax(-1) for i in range(0, len(x), batch)])
+
+
+def _check_digits(experiment):
+    if experiment not in DIGIT_EXPERIMENTS:
+        raise ValueError(f"digit classifiers need an experiment with digit labels {DIGIT_EXPERIMENTS}, got {experiment!r}")
+
+
+def classifier_path(directory, experiment):
+    return os.path.join(directory, f"classifiers-{experiment}.pt")
+
+
+
+
+def train_classifiers(experiment, out, data_dir=None, epochs=4, max_train=8000, batch_size=128, lr=1e-3,
+                      seed=0, device="cpu", verbose=True):
+    """Train one digit classifier per modality on the experiment's train split; save them to
+    out/classifiers-<experiment>.pt and return (classifiers, test accuracies)."""
+    from tqdm.auto import tqdm
+
+    from .data import get_datasets
+
+    _check_digits(experiment)
+    torch.manual_seed(seed)
+    train_set, test_set = get_datasets(experiment, data_dir=data_dir)
+    (xs, _), = [train_set[0]]
+    clfs = [DigitClassifier(tuple(x.shape)).to(device) for x in xs]
+    params = [p for c in clfs for p in c.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(_subset(train_set, max_train, seed), batch_size=batch_size, shuffle=True, generator=g)
+    for c in clfs:
+        c.train()
+    bar = tqdm(range(epochs * len(loader)), desc=f"digit classifiers ({experiment})", leave=False, disable=not verbose)
+    for _ in range(epochs):
+        for xs, y in loader:
+            y = y.to(device)
+            loss = sum(nn.functional.cross_entropy(c(x.to(device)), y) for c, x in zip(clfs, xs))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    accs = classifier_accuracy(clfs, DataLoader(test_set, batch_size=512), device)
+    os.makedirs(out, exist_ok=True)
+    path = classifier_path(out, experiment)
+    from .train import atomic_save
+
+    atomic_save(dict(experiment=experiment, shapes=[c.shape for c in clfs], state_dicts=[c.state_dict() for c in clfs],
+                     test_acc=accs, seed=seed, epochs=epochs), path)
+    if verbose:
+        print(f"classifiers for {experiment}: test accuracy {', '.join(f'm{m + 1} {a:.4f}' for m, a in enumerate(accs))}"
+              f" -> {path}")
+    return clfs, accs
+
+
+def load_classifiers(path, device="cpu"):
+    ck = torch.load(path, map_location=device, weights_only=False)
+    clfs = []
+    for shape, sd in zip(ck["shapes"], ck["state_dicts"]):
+        c = DigitClassifier(shape).to(device)
+        c.load_state_dict(sd)
+        clfs.append(c.eval())
+    return clfs, ck
+
+
+@torch.no_grad()
+def classifier_accuracy(clfs, loader, device="cpu"):
+    """Accuracy of each modality's classifier on the true data."""
+    correct, n = torch.zeros(len(clfs)), 0
+    for xs, y in loader:
+        for m, (c, x) in enumerate(zip(clfs, xs)):
+            correct[m] += (c.predict(x.to(device)).cpu() == y).sum()
+        n += len(y)
+    return (correct / n).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Coherence
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def cross_coherence(model, loader, clfs, device="cpu"):
+    """acc[r][d] (r != d): fraction of the data whose modality d generated from modality r alone
+    (model.reconstruct(x)[r][d]) is classified as the source's label; the diagonal is the
+    same for reconstructions. Returns an M x M list."""
+    M = len(clfs)
+    correct, n = torch.zeros(M, M), 0
+    for xs, y in loader:
+        rec = model.reconstruct([x.to(device) for x in xs])
+        for r in range(M):
+            for d in range(M):
+                correct[r, d] += (clfs[d].predict(rec[r][d]).cpu() == y).sum()
+        n += len(y)
+    return (correct / n).tolist()
+
+
+@torch.no_grad()
+def joint_coherence(model, clfs, n=10000, batch=1000):
+    """Fraction of prior samples whose decodings in all modalities get the same predicted label."""
+    agree = 0
+    for i in range(0, n, batch):
+        gens = model.generate(min(batch, n - i))
+        preds = torch.stack([c.predict(g).cpu() for c, g in zip(clfs, gens)])
+        agree += (preds == preds[:1]).all(0).sum().item()
+    return agree / n
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent accuracy and log-likelihood
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _latents(model, loader, device):
+    zs, ys = [], []
+    for xs, y in loader:
+        zs.append(model.latents([x.to(device) for x in xs]).float().cpu())
+        ys.append(y)
+    return torch.cat(zs, 1).numpy(), torch.cat(ys).numpy()
+
+
+def latent_accuracy(model, train_loader, test_loader, device="cpu"):
+    """Per modality: test accuracy of a logistic regression fit on the train posterior means."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    ztr, ytr = _latents(model, train_loader, device)
+    zte, yte = _latents(model, test_loader, device)
+    accs = []
+    for m in range(ztr.shape[0]):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        clf.fit(ztr[m], ytr)
+        accs.append(float(clf.score(zte[m], yte)))
+    return accs
+
+
+def _family(dist):
+    return {D.Normal: "normal", D.Laplace: "laplace"}.get(type(dist))
+
+
+@torch.no_grad()
+def log_weights(model, xs, K):
+    """lw [M, K, B] = log p(z) + sum_d log p(x_d | z) - log q_mix(z), unscaled likelihoods."""
+    qz_xs, px_zs, zss = model(xs, K)
+    z = torch.stack(list(zss))
+    lpz = O.log_prior(model.pz(*model.pz_params), z)
+    lpx = torch.stack([sum(O.log_likelihood(px_zs[r][d], xs[d]) for d in range(len(xs))) for r in range(len(zss))])
+    fams = {_family(q) for q in qz_xs}
+    if len(fams) == 1 and None not in fams:
+        loc = torch.stack([q.loc for q in qz_xs])
+        scale = torch.stack([q.scale for q in qz_xs])
+        lq = ops.mixture_log_density(z, loc, scale, family=fams.pop())
+    else:
+        a = torch.stack([torch.stack([q.log_prob(z[r]).sum(-1) for q in qz_xs]) for r in range(len(zss))])
+        lq = torch.logsumexp(a, 1) - math.log(len(qz_xs))
+    return lpz + lpx - lq
+
+
+@torch.no_grad()
+def iwae_log_likelihood(model, xs, K=1000, max_samples=4096):
+    """Stratified IWAE estimate of log p(x_1:M) per datum, [B]: logmeanexp over all M*K weights.
+
+    Vectorised over the batch; the K axis is processed in chunks of at most max_samples / B
+    samples per expert, so memory is set by max_samples, not by K (the weights kept are M*K*B)."""
+    B = len(xs[0])
+    chunk = max(1, max_samples // B)
+    lw = torch.cat([log_weights(model, xs, min(chunk, K - k)) for k in range(0, K, chunk)], 1)
+    return torch.logsumexp(lw.flatten(0, 1), 0) - math.log(lw.shape[0] * lw.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluate command
+# ----------------------------------------------------------------------------------------------
+
+
+def default_classifier_dir():
+    return os.environ.get("MMVAE_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmvae_fast"))
+
+
+def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=None, n_joint=10000, latent_n=10000, limit=None,
+             batch_size=256, device=None, data_dir=None, verbose=True):
+    """Evaluate the run in run_dir; writes run_dir/eval.json and returns the results dict."""
+    from .data import get_datasets
+    from .train import load_model
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, a = load_model(run_dir, device)
+    torch.manual_seed(a.seed)
+    train_set, test_set = get_datasets(a.experiment, data_dir=data_dir or a.data_dir)
+    test_set = _subset(test_set, limit)
+    test_loader = DataLoader(test_set, batch_size=batch_size)
+    res = dict(run_dir=run_dir, experiment=a.experiment, obj=a.obj, looser=a.looser, dreg_grad=a.dreg_grad, K=a.K,
+               seed=a.seed, epochs=a.epochs)
+    t0 = time.time()
+    if a.experiment in DIGIT_EXPERIMENTS:
+        cdir = classifiers or default_classifier_dir()
+        path = classifier_path(cdir, a.experiment)
+        if os.path.exists(path):
+            clfs, ck = load_classifiers(path, device)
+            clf_acc = classifier_accuracy(clfs, test_loader, device)
+        else:
+            if verbose:
+                print(f"no classifiers at {path}: training them")
+            clfs, clf_acc = train_classifiers(a.experiment, cdir, data_dir=data_dir or a.data_dir, device=device,
+                                              verbose=verbose)
+        cc = cross_coherence(model, test_loader, clfs, device)
+        M = len(clfs)
+        res["classifier_acc"] = clf_acc
+        res["cross_coherence"] = {f"m{r + 1}->m{d + 1}": cc[r][d] for r in range(M) for d in range(M) if r != d}
+        res["self_coherence"] = {f"m{d + 1}->m{d + 1}": cc[d][d] for d in range(M)}
+        res["joint_coherence"] = joint_coherence(model, clfs, n_joint)
+        res["latent_acc"] = latent_accuracy(model, DataLoader(_subset(train_set, latent_n), batch_size=batch_size),
+                                            test_loader, device)
+    if ll_K:
+        ll_set = _subset(test_set, ll_n)
+        ll = torch.cat([iwae_log_likelihood(model, [x.to(device) for x in xs], ll_K).cpu()
+                        for xs, _ in DataLoader(ll_set, batch_size=min(batch_size, 64))])
+        res["log_likelihood"] = dict(K=ll_K, n=len(ll_set), mean=ll.mean().item(),
+                                     stderr=(ll.std() / math.sqrt(len(ll))).item() if len(ll) > 1 else float("nan"))
+    res["time_s"] = round(time.time() - t0, 1)
+    from .train import _atomic_write_text
+
+    _atomic_write_text(json.dumps(res, indent=1) + "\n", os.path.join(run_dir, "eval.json"))
+    if verbose:
+        print(markdown_table(res))
+        print(f"\nresults: {os.path.join(run_dir, 'eval.json')}")
+        images = os.path.join(run_dir, "images")
+        if os.path.isdir(images):
+            print(f"PNG grids (per epoch: recon_eNNN reconstructions, cross_eNNN cross-modal generations, "
+                  f"prior_eNNN prior samples): {images}")
+    return res
+
+
+def markdown_table(res):
+    """The coherence table of the seed's Table 5 (percent), plus latent accuracy and log-likelihood."""
+    what = f"{res['obj']}{' --looser' if res['looser'] else ''}" + (f" ({res['dreg_grad']})" if res.get("dreg_grad") else "")
+    lines = []
+    if "cross_coherence" in res:
+        cross = res["cross_coherence"]
+        cols = ["joint"] + [f"cross {k}" for k in cross] + [f"latent acc m{m + 1}" for m in range(len(res["latent_acc"]))]
+        vals = [res["joint_coherence"]] + list(cross.values()) + res["latent_acc"]
+        lines += [f"| objective | K | {' | '.join(cols)} |", "|---|---|" + "---|" * len(cols),
+                  f"| {what} | {res['K']} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |"]
+        lines.append(f"\n(percent; digit classifiers' own test accuracy: "
+                     + ", ".join(f"m{m + 1} {100 * v:.1f}" for m, v in enumerate(res["classifier_acc"])) + ")")
+    if "log_likelihood" in res:
+        ll = res["log_likelihood"]
+        lines.append(f"test log p(x_1:M) ~ {ll['mean']:.2f} +- {ll['stderr']:.2f} nats (IWAE, K={ll['K']} per expert, "
+                     f"{ll['n']} test items)")
+    return "\n".join(lines)
+
+
+def add_classifier_arguments(p):
+    from .models import EXPERIMENTS
+
+    p.add_argument("--experiment", choices=EXPERIMENTS, default="digits")
+    p.add_argument("--out", default=None, help="directory for classifiers-<experiment>.pt (default: the cache dir)")
+    p.add_argument("--data-dir")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--max-train", type=int, default=8000, help="train on a fixed random subset of this many items")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+
+
+def run_train_classifiers(a):
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train_classifiers(a.experiment, a.out or default_classifier_dir(), data_dir=a.data_dir, epochs=a.epochs,
+                      max_train=a.max_train, seed=a.seed, device=device)
+
+
+def add_evaluate_arguments(p):
+    p.add_argument("run_dir", help="a run directory written by mmvae-fast train")
+    p.add_argument("--classifiers", help="directory of classifiers-<experiment>.pt (trained there if absent; "
+                                         "default $MMVAE_FAST_CACHE or ~/.cache/mmvae_fast)")
+    p.add_argument("--ll-K", type=int, default=1000, help="samples per expert of the log-likelihood estimate (0: skip)")
+    p.add_argument("--ll-n", type=int, default=None, help="test items for the log-likelihood (default all)")
+    p.add_argument("--n-joint", type=int, default=10000, help="prior samples for joint coherence")
+    p.add_argument("--latent-n", type=int, default=10000, help="train items for the latent classifier")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on a fixed random subset of N test items (default all)")
+    p.add_argument("--data-dir")
+    p.add_argument("--device")
+
+
+def run_evaluate(a):
+    return evaluate(a.run_dir, classifiers=a.classifiers, ll_K=a.ll_K, ll_n=a.ll_n, n_joint=a.n_joint,
+                    latent_n=a.latent_n, limit=a.limit, device=a.device, data_dir=a.data_dir)

@@ -1,0 +1,439 @@
+"""Training: `mmvae-fast train` (single process, or DistributedDataParallel under torchrun).
+
+    mmvae-fast train --experiment digits --obj dreg --looser --K 30 --epochs 20 --out runs/digits
+    mmvae-fast train --resume runs/digits --epochs 30          # continue, bit-identically
+    torchrun --nproc_per_node 2 -m mmvae_fast.cli train ...    # DDP: gloo on CPU, nccl on CUDA
+
+A run directory holds `checkpoint.pt` (model, optimiser, epoch, every rank's RNG states, args;
+written atomically at the end of each epoch), `args.json`, `metrics.jsonl` (one line per epoch:
+train/test objective per datum and what produced it) and `images/` (PNG grids per epoch).
+
+The data (pairing, offline default, splits) always use the data module's fixed seed, so every run
+and the evaluation classifiers see the same train/test split; --seed sets parameters, data order
+and samples.
+
+Exact resume: the data order of epoch e is a permutation seeded by (seed, e) (DistributedSampler
+with `set_epoch`, also with one process), the sampling noise comes from the global torch RNG
+whose state is checkpointed after everything an epoch draws (training, test objective, images),
+so a resumed run makes the same draws in the same order as an uninterrupted one.
+"""
+import argparse
+import inspect
+import json
+import math
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from . import objectives as O
+
+OBJECTIVES = ("elbo", "iwae", "dreg")
+
+# The paper's settings (the released code's flags for its pretrained models). The offline default
+# `digits` uses the MNIST-SVHN ones. llik_scaling None: the model's own default per modality.
+_PAPER = dict(obj="dreg", looser=True, K=30, epochs=30, batch_size=128, latent_dim=20, learn_prior=True, lr=1e-3)
+EXPERIMENT_DEFAULTS = {
+    "digits": dict(_PAPER),
+    "mnist-svhn": dict(_PAPER),
+    "cub-features": dict(_PAPER, K=50, epochs=50, batch_size=64, latent_dim=64),
+    "cub-images-sentences": dict(_PAPER, K=50, epochs=50, batch_size=64, latent_dim=64),
+}
+GLOBAL_DEFAULTS = dict(dreg_grad=None, llik_scaling=None, seed=1, device=None, data_dir=None, workers=0, limit=None, test_n=None)
+# What a resumed run may change; everything else comes from its checkpoint.
+RESUMABLE = ("epochs", "device", "data_dir", "workers", "test_n")
+ARG_NAMES = set(GLOBAL_DEFAULTS) | set(_PAPER) | {"experiment", "out", "resume"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option defaults to None here; `resolve_args` fills in the experiment's defaults."""
+    from .models import EXPERIMENTS
+
+    p.add_argument("--experiment", choices=EXPERIMENTS, help="dataset and architecture (default: digits, offline)")
+    p.add_argument("--obj", choices=OBJECTIVES, help="objective (default: dreg)")
+    p.add_argument("--looser", action=argparse.BooleanOptionalAction, default=None,
+                   help="iwae/dreg: the looser bound (eq. 3, the paper's default) or --no-looser, the stratified one (eq. 5)")
+    p.add_argument("--dreg-grad", choices=O.GRADS, help="dreg: gradient estimator (default: the library's)")
+    p.add_argument("--K", type=int, help="samples per expert (default 30)")
+    p.add_argument("--epochs", type=int, help="last epoch to train (default 30)")
+    p.add_argument("--batch-size", type=int, help="global batch size, split over DDP ranks (default 128)")
+    p.add_argument("--latent-dim", type=int, help="latent dimension L (default 20)")
+    p.add_argument("--learn-prior", action=argparse.BooleanOptionalAction, default=None,
+                   help="learn the prior's scale (default on, as in the paper)")
+    p.add_argument("--llik-scaling", type=float, help="likelihood scaling of the first modality (default: the model's)")
+    p.add_argument("--lr", type=float, help="Adam (amsgrad) learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, help="seed of parameters, data order and samples (default 1)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--data-dir", help="directory of the dataset files (not needed for digits)")
+    p.add_argument("--workers", type=int, help="data-loader worker processes (default 0)")
+    p.add_argument("--limit", type=int, help="train on a fixed random subset of N items (short runs; default all)")
+    p.add_argument("--test-n", type=int, help="test items for the per-epoch test objective (default: as many as --limit, or all)")
+    p.add_argument("--out", help="run directory to write (default runs/<experiment>-<obj>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+
+
+def resolve_args(ns: argparse.Namespace, stored: dict = None) -> argparse.Namespace:
+    """Explicit options, else the resumed run's, else the experiment's defaults, else global ones."""
+    given = {k: v for k, v in vars(ns).items() if v is not None and k in ARG_NAMES}
+    if stored is not None:
+        for k, v in given.items():
+            if k in stored and k not in RESUMABLE + ("out", "resume") and stored[k] != v:
+                raise ValueError(f"--{k.replace('_', '-')} {v!r} differs from the resumed run's {stored[k]!r}; "
+                                 f"a resumed run may only change {', '.join('--' + r.replace('_', '-') for r in RESUMABLE)}")
+        merged = dict(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
+        merged["resume"] = ns.resume
+        merged["out"] = ns.out or ns.resume
+        return argparse.Namespace(**merged)
+    exp = given.get("experiment", "digits")
+    from .models import EXPERIMENTS
+
+    if exp not in EXPERIMENTS:
+        raise ValueError(f"argument 'experiment' must be one of {EXPERIMENTS}, got {exp!r}")
+    a = dict(GLOBAL_DEFAULTS, **EXPERIMENT_DEFAULTS[exp], experiment=exp, out=None, resume=None)
+    a.update(given)
+    if a["obj"] == "elbo" and given.get("looser"):
+        raise ValueError("--looser applies to --obj iwae and dreg (elbo has no importance-weighted bound)")
+    if a["obj"] == "elbo":
+        a["looser"] = False
+    if a["dreg_grad"] is not None and a["obj"] != "dreg":
+        raise ValueError(f"--dreg-grad applies to --obj dreg, not {a['obj']}")
+    if a["obj"] == "dreg" and a["dreg_grad"] is None:
+        a["dreg_grad"] = inspect.signature(O.m_dreg).parameters["grad"].default
+    for k in ("K", "epochs", "batch_size", "latent_dim", "limit", "test_n"):
+        if a[k] is not None and a[k] < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {a[k]}")
+    if a["out"] is None:
+        a["out"] = os.path.join("runs", f"{exp}-{a['obj']}{'-looser' if a['looser'] else ''}")
+    return argparse.Namespace(**a)
+
+
+def make_objective(obj: str, looser: bool, dreg_grad: str = None):
+    """(train_fn, value_fn): train_fn(model, x, K) gives the bound with the chosen gradient,
+    value_fn the same bound's value (for the test set, under no_grad)."""
+    if obj == "elbo":
+        return O.m_elbo, O.m_elbo
+    value = O.m_iwae_looser if looser else O.m_iwae
+    if obj == "iwae":
+        return value, value
+    if obj == "dreg":
+        fn = O.m_dreg_looser if looser else O.m_dreg
+        return (lambda model, x, K: fn(model, x, K, grad=dreg_grad)), value
+    raise ValueError(f"argument 'obj' must be one of {OBJECTIVES}, got {obj!r}")
+
+
+class ObjectiveModule(nn.Module):
+    """The model and its objective as one module whose forward is the bound.
+
+    Objectives read the model's attributes (vaes, pz_params, ...), so they run on the model
+    itself; wrapping this module in DDP still syncs the gradients of every model parameter."""
+
+    def __init__(self, model, objective, K):
+        super().__init__()
+        self.model, self.objective, self.K = model, objective, K
+
+    def forward(self, xs):
+        return self.objective(self.model, xs, self.K)
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same directory, then os.replace: a crash leaves the
+    old file or the new one, never half of one."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_write_text(text: str, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir: str, map_location="cpu") -> dict:
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint.pt in run directory {run_dir!r}")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_model(run_dir: str, device="cpu"):
+    """The trained model of a run directory, in eval mode, and the run's args (a Namespace)."""
+    from .models import build_model
+
+    ck = load_checkpoint(run_dir)
+    a = argparse.Namespace(**ck["args"])
+    model = build_model(a.experiment, latent_dim=a.latent_dim, learn_prior=a.learn_prior, llik_scaling=a.llik_scaling)
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval(), a
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup
+# ----------------------------------------------------------------------------------------------
+
+
+_OWN_GROUP = []
+
+
+def _distributed(device_arg):
+    """(rank, world, device). Under torchrun (WORLD_SIZE > 1) joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device_arg is None else str(device_arg).startswith("cuda")
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():  # ours to destroy at the end of train()
+            dist.init_process_group("nccl" if cuda else "gloo")
+            _OWN_GROUP.append(True)
+        device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        return dist.get_rank(), world, device
+    if device_arg is None:
+        device_arg = "cuda" if cuda else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device_arg} asked for CUDA, but this torch has no CUDA device")
+    return 0, 1, device
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_image(t) -> bool:
+    return torch.is_tensor(t) and t.dim() == 4 and t.shape[1] in (1, 3) and t.is_floating_point()
+
+
+def image_grid(rows, pad=2):
+    """rows: list of [N, C, H, W] tensors in [0, 1] (C 1 or 3, sizes may differ) -> H x W x 3 array."""
+    H = max(r.shape[2] for r in rows)
+    W = max(r.shape[3] for r in rows)
+    N = max(r.shape[0] for r in rows)
+    grid = np.ones((len(rows) * (H + pad) + pad, N * (W + pad) + pad, 3), dtype=np.float32)
+    for i, r in enumerate(rows):
+        r = r.detach().float().cpu().clamp(0, 1)
+        r = r.expand(-1, 3, -1, -1) if r.shape[1] == 1 else r
+        for j in range(r.shape[0]):
+            y = pad + i * (H + pad) + (H - r.shape[2]) // 2
+            x = pad + j * (W + pad) + (W - r.shape[3]) // 2
+            grid[y:y + r.shape[2], x:x + r.shape[3]] = r[j].permute(1, 2, 0).numpy()
+    return grid
+
+
+@torch.no_grad()
+def save_images(model, xs, out_dir, tag, n_prior=16):
+    """Three PNG grids (paths returned): reconstructions (input row, reconstruction row per image
+    modality), cross-modal generations (source row, generated row per pair r -> d) and prior samples
+    (one row per image modality, one prior sample per column)."""
+    import matplotlib.image
+
+    os.makedirs(out_dir, exist_ok=True)
+    rec = model.reconstruct(xs)
+    M = len(xs)
+    img = [_is_image(x) for x in xs]
+    grids = {
+        "recon": [t for d in range(M) if img[d] for t in (xs[d], rec[d][d])],
+        "cross": [t for r in range(M) for d in range(M) if r != d and img[d]
+                  for t in ([xs[r]] if img[r] else []) + [rec[r][d]]],
+        "prior": [g for d, g in enumerate(model.generate(n_prior)) if img[d]],
+    }
+    paths = {}
+    for name, rows in grids.items():
+        if rows:
+            paths[name] = os.path.join(out_dir, f"{name}_{tag}.png")
+            matplotlib.image.imsave(paths[name], image_grid(rows))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def subset(ds, n, seed=0):
+    """A fixed random subset of n items (all when n is None): every class, not the first ones."""
+    if n is None or n >= len(ds):
+        return ds
+    return Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist())
+
+
+def _to(xs, device):
+    return [x.to(device, non_blocking=True) for x in xs]
+
+
+@torch.no_grad()
+def test_objective(model, loader, value_fn, K, device, progress=False):
+    """The bound per datum on a data set (no gradients)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    tot, n = 0.0, 0
+    for xs, _ in tqdm(loader, desc="  test", leave=False, disable=not progress):
+        xs = _to(xs, device)
+        tot += value_fn(model, xs, K).item()
+        n += len(xs[0])
+    return tot / n
+
+
+def train(ns: argparse.Namespace):
+    """Train (or resume) a run; returns the trained model and the resolved args (a.out: the run dir)."""
+    from tqdm.auto import tqdm
+
+    from .data import get_datasets
+    from .models import build_model
+
+    ck = load_checkpoint(ns.resume) if ns.resume else None
+    a = resolve_args(ns, ck["args"] if ck else None)
+    rank, world, device = _distributed(a.device)
+    lead = rank == 0
+    if a.batch_size % world:
+        raise ValueError(f"--batch-size {a.batch_size} must be divisible by the number of processes ({world})")
+    train_fn, value_fn = make_objective(a.obj, a.looser, a.dreg_grad)
+
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+    random.seed(a.seed)
+    train_set, test_set = get_datasets(a.experiment, data_dir=a.data_dir)  # the data's own fixed seed
+    train_set, test_set = subset(train_set, a.limit), subset(test_set, a.test_n or a.limit)
+    model = build_model(a.experiment, latent_dim=a.latent_dim, learn_prior=a.learn_prior,
+                        llik_scaling=a.llik_scaling).to(device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=a.lr, amsgrad=True)
+    # A fixed test batch for the image grids, spread over the test set (made before the RNG is set: a DataLoader draws a seed).
+    spread = Subset(test_set, list(range(0, len(test_set), max(1, len(test_set) // 16)))[:16])
+    show = _to(next(iter(DataLoader(spread, batch_size=16, shuffle=False)))[0], device)
+    torch.manual_seed(a.seed + 1000 * rank)  # each rank its own sampling noise
+    start = 1
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start = ck["epoch"] + 1
+        states = ck["rng"]
+        if len(states) != world and lead:
+            print(f"warning: resuming a {len(states)}-process run with {world}: not bit-identical")
+        set_rng_state(states[rank % len(states)])
+
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=a.seed)
+    loader = DataLoader(train_set, batch_size=a.batch_size // world, sampler=sampler, num_workers=a.workers,
+                        pin_memory=device.type == "cuda")
+    test_loader = DataLoader(test_set, batch_size=a.batch_size, shuffle=False, num_workers=a.workers)
+    step = ObjectiveModule(model, train_fn, a.K)
+    if world > 1:
+        step = nn.parallel.DistributedDataParallel(step, device_ids=[device] if device.type == "cuda" else None)
+
+    out = a.out
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if lead:
+        os.makedirs(out, exist_ok=True)
+        _atomic_write_text(json.dumps(vars(a), indent=1, sort_keys=True) + "\n", os.path.join(out, "args.json"))
+        keep = []
+        if ck is not None and os.path.exists(metrics_path):  # drop epochs the checkpoint does not have
+            with open(metrics_path) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] < start]
+        _atomic_write_text("".join(keep), metrics_path)  # a fresh run starts a fresh file
+        what = f"{a.obj}{' looser' if a.looser else ''}{f' grad={a.dreg_grad}' if a.obj == 'dreg' else ''}"
+        print(f"mmvae-fast train: {a.experiment}, {what}, K={a.K}, {len(train_set)} train / {len(test_set)} test, "
+              f"device {device}{f' x{world} (DDP)' if world > 1 else ''}, run dir {out}")
+
+    for epoch in range(start, a.epochs + 1):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        model.train()
+        tot = torch.zeros(2, dtype=torch.float64, device=device)
+        bar = tqdm(loader, desc=f"epoch {epoch}/{a.epochs}", leave=False, disable=not lead)
+        for i, (xs, _) in enumerate(bar):
+            xs = _to(xs, device)
+            bound = step(xs)
+            # The bound is a sum over the batch; DDP averages gradients over ranks, so scale by
+            # the world size to train on the sum over the global batch, as one process would.
+            loss = -bound * world
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            b = bound.item()
+            if not math.isfinite(b):
+                raise FloatingPointError(f"the {a.obj} objective became {b} at epoch {epoch}, step {i + 1}")
+            tot += torch.tensor([b, len(xs[0])], dtype=torch.float64, device=device)
+            bar.set_postfix(obj=f"{b / len(xs[0]):.1f}")
+        if world > 1:
+            dist.all_reduce(tot)
+        train_obj = (tot[0] / tot[1]).item()
+        rec = None
+        if lead:
+            test_obj = test_objective(model, test_loader, value_fn, a.K, device)
+            model.eval()
+            images = save_images(model, show, os.path.join(out, "images"), f"e{epoch:03d}")
+            rec = dict(epoch=epoch, train_obj=train_obj, test_obj=test_obj, obj=a.obj, looser=a.looser,
+                       dreg_grad=a.dreg_grad, K=a.K, seed=a.seed, experiment=a.experiment, world=world,
+                       time_s=round(time.time() - t0, 2))
+        states = [rng_state()]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, rng_state())
+        if lead:
+            atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, rng=states,
+                             args=vars(a)), os.path.join(out, "checkpoint.pt"))
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            tqdm.write(f"epoch {epoch:3d}  train {train_obj:10.2f}  test {test_obj:10.2f}  "
+                       f"({rec['time_s']:.0f}s)  {', '.join(images.values())}")
+        if world > 1:
+            dist.barrier()
+    if world > 1:
+        dist.barrier()
+        if _OWN_GROUP:
+            _OWN_GROUP.clear()
+            dist.destroy_process_group()
+    return model, a
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mmvae-fast train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return train(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
