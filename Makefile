@@ -27,8 +27,11 @@ main: .venv/.built
 	$(PY) -m mmvae_fast.cli train $(MAIN_TRAIN) --out $(MAIN_RUN)
 	$(PY) -m mmvae_fast.cli evaluate $(MAIN_RUN) $(MAIN_EVAL)
 
+# The Triton kernels run under Triton's interpreter in a process of their own: TRITON_INTERPRET must
+# hold before anything (e.g. torch.compile's inductor) brings triton up in a process.
 test: .venv/.built
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not triton"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests/test_triton.py
 
 # every csrc/cuda/*.cu through nvcc for sm_80 and sm_90 (no GPU needed; skipped without nvcc)
 cuda-check: .venv/.deps
