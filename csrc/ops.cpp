@@ -54,7 +54,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(mmvae_fast, m) {
   m.def("lse_rows(Tensor x) -> Tensor");
   // ---- begin: importance weights and likelihood sums
-  // lw [R, N] -> (lse [R], wbar [R, N], wbar_sq [R, N]) over the last dim, in float32 (float64 for float64).
+  // lw [P, N, Q] -> (lse [P, Q], wbar [P, N, Q], wbar_sq [P, N, Q]) over the middle dim, in float32 (float64 for float64).
   m.def("importance_weights(Tensor lw) -> (Tensor, Tensor, Tensor)");
   m.def("importance_weights_backward(Tensor lw, Tensor lse, Tensor? g_lse, Tensor? g_wbar, Tensor? g_wbar_sq) -> Tensor");
   // out[s, b] = sum_e log p(x[b, e] | params[s, b, e(, :)]); family 0 normal, 1 laplace (scale
