@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "mmvae_fast/densities.h"
+#include "mmvae_fast/likelihood_args.h"
 #include "mmvae_fast/fastmath.h"
 #include "mmvae_fast/math.h"
 
@@ -159,47 +160,7 @@ MMVAE_ALWAYS_INLINE void narrow_row(scalar_t* p, int64_t n, const std::vector<ac
   }
 }
 
-struct Dims {
-  int64_t S, B, E, V;       // V = 1 unless categorical
-  int64_t sS, sB, sE;       // compact scale sizes (1 or S, B, E)
-  int64_t row_elems() const { return E * V; }
-  // Offset of the scale row of sample row (s, b) in the compact scale.
-  int64_t scale_row(int64_t s, int64_t b) const { return ((sS > 1 ? s : 0) * sB + (sB > 1 ? b : 0)) * sE; }
-};
 
-Dims check_args(const at::Tensor& x, const at::Tensor& params, const std::optional<at::Tensor>& scale, int64_t family,
-                const char* op) {
-  TORCH_CHECK(family >= 0 && family <= 3, op, ": family must be 0 (normal), 1 (laplace), 2 (bernoulli) or 3 (categorical), got ", family);
-  TORCH_CHECK(params.device().is_cpu() && x.device().is_cpu(), op, ": expected CPU tensors");
-  TORCH_CHECK(params.is_floating_point(), op, ": 'params' must be floating point, got ", params.scalar_type());
-  const bool cat = family == kLikCategorical;
-  TORCH_CHECK(params.dim() == (cat ? 4 : 3), op, ": 'params' must be ", cat ? "[S, B, E, V]" : "[S, B, E]", ", got ", params.sizes());
-  Dims d{params.size(0), params.size(1), params.size(2), cat ? params.size(3) : 1, 1, 1, 1};
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == d.B && x.size(1) == d.E, op, ": 'x' must be [B, E] = [", d.B, ", ", d.E, "], got ", x.sizes());
-  if (cat) {
-    TORCH_CHECK(x.scalar_type() == at::kLong, op, ": 'x' must hold int64 class indices, got ", x.scalar_type());
-    TORCH_CHECK(d.V > 0, op, ": the vocabulary (last dim of 'params') is empty");
-  } else {
-    TORCH_CHECK(x.scalar_type() == acc_type(params), op, ": 'x' must be ", acc_type(params), ", got ", x.scalar_type());
-  }
-  if (family == kLikNormal || family == kLikLaplace) {
-    TORCH_CHECK(scale.has_value() && scale->defined(), op, ": 'scale' is required for normal / laplace");
-    const at::Tensor& sc = *scale;
-    TORCH_CHECK(sc.dim() == 3 && sc.scalar_type() == acc_type(params), op, ": 'scale' must be a 3-D ", acc_type(params),
-                " tensor [S|1, B|1, E|1], got ", sc.sizes(), " ", sc.scalar_type());
-    d.sS = sc.size(0), d.sB = sc.size(1), d.sE = sc.size(2);
-    TORCH_CHECK((d.sS == 1 || d.sS == d.S) && (d.sB == 1 || d.sB == d.B) && (d.sE == 1 || d.sE == d.E), op,
-                ": 'scale' of shape ", sc.sizes(), " must be [S|1, B|1, E|1] with [S, B, E] = [", d.S, ", ", d.B, ", ", d.E, "]");
-  }
-  return d;
-}
-
-void check_indices(const at::Tensor& x, int64_t V) {
-  if (x.numel() == 0) return;
-  const int64_t lo = x.min().item<int64_t>(), hi = x.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < V, "likelihood_sum: 'x' holds class index ", lo < 0 ? lo : hi,
-              " outside the vocabulary [0, ", V, ")");
-}
 
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
 
@@ -209,13 +170,13 @@ int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / s
 
 at::Tensor likelihood_sum_cpu(const at::Tensor& x_in, const at::Tensor& params_in, const std::optional<at::Tensor>& scale,
                               int64_t family) {
-  const Dims d = check_args(x_in, params_in, scale, family, "likelihood_sum");
+  const lik::Dims d = lik::check_args(x_in, params_in, scale, family, "likelihood_sum", c10::DeviceType::CPU);
   const at::Tensor x = x_in.contiguous(), params = params_in.contiguous();
   const auto acc = acc_type(params);
   at::Tensor out = at::empty({d.S, d.B}, params.options().dtype(acc));
   const int64_t SB = d.S * d.B, E = d.E, V = d.V;
   if (SB == 0) return out;
-  if (family == kLikCategorical) check_indices(x, V);
+  if (family == kLikCategorical) lik::check_indices(x, V);
   at::Tensor inv, logs;
   if (family == kLikNormal || family == kLikLaplace) {
     const at::Tensor sc = scale->contiguous();
@@ -275,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
                                                                const at::Tensor& params_in,
                                                                const std::optional<at::Tensor>& scale, int64_t family,
                                                                bool params_grad, bool scale_grad) {
-  const Dims d = check_args(x_in, params_in, scale, family, "likelihood_sum_backward");
+  const lik::Dims d = lik::check_args(x_in, params_in, scale, family, "likelihood_sum_backward", c10::DeviceType::CPU);
   const auto acc = acc_type(params_in);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == d.S && grad_in.size(1) == d.B,
               "likelihood_sum_backward: 'grad' must be [S, B] = [", d.S, ", ", d.B, "], got ", grad_in.sizes());
@@ -286,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
   at::Tensor gscale = scale_grad ? at::zeros_like(*scale, at::MemoryFormat::Contiguous) : params.new_empty({0}, params.options().dtype(acc));
   const int64_t SB = d.S * d.B, E = d.E, V = d.V;
   if (SB == 0 || !(params_grad || scale_grad)) return {gparams, gscale};
-  if (family == kLikCategorical) check_indices(x, V);
+  if (family == kLikCategorical) lik::check_indices(x, V);
   at::Tensor inv;
   if (loc_family) inv = scale->contiguous().reciprocal();
   // The scale gradient sums over the rows that share a scale row. When every sample row has its

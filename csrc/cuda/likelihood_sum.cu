@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "mmvae_fast/densities.h"
+#include "mmvae_fast/likelihood_args.h"
 #include "reduce.cuh"
 
 namespace mmvae_fast {
@@ -19,18 +20,11 @@ namespace {
 constexpr int kBlock = 256;
 constexpr int kRowsPerBlock = kBlock / kWarp;
 
-struct Dims {
-  int64_t S, B, E, V;
-  int64_t sS, sB, sE;
-  __host__ __device__ int64_t scale_row(int64_t s, int64_t b) const {
-    return ((sS > 1 ? s : 0) * sB + (sB > 1 ? b : 0)) * sE;
-  }
-};
 
 template <typename scalar_t, typename acc_t>
 __global__ void dense_forward_kernel(const acc_t* __restrict__ x, const scalar_t* __restrict__ p,
                                      const acc_t* __restrict__ inv, const acc_t* __restrict__ logs,
-                                     acc_t* __restrict__ out, Dims d, int family) {
+                                     acc_t* __restrict__ out, lik::Dims d, int family) {
   const int lane = threadIdx.x % kWarp;
   const int64_t SB = d.S * d.B, se = d.sE > 1 ? 1 : 0;
   for (int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp; row < SB;
@@ -60,7 +54,7 @@ __device__ __forceinline__ acc_t row_lse(const scalar_t* l, int64_t V, int lane)
 
 template <typename scalar_t, typename acc_t>
 __global__ void categorical_forward_kernel(const int64_t* __restrict__ x, const scalar_t* __restrict__ p,
-                                           acc_t* __restrict__ out, Dims d) {
+                                           acc_t* __restrict__ out, lik::Dims d) {
   const int lane = threadIdx.x % kWarp;
   const int64_t SB = d.S * d.B;
   for (int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp; row < SB;
@@ -79,7 +73,7 @@ __global__ void categorical_forward_kernel(const int64_t* __restrict__ x, const 
 template <typename scalar_t, typename acc_t>
 __global__ void dense_backward_kernel(const acc_t* __restrict__ x, const scalar_t* __restrict__ p,
                                       const acc_t* __restrict__ inv, const acc_t* __restrict__ g,
-                                      scalar_t* __restrict__ gp, acc_t* __restrict__ gscale, Dims d, int family) {
+                                      scalar_t* __restrict__ gp, acc_t* __restrict__ gscale, lik::Dims d, int family) {
   const int64_t n = d.S * d.B * d.E, se = d.sE > 1 ? 1 : 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / d.E, e = i % d.E, s = row / d.B, b = row % d.B;
@@ -97,7 +91,7 @@ __global__ void dense_backward_kernel(const acc_t* __restrict__ x, const scalar_
 
 template <typename scalar_t, typename acc_t>
 __global__ void categorical_backward_kernel(const int64_t* __restrict__ x, const scalar_t* __restrict__ p,
-                                            const acc_t* __restrict__ g, scalar_t* __restrict__ gp, Dims d) {
+                                            const acc_t* __restrict__ g, scalar_t* __restrict__ gp, lik::Dims d) {
   const int lane = threadIdx.x % kWarp;
   const int64_t rows = d.S * d.B * d.E;
   for (int64_t i = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp; i < rows;
@@ -112,53 +106,19 @@ __global__ void categorical_backward_kernel(const int64_t* __restrict__ x, const
   }
 }
 
-Dims check_args(const at::Tensor& x, const at::Tensor& params, const std::optional<at::Tensor>& scale, int64_t family,
-                const char* op) {
-  TORCH_CHECK(family >= 0 && family <= 3, op, ": family must be 0 (normal), 1 (laplace), 2 (bernoulli) or 3 (categorical), got ", family);
-  TORCH_CHECK(params.is_cuda() && x.device() == params.device(), op, ": expected 'x' and 'params' on one CUDA device");
-  TORCH_CHECK(params.is_floating_point(), op, ": 'params' must be floating point, got ", params.scalar_type());
-  const bool cat = family == kLikCategorical;
-  TORCH_CHECK(params.dim() == (cat ? 4 : 3), op, ": 'params' must be ", cat ? "[S, B, E, V]" : "[S, B, E]", ", got ", params.sizes());
-  Dims d{params.size(0), params.size(1), params.size(2), cat ? params.size(3) : 1, 1, 1, 1};
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == d.B && x.size(1) == d.E, op, ": 'x' must be [B, E] = [", d.B, ", ", d.E, "], got ", x.sizes());
-  if (cat) {
-    TORCH_CHECK(x.scalar_type() == at::kLong, op, ": 'x' must hold int64 class indices, got ", x.scalar_type());
-    TORCH_CHECK(d.V > 0, op, ": the vocabulary (last dim of 'params') is empty");
-  } else {
-    TORCH_CHECK(x.scalar_type() == acc_type(params), op, ": 'x' must be ", acc_type(params), ", got ", x.scalar_type());
-  }
-  if (family == kLikNormal || family == kLikLaplace) {
-    TORCH_CHECK(scale.has_value() && scale->defined(), op, ": 'scale' is required for normal / laplace");
-    const at::Tensor& sc = *scale;
-    TORCH_CHECK(sc.dim() == 3 && sc.scalar_type() == acc_type(params) && sc.device() == params.device(), op,
-                ": 'scale' must be a 3-D ", acc_type(params), " tensor [S|1, B|1, E|1] on the device of 'params', got ",
-                sc.sizes(), " ", sc.scalar_type());
-    d.sS = sc.size(0), d.sB = sc.size(1), d.sE = sc.size(2);
-    TORCH_CHECK((d.sS == 1 || d.sS == d.S) && (d.sB == 1 || d.sB == d.B) && (d.sE == 1 || d.sE == d.E), op,
-                ": 'scale' of shape ", sc.sizes(), " must be [S|1, B|1, E|1] with [S, B, E] = [", d.S, ", ", d.B, ", ", d.E, "]");
-  }
-  return d;
-}
-
-void check_indices(const at::Tensor& x, int64_t V) {
-  if (x.numel() == 0) return;
-  const int64_t lo = x.min().item<int64_t>(), hi = x.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < V, "likelihood_sum: 'x' holds class index ", lo < 0 ? lo : hi,
-              " outside the vocabulary [0, ", V, ")");
-}
 
 }  // namespace
 
 at::Tensor likelihood_sum_cuda(const at::Tensor& x_in, const at::Tensor& params_in, const std::optional<at::Tensor>& scale,
                                int64_t family) {
-  const Dims d = check_args(x_in, params_in, scale, family, "likelihood_sum");
+  const lik::Dims d = lik::check_args(x_in, params_in, scale, family, "likelihood_sum", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(params_in.device());
   const at::Tensor x = x_in.contiguous(), params = params_in.contiguous();
   at::Tensor out = at::empty({d.S, d.B}, params.options().dtype(acc_type(params)));
   const int64_t SB = d.S * d.B;
   if (SB == 0) return out;
   if (d.E == 0) return out.zero_();
-  if (family == kLikCategorical) check_indices(x, d.V);
+  if (family == kLikCategorical) lik::check_indices(x, d.V);
   at::Tensor inv, logs;
   if (family == kLikNormal || family == kLikLaplace) {
     const at::Tensor sc = scale->contiguous();
@@ -186,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cuda(const at::Tensor
                                                                 const at::Tensor& params_in,
                                                                 const std::optional<at::Tensor>& scale, int64_t family,
                                                                 bool params_grad, bool scale_grad) {
-  const Dims d = check_args(x_in, params_in, scale, family, "likelihood_sum_backward");
+  const lik::Dims d = lik::check_args(x_in, params_in, scale, family, "likelihood_sum_backward", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(params_in.device());
   const auto acc = acc_type(params_in);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == d.S && grad_in.size(1) == d.B,
@@ -198,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cuda(const at::Tensor
   at::Tensor gscale = scale_grad ? at::zeros_like(*scale, at::MemoryFormat::Contiguous) : params.new_empty({0}, params.options().dtype(acc));
   const int64_t SB = d.S * d.B;
   if (SB == 0 || d.E == 0 || !(params_grad || scale_grad)) return {gparams, gscale};
-  if (family == kLikCategorical) check_indices(x, d.V);
+  if (family == kLikCategorical) lik::check_indices(x, d.V);
   at::Tensor inv;
   if (loc_family) inv = scale->contiguous().reciprocal();
   const auto stream = c10::cuda::getCurrentCUDAStream();
