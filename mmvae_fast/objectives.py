@@ -159,11 +159,7 @@ class _Experts:
     def ratios(self, z):
         if self.family is not None:
             return ops.importance_ratios(z, self.loc, self.scale, family=self.family, backend=self.backend)
-        a = self._fallback_pairwise(z.detach(), False)
-        own = torch.diagonal(a, 0, 0, 1).permute(2, 0, 1)
-        ratio = torch.exp(a.transpose(0, 1) - own.detach()[None])
-        eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)[:, :, None, None]
-        return torch.where(eye, torch.ones_like(ratio), ratio)
+        return ops.ratios_from_pairwise(self._fallback_pairwise(z.detach(), False))
 
 
 def _mm_experts(model, qz_xs, backend):

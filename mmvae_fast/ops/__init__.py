@@ -11,6 +11,7 @@ from .weights import ImportanceWeights, importance_weights
 from .mixture import mixture_log_density, importance_ratios
 from .likelihood import likelihood_sum
 from ..reference.densities import log_density_sum, kl_divergence, acc_dtype
+from ..reference.mixture import ratios_from_pairwise
 
 __all__ = [
     "BACKENDS",
@@ -24,4 +25,5 @@ __all__ = [
     "log_density_sum",
     "kl_divergence",
     "acc_dtype",
+    "ratios_from_pairwise",
 ]

@@ -5,7 +5,7 @@ float32 (float64 for float64 input) and returns results in that accumulation dty
 """
 from .densities import acc_dtype, log_density, log_density_sum, kl_divergence
 from .weights import importance_weights
-from .mixture import mixture_log_density, pairwise_log_density, importance_ratios
+from .mixture import mixture_log_density, pairwise_log_density, importance_ratios, ratios_from_pairwise
 from .likelihood import likelihood_sum
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "pairwise_log_density",
     "mixture_log_density",
     "importance_ratios",
+    "ratios_from_pairwise",
     "likelihood_sum",
 ]

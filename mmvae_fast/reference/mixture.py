@@ -45,9 +45,12 @@ def importance_ratios(z, loc, scale, family: str):
     The diagonal r == d is the constant 1 (no gradient), as in appendix B; off the diagonal the
     gradient reaches only expert r's parameters.
     """
-    a = pairwise_log_density(z.detach(), loc, scale, family)  # a[d, r] = log q_r(z_d)
-    M = a.shape[0]
+    return ratios_from_pairwise(pairwise_log_density(z.detach(), loc, scale, family))
+
+
+def ratios_from_pairwise(a):
+    """Appendix B's ratios from a pairwise table a[d, r, k, b] = log q_r(z_d) computed at detached z."""
     own = torch.diagonal(a, 0, 0, 1).permute(2, 0, 1)  # [d, K, B] = log q_d(z_d)
     ratio = torch.exp(a.transpose(0, 1) - own.detach()[None])
-    eye = torch.eye(M, dtype=torch.bool, device=a.device)[:, :, None, None]
+    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)[:, :, None, None]
     return torch.where(eye, torch.ones_like(ratio), ratio)
