@@ -14,6 +14,7 @@ Writes OUT/study.md (and OUT/study.json with every run's results); OUT defaults 
 benchmarks/out/estimator_study.
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -29,14 +30,26 @@ def run_name(obj, grad, looser, seed):
     return f"{obj}{'-' + grad if grad else ''}-{'looser' if looser else 'stratified'}-s{seed}"
 
 
-def cli(*args):
+def cli(*args, log=None, env=None):
     cmd = [sys.executable, "-m", "mmvae_fast.cli", *map(str, args)]
     print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    if log is None:
+        subprocess.run(cmd, cwd=ROOT, check=True, env=env)
+        return
+    with open(log, "a") as fh:  # parallel runs: one log per run, not interleaved on stdout
+        r = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed ({r.returncode}); see {log}")
 
 
 def train_and_evaluate(a, obj, grad, looser, seed, classifiers):
     run_dir = os.path.join(a.out, "runs", run_name(obj, grad, looser, seed))
+    log = env = None
+    if a.jobs > 1:
+        os.makedirs(run_dir, exist_ok=True)
+        log = os.path.join(run_dir, "log.txt")
+        # share the cores between the concurrent runs instead of oversubscribing them
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // a.jobs)))
     result = os.path.join(run_dir, "eval.json")
     if os.path.exists(result):
         with open(result) as fh:
@@ -51,13 +64,13 @@ def train_and_evaluate(a, obj, grad, looser, seed, classifiers):
                     ("--data-dir", a.data_dir)):
         if v is not None:
             args += [flag, v]
-    cli(*args)
+    cli(*args, log=log, env=env)
     ev = ["evaluate", run_dir, "--classifiers", classifiers, "--ll-K", a.ll_K]
     for flag, v in (("--ll-n", a.ll_n), ("--limit", a.test_limit), ("--latent-n", a.latent_n), ("--n-joint", a.n_joint),
                     ("--device", a.device), ("--data-dir", a.data_dir)):
         if v is not None:
             ev += [flag, v]
-    cli(*ev)
+    cli(*ev, log=log, env=env)
     with open(result) as fh:
         return json.load(fh)
 
@@ -123,6 +136,7 @@ def main():
     ap.add_argument("--clf-max-train", type=int, default=None, help="train items of the digit classifiers (default: the CLI's)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each a process; e.g. several on one GPU)")
     ap.add_argument("--only", nargs="+", default=None, help="estimators to run (iwae eq8 mixture ...)")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "estimator_study"))
     a = ap.parse_args()
@@ -132,14 +146,15 @@ def main():
         cli("train-classifiers", "--experiment", a.experiment, "--out", classifiers,
             *(["--epochs", a.clf_epochs] if a.clf_epochs else []), *(["--max-train", a.clf_max_train] if a.clf_max_train else []),
             *(["--data-dir", a.data_dir] if a.data_dir else []), *(["--device", a.device] if a.device else []))
-    rows, everything = [], []
-    for looser in (True, False):
-        for obj, grad in ESTIMATORS:
-            if a.only and (grad or obj) not in a.only:
-                continue
-            ress = [train_and_evaluate(a, obj, grad, looser, s, classifiers) for s in a.seeds]
+    cells = [(obj, grad, looser) for looser in (True, False) for obj, grad in ESTIMATORS
+             if not a.only or (grad or obj) in a.only]
+    with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        futures = {(c, s): pool.submit(train_and_evaluate, a, *c, s, classifiers) for c in cells for s in a.seeds}
+        rows, everything = [], []
+        for c in cells:
+            ress = [futures[c, s].result() for s in a.seeds]
             everything += ress
-            rows.append(((obj, grad, looser), [metrics(r) for r in ress]))
+            rows.append((c, [metrics(r) for r in ress]))
     cmd = " ".join(["python benchmarks/estimator_study.py", *sys.argv[1:]])
     text = "\n".join([
         f"# Estimator study: {a.experiment}, {a.epochs} epochs, K = {a.K}, seeds {a.seeds}",

@@ -9,9 +9,13 @@ mixture-centred, released, on the stratified (eq. 5) and looser (eq. 3) bounds.
    bootstrap standard error and the noise floor (the value an unbiased estimator shows).
 3. Variance: encoder and decoder gradient SNR (|mean| / std per parameter, averaged over the
    parameters) at K in {4, 16, 64, 256} on the same small MMVAE.
+4. With --run DIR, a trained model (a run directory of `mmvae-fast train`, e.g. the offline
+   default's): encoder/decoder SNR and the sampled bias against IWAE on a batch of its test data,
+   streamed (no replicate is kept, so conv networks at K = 256 fit).
 
 Writes benchmarks/out/estimators.md and estimators.png; prints the tables.
     python benchmarks/estimators.py [--reps 200] [--Ks 4 16 64 256]
+    python benchmarks/estimators.py --run runs/main --run-reps 100 --device cuda   # + trained model
 """
 import argparse
 import math
@@ -96,12 +100,79 @@ def sampled_bias(g, g_iwae, boot=200):
     return val, float(torch.tensor(bs).std()), floor
 
 
+class Moments:
+    """Running sums of g and g^2 in float64 over replicates (the replicates are not kept)."""
+
+    def __init__(self):
+        self.n, self.s1, self.s2 = 0, 0.0, 0.0
+
+    def add(self, g):
+        g = g.double()
+        self.n, self.s1, self.s2 = self.n + 1, self.s1 + g, self.s2 + g * g
+
+    def mean(self):
+        return self.s1 / self.n
+
+    def var(self):
+        return ((self.s2 - self.s1 * self.s1 / self.n) / (self.n - 1)).clamp_min(0)
+
+    def snr(self):
+        return float((self.mean().abs() / self.var().sqrt().clamp_min(1e-300)).mean())
+
+
+def trained_model_table(run_dir, Ks, reps, B, device):
+    """Rows (bound, K, {est: enc SNR}, dec SNR, {est: (bias, floor)}) on the trained model of run_dir."""
+    from mmvae_fast.data import get_datasets
+    from mmvae_fast.train import load_model
+
+    model, a = load_model(run_dir, device)
+    _, test = get_datasets(a.experiment, data_dir=a.data_dir)
+    xs = [torch.stack([test[i][0][m] for i in range(B)]).to(device) for m in range(len(model.vaes))]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    enc = [p for n, p in params if ".enc." in n]
+    torch.manual_seed(0)  # the decoder-side parameters the objective uses (not the VAEs' own priors)
+    used = torch.autograd.grad(obj.m_iwae(model, xs, 1), [p for n, p in params if ".enc." not in n], allow_unused=True)
+    dec = [p for (n, p), g in zip([q for q in params if ".enc." not in q[0]], used) if g is not None]
+    rows = []
+    for bound in BOUNDS:
+        for K in Ks:
+            t = time.time()
+            mom = {e: (Moments(), Moments()) for e in ESTIMATORS}
+            diff = {e: Moments() for e in ESTIMATORS[1:]}
+            for seed in range(reps):
+                g_iwae = None
+                for est in ESTIMATORS:  # paired: replicate `seed` of every estimator on the same noise
+                    torch.manual_seed(seed)
+                    gs = torch.autograd.grad(call(bound, est, model, xs, K), enc + dec)
+                    ge = torch.cat([g.flatten() for g in gs[: len(enc)]])
+                    mom[est][0].add(ge)
+                    mom[est][1].add(torch.cat([g.flatten() for g in gs[len(enc):]]))
+                    if est == "iwae":
+                        g_iwae = ge
+                    else:
+                        diff[est].add(ge - g_iwae)
+            norm = mom["iwae"][0].mean().norm()
+            bias = {e: (float(diff[e].mean().norm() / norm), float(diff[e].var().sum().div(reps).sqrt() / norm))
+                    for e in diff}
+            rows.append((bound, K, {e: mom[e][0].snr() for e in ESTIMATORS}, mom["iwae"][1].snr(), bias))
+            print(f"[trained {bound} K={K}: {time.time() - t:.1f}s]", file=sys.stderr, flush=True)
+    n_enc = sum(p.numel() for p in enc)
+    desc = (f"`{run_dir}`: {a.experiment}, trained {a.epochs} epochs with {a.obj}"
+            f"{' (' + a.dreg_grad + ')' if a.obj == 'dreg' and a.dreg_grad else ''}, "
+            f"{'looser' if a.looser else 'stratified'} bound, K = {a.K}; {n_enc} encoder parameters")
+    return desc, rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=200, help="gradient replicates per (estimator, K, bound)")
     ap.add_argument("--Ks", type=int, nargs="+", default=[4, 16, 64, 256])
     ap.add_argument("--grids", type=int, nargs="+", default=[8, 12, 16, 20], help="Gauss-Hermite nodes per noise variable")
     ap.add_argument("--bias-K", type=int, default=16, help="K of the sampled bias table")
+    ap.add_argument("--run", default=None, help="also measure on the trained model of this run directory")
+    ap.add_argument("--run-reps", type=int, default=100, help="replicates on the trained model")
+    ap.add_argument("--run-B", type=int, default=16, help="test pairs in the trained model's batch")
+    ap.add_argument("--device", default="cpu", help="device of the trained-model section")
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -171,6 +242,24 @@ def main():
                 f"| {bound} | {K} | " + " | ".join(f"{snr(g[e][0]):.3f}" for e in ESTIMATORS)
                 + f" | {snr(g['iwae'][1]):.3f} |"
             )
+    if args.run:
+        desc, trows = trained_model_table(args.run, args.Ks, args.run_reps, args.run_B, torch.device(args.device))
+        md += [
+            "",
+            "## Trained model: SNR and sampled bias",
+            "",
+            f"{desc}; a batch of {args.run_B} test pairs, {args.run_reps} replicates paired on the "
+            "same noise. Encoder SNR per estimator, decoder SNR (the same for all), and the relative "
+            "error of the mean encoder gradient against IWAE's (noise floor in brackets: what an "
+            "unbiased estimator shows at this sample size).",
+            "",
+            "| bound | K | " + " | ".join(f"enc {e}" for e in ESTIMATORS) + " | dec | "
+            + " | ".join(f"bias {e}" for e in ESTIMATORS[1:]) + " |",
+            "|---|---|" + "---|" * (2 * len(ESTIMATORS)),
+        ]
+        for bound, K, enc_snr, dec_snr, bias in trows:
+            md.append(f"| {bound} | {K} | " + " | ".join(f"{enc_snr[e]:.3f}" for e in ESTIMATORS)
+                      + f" | {dec_snr:.3f} | " + " | ".join(f"{bias[e][0]:.3f} ({bias[e][1]:.3f})" for e in bias) + " |")
     cmd = " ".join(["python benchmarks/estimators.py", *sys.argv[1:]])
     md += ["", f"({time.time() - t0:.0f} s on {torch.get_num_threads()} threads; `{cmd}`)", ""]
     text = "\n".join(md)
