@@ -60,7 +60,7 @@ def train_and_evaluate(a, obj, grad, looser, seed, classifiers):
             "--K", a.K, "--epochs", a.epochs, "--seed", seed, "--out", run_dir]
     if grad:
         args += ["--dreg-grad", grad]
-    for flag, v in (("--limit", a.limit), ("--batch-size", a.batch_size), ("--device", a.device),
+    for flag, v in (("--limit", a.limit), ("--test-n", a.test_n), ("--batch-size", a.batch_size), ("--device", a.device),
                     ("--data-dir", a.data_dir)):
         if v is not None:
             args += [flag, v]
@@ -126,6 +126,7 @@ def main():
     ap.add_argument("--K", type=int, default=30)
     ap.add_argument("--limit", type=int, default=None, help="train on a fixed subset of N items")
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--test-n", type=int, default=None, help="test items of the per-epoch test objective")
     ap.add_argument("--ll-K", type=int, default=1000, help="samples per expert of the test log-likelihood")
     ap.add_argument("--ll-n", type=int, default=None, help="test items for the log-likelihood")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on a fixed subset of N test items")

@@ -163,25 +163,10 @@ def trained_model_table(run_dir, Ks, reps, B, device):
     return desc, rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=200, help="gradient replicates per (estimator, K, bound)")
-    ap.add_argument("--Ks", type=int, nargs="+", default=[4, 16, 64, 256])
-    ap.add_argument("--grids", type=int, nargs="+", default=[8, 12, 16, 20], help="Gauss-Hermite nodes per noise variable")
-    ap.add_argument("--bias-K", type=int, default=16, help="K of the sampled bias table")
-    ap.add_argument("--run", default=None, help="also measure on the trained model of this run directory")
-    ap.add_argument("--run-reps", type=int, default=100, help="replicates on the trained model")
-    ap.add_argument("--run-B", type=int, default=16, help="test pairs in the trained model's batch")
-    ap.add_argument("--device", default="cpu", help="device of the trained-model section")
-    ap.add_argument("--out", default=os.path.join(HERE, "out"))
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    md = ["# Gradient estimators of the MoE bounds: bias and variance", ""]
-    t0 = time.time()
-
+def small_model_sections(args):
+    """Markdown of sections 1-3, the quadrature rows and the sampled gradients."""
     rows = quadrature_table(args.grids)
-    md += [
+    md = [
         "## Bias, exact (quadrature)",
         "",
         "Two 1-D Normal experts, K = 2 each, Normal likelihoods (tests/quadrature.py, default "
@@ -242,58 +227,103 @@ def main():
                 f"| {bound} | {K} | " + " | ".join(f"{snr(g[e][0]):.3f}" for e in ESTIMATORS)
                 + f" | {snr(g['iwae'][1]):.3f} |"
             )
-    if args.run:
-        desc, trows = trained_model_table(args.run, args.Ks, args.run_reps, args.run_B, torch.device(args.device))
-        md += [
-            "",
-            "## Trained model: SNR and sampled bias",
-            "",
-            f"{desc}; a batch of {args.run_B} test pairs, {args.run_reps} replicates paired on the "
-            "same noise. Encoder SNR per estimator, decoder SNR (the same for all), and the relative "
-            "error of the mean encoder gradient against IWAE's (noise floor in brackets: what an "
-            "unbiased estimator shows at this sample size).",
-            "",
-            "| bound | K | " + " | ".join(f"enc {e}" for e in ESTIMATORS) + " | dec | "
-            + " | ".join(f"bias {e}" for e in ESTIMATORS[1:]) + " |",
-            "|---|---|" + "---|" * (2 * len(ESTIMATORS)),
-        ]
-        for bound, K, enc_snr, dec_snr, bias in trows:
-            md.append(f"| {bound} | {K} | " + " | ".join(f"{enc_snr[e]:.3f}" for e in ESTIMATORS)
-                      + f" | {dec_snr:.3f} | " + " | ".join(f"{bias[e][0]:.3f} ({bias[e][1]:.3f})" for e in bias) + " |")
-    cmd = " ".join(["python benchmarks/estimators.py", *sys.argv[1:]])
-    md += ["", f"({time.time() - t0:.0f} s on {torch.get_num_threads()} threads; `{cmd}`)", ""]
-    text = "\n".join(md)
-    print(text)
-    with open(os.path.join(args.out, "estimators.md"), "w") as fh:
-        fh.write(text)
+    md.append("")
+    snrs = {(b, K, e): snr(res[b, K][e][0]) for b, K in res for e in ESTIMATORS}
+    return md, rows, snrs
 
+
+def trained_section(args):
+    desc, trows = trained_model_table(args.run, args.Ks, args.run_reps, args.run_B, torch.device(args.device))
+    md = [
+        "## Trained model: SNR and sampled bias",
+        "",
+        f"{desc}; a batch of {args.run_B} test pairs, {args.run_reps} replicates paired on the "
+        "same noise. Encoder SNR per estimator, decoder SNR (the same for all), and the relative "
+        "error of the mean encoder gradient against IWAE's (noise floor in brackets: what an "
+        "unbiased estimator shows at this sample size).",
+        "",
+        "| bound | K | " + " | ".join(f"enc {e}" for e in ESTIMATORS) + " | dec | "
+        + " | ".join(f"bias {e}" for e in ESTIMATORS[1:]) + " |",
+        "|---|---|" + "---|" * (2 * len(ESTIMATORS)),
+    ]
+    for bound, K, enc_snr, dec_snr, bias in trows:
+        md.append(f"| {bound} | {K} | " + " | ".join(f"{enc_snr[e]:.3f}" for e in ESTIMATORS)
+                  + f" | {dec_snr:.3f} | " + " | ".join(f"{bias[e][0]:.3f} ({bias[e][1]:.3f})" for e in bias) + " |")
+    md.append("")
+    return md, {(b, K, e): v[e] for b, K, v, _, _ in trows for e in ESTIMATORS}
+
+
+def plot(path, Ks, panels, rows, grids):
+    """panels: [(title, {(bound, K, est): snr})]; rows: quadrature rows (may be empty)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, bound in zip(axes[:2], BOUNDS):
-        for est in ESTIMATORS:
-            ax.plot(args.Ks, [snr(res[bound, K][est][0]) for K in args.Ks], "o-", label=est)
-        ax.set_xscale("log", base=2)
+    n = 2 * len(panels) + bool(rows)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4.2))
+    axes = list(axes) if n > 1 else [axes]
+    for title, snrs in panels:
+        for bound in BOUNDS:
+            ax = axes.pop(0)
+            for est in ESTIMATORS:
+                ax.plot(Ks, [snrs[bound, K, est] for K in Ks], "o-", label=est)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("K")
+            ax.set_ylabel("encoder gradient SNR")
+            ax.set_title(f"{title}, {bound} bound")
+            ax.legend(fontsize=8)
+    if rows:
+        ax = axes.pop(0)
+        for bound, ls in zip(BOUNDS, ("-", "--")):
+            for est, col in zip(ESTIMATORS[1:], ("C1", "C2", "C3", "C4")):
+                errs = [e for b, s, g, e in rows if b == bound and s == est]
+                ax.plot(grids, errs, ls, marker="o", color=col, label=f"{est} ({bound})")
         ax.set_yscale("log")
-        ax.set_xlabel("K")
-        ax.set_ylabel("encoder gradient SNR")
-        ax.set_title(f"{bound} bound")
-        ax.legend(fontsize=8)
-    ax = axes[2]
-    for bound, ls in zip(BOUNDS, ("-", "--")):
-        for est, col in zip(ESTIMATORS[1:], ("C1", "C2", "C3", "C4")):
-            errs = [e for b, s, n, e in rows if b == bound and s == est]
-            ax.plot(args.grids, errs, ls, marker="o", color=col, label=f"{est} ({bound})")
-    ax.set_yscale("log")
-    ax.set_xlabel("Gauss-Hermite nodes per noise variable")
-    ax.set_ylabel("relative error of E[encoder gradient]")
-    ax.set_title("bias by quadrature")
-    ax.legend(fontsize=7)
+        ax.set_xlabel("Gauss-Hermite nodes per noise variable")
+        ax.set_ylabel("relative error of E[encoder gradient]")
+        ax.set_title("bias by quadrature")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "estimators.png"), dpi=110)
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=200, help="gradient replicates per (estimator, K, bound)")
+    ap.add_argument("--Ks", type=int, nargs="+", default=[4, 16, 64, 256])
+    ap.add_argument("--grids", type=int, nargs="+", default=[8, 12, 16, 20], help="Gauss-Hermite nodes per noise variable")
+    ap.add_argument("--bias-K", type=int, default=16, help="K of the sampled bias table")
+    ap.add_argument("--run", default=None, help="also measure on the trained model of this run directory")
+    ap.add_argument("--run-reps", type=int, default=100, help="replicates on the trained model")
+    ap.add_argument("--run-B", type=int, default=16, help="test pairs in the trained model's batch")
+    ap.add_argument("--device", default="cpu", help="device of the trained-model section")
+    ap.add_argument("--trained-only", action="store_true", help="with --run: skip the small-model sections")
+    ap.add_argument("--out", default=os.path.join(HERE, "out"))
+    args = ap.parse_args()
+    if args.trained_only and not args.run:
+        ap.error("--trained-only needs --run")
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    md = ["# Gradient estimators of the MoE bounds: bias and variance", ""]
+    t0 = time.time()
+    rows, panels = [], []
+    if not args.trained_only:
+        sec, rows, snrs = small_model_sections(args)
+        md += sec
+        panels.append(("small MMVAE", snrs))
+    if args.run:
+        sec, snrs = trained_section(args)
+        md += sec
+        panels.append(("trained", snrs))
+    cmd = " ".join(["python benchmarks/estimators.py", *sys.argv[1:]])
+    md += [f"({time.time() - t0:.0f} s on {torch.get_num_threads()} threads; `{cmd}`)", ""]
+    text = "\n".join(md)
+    print(text)
+    with open(os.path.join(args.out, "estimators.md"), "w") as fh:
+        fh.write(text)
+    plot(os.path.join(args.out, "estimators.png"), args.Ks, panels, rows, args.grids)
     print(f"wrote {args.out}/estimators.md and estimators.png", file=sys.stderr)
 
 

@@ -1,5 +1,10 @@
 """Every op on every available backend against direct torch.distributions computations:
-values and gradients, edge shapes, -inf / NaN rows, large magnitudes, half-precision inputs."""
+values and gradients, edge shapes, -inf / NaN rows, large magnitudes, half-precision inputs.
+
+Each test runs once per (device, backend) that can run its op here: CPU tensors on every CPU
+backend and, where a CUDA device is present, CUDA tensors on every CUDA backend (triton, cuda,
+reference). The `backend` fixture makes its device torch's default for the test; the tests draw
+their random numbers on the CPU (seeded) and move them, so both devices see the same inputs."""
 import math
 
 import pytest
@@ -13,14 +18,37 @@ DIST = {"normal": D.Normal, "laplace": D.Laplace}
 OPS = ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum")
 
 
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
         op = next(o for o in OPS if metafunc.function.__name__.startswith("test_" + o))
-        metafunc.parametrize("backend", ops.available_backends("cpu", op=op))
+        cases = [(d, b) for d in DEVICES for b in ops.available_backends(d, op=op)]
+        metafunc.parametrize("backend", cases, ids=[f"{d}-{b}" for d, b in cases], indirect=True)
+
+
+@pytest.fixture
+def backend(request):
+    device, name = request.param
+    torch.set_default_device(device)
+    try:
+        yield name
+    finally:
+        torch.set_default_device(None)
+
+
+def here(t):
+    """t on the test's device (random numbers are drawn on the CPU, seeded, then moved)."""
+    return t.to(torch.get_default_device())
 
 
 def rand(*shape, dtype=torch.float64, gen=None, scale=1.0):
-    return (scale * torch.randn(tuple(shape), generator=gen, dtype=torch.float64)).to(dtype)
+    return here((scale * torch.randn(tuple(shape), generator=gen, dtype=torch.float64, device="cpu")).to(dtype))
+
+
+def urand(*shape, gen, dtype=torch.float64):
+    return here(torch.rand(shape, generator=gen, dtype=dtype, device="cpu"))
 
 
 def grads(outs, inputs, cots):
@@ -124,7 +152,7 @@ def direct_pairwise(z, loc, scale, family):
 def experts(M, K, B, L, gen, dtype=torch.float64):
     z = rand(M, K, B, L, gen=gen, dtype=dtype).requires_grad_()
     loc = rand(M, B, L, gen=gen, dtype=dtype).requires_grad_()
-    scale = (0.3 + torch.rand(M, B, L, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+    scale = (0.3 + urand(M, B, L, gen=gen)).to(dtype).requires_grad_()
     return z, loc, scale
 
 
@@ -237,10 +265,10 @@ def test_likelihood_sum_matches_direct(backend, family, S, B, E):
     g = torch.Generator().manual_seed(21)
     V = 6
     if family == "categorical":
-        x = torch.randint(0, V, (B, *E), generator=g)
+        x = here(torch.randint(0, V, (B, *E), generator=g, device="cpu"))
         params = rand(*S, B, *E, V, gen=g).requires_grad_()
     else:
-        x = rand(B, *E, gen=g) if family != "bernoulli" else torch.rand(B, *E, generator=g, dtype=torch.float64).round()
+        x = rand(B, *E, gen=g) if family != "bernoulli" else urand(B, *E, gen=g).round()
         params = rand(*S, B, *E, gen=g).requires_grad_()
     scale = torch.tensor(0.75, dtype=torch.float64) if family in ("laplace", "normal") else None
     out = ops.likelihood_sum(x, params, family=family, scale=scale, backend=backend)
@@ -256,7 +284,7 @@ def test_likelihood_sum_tensor_scale_gets_gradient(backend, family):
     g = torch.Generator().manual_seed(22)
     x = rand(3, 4, gen=g)
     params = rand(2, 3, 4, gen=g).requires_grad_()
-    scale = (0.5 + torch.rand(4, generator=g, dtype=torch.float64)).requires_grad_()
+    scale = (0.5 + urand(4, gen=g)).requires_grad_()
     out = ops.likelihood_sum(x, params, family=family, scale=scale, backend=backend)
     ref = direct_lik(x, params, family, scale)
     torch.testing.assert_close(out, ref)
@@ -265,7 +293,7 @@ def test_likelihood_sum_tensor_scale_gets_gradient(backend, family):
 
 def test_likelihood_sum_low_precision_and_noncontiguous(backend):
     g = torch.Generator().manual_seed(23)
-    x = torch.rand(4, 6, generator=g, dtype=torch.float64)
+    x = urand(4, 6, gen=g)
     params = rand(3, 4, 6, gen=g)
     ref = direct_lik(x, params, "bernoulli", None)
     for dt in (torch.float16, torch.bfloat16):

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: build the extension with its CUDA kernels in place, run the test
+# grid on the GPU backends (tests/test_gpu.py and tests/test_ops.py's cuda cases), then the GPU
+# benchmark. Logs, CSV and plot go to OUT (default gpu-check/).
+#     scripts/gpu_check.sh [OUT]      # PYTHON=... to pick the interpreter, ARCH=9.0 for H100 only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${1:-gpu-check}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi -L
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+t0=$SECONDS
+MMVAE_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${ARCH:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+  $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; }
+echo "build: $((SECONDS - t0)) s"
+$PY -c "from mmvae_fast import ops; print('cuda backends:', ops.available_backends('cuda'))"
+$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ops.py -k "gpu or cuda" 2>&1 | tee "$OUT/tests.log" | tail -40
+timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
