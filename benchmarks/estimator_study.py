@@ -56,6 +56,8 @@ def train_and_evaluate(a, obj, grad, looser, seed, classifiers):
             res = json.load(fh)
         if res.get("epochs") == a.epochs:
             return res
+    if a.no_train:
+        return None
     args = ["train", "--experiment", a.experiment, "--obj", obj, "--looser" if looser else "--no-looser",
             "--K", a.K, "--epochs", a.epochs, "--seed", seed, "--out", run_dir]
     if grad:
@@ -102,7 +104,7 @@ def table(rows):
     for _, ms in rows:
         for m in ms:
             names += [n for n in m if n not in names]
-    lines = ["| estimator | bound | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines = ["| estimator | bound | runs | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for (obj, grad, looser), ms in rows:
         cells = []
         for n in names:
@@ -114,7 +116,7 @@ def table(rows):
             else:
                 cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}")
         est = grad if grad else obj
-        lines.append(f"| {est} | {'looser' if looser else 'stratified'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {est} | {'looser' if looser else 'stratified'} | {len(ms)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -137,6 +139,7 @@ def main():
     ap.add_argument("--clf-max-train", type=int, default=None, help="train items of the digit classifiers (default: the CLI's)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--no-train", action="store_true", help="only tabulate the runs already evaluated")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each a process; e.g. several on one GPU)")
     ap.add_argument("--only", nargs="+", default=None, help="estimators to run (iwae eq8 mixture ...)")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "estimator_study"))
@@ -150,10 +153,11 @@ def main():
     cells = [(obj, grad, looser) for looser in (True, False) for obj, grad in ESTIMATORS
              if not a.only or (grad or obj) in a.only]
     with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        futures = {(c, s): pool.submit(train_and_evaluate, a, *c, s, classifiers) for c in cells for s in a.seeds}
+        # seed-major: each wave of runs covers every configuration once
+        futures = {(c, s): pool.submit(train_and_evaluate, a, *c, s, classifiers) for s in a.seeds for c in cells}
         rows, everything = [], []
         for c in cells:
-            ress = [futures[c, s].result() for s in a.seeds]
+            ress = [r for r in (futures[c, s].result() for s in a.seeds) if r is not None]
             everything += ress
             rows.append((c, [metrics(r) for r in ress]))
     cmd = " ".join(["python benchmarks/estimator_study.py", *sys.argv[1:]])

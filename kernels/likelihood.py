@@ -19,7 +19,6 @@ FAMILY = {"normal": 0, "laplace": 1, "bernoulli": 2, "categorical": 3}
 _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 _LOG_2 = tl.constexpr(math.log(2.0))
 _NEG_INF = tl.constexpr(float("-inf"))
-_NAN = tl.constexpr(float("nan"))
 
 _DENSE = [triton.Config({"BLOCK_R": br, "BLOCK_E": be}, num_warps=nw) for br, be, nw in [(1, 1024, 4), (4, 256, 4), (16, 128, 4), (64, 32, 4)]]
 _DENSE_I = triton.Config({"BLOCK_R": 4, "BLOCK_E": 8})
@@ -128,7 +127,7 @@ def _cat_fwd_kernel(x_ptr, p_ptr, out_ptr, lse_ptr, R, B, E, V, BLOCK_R: tl.cons
         xi = tl.load(x_ptr + b_idx * E + e, mask=rmask, other=0).to(tl.int64)
         ok = (xi >= 0) & (xi < V)
         lx = tl.load(p_ptr + base + tl.where(ok, xi, 0), mask=rmask, other=0.0).to(acc)
-        total += tl.where(ok, lx - lse, _NAN)  # an index outside [0, V) gives NaN, not a number
+        total += tl.where(ok, lx - lse, float("nan"))  # an index outside [0, V) gives NaN, not a number
         tl.store(lse_ptr + rows.to(tl.int64) * E + e, lse, mask=rmask)
     tl.store(out_ptr + rows, total, mask=rmask)
 

@@ -42,10 +42,13 @@ def _prune(configs, named_args, **kwargs):
 _CONFIGS = [triton.Config({"BLOCK_B": bb}, num_warps=nw) for bb, nw in [(1, 2), (2, 4), (4, 4), (8, 4), (16, 4), (32, 8), (64, 8)]]
 
 
-def _tuned(fn):
+def _tuned(fn, reset_to_zero=None):
+    """reset_to_zero: outputs the kernel accumulates into, zeroed before each timed launch (autotuning
+    launches a kernel many times on the same buffers; the interpreter's single config never does)."""
     if interpreting():
-        return triton.autotune(configs=[triton.Config({"BLOCK_B": 2})], key=["L"])(fn)
-    return triton.autotune(configs=_CONFIGS, key=["M", "B", "L"], prune_configs_by={"early_config_prune": _prune})(fn)
+        return triton.autotune(configs=[triton.Config({"BLOCK_B": 2})], key=["L"], reset_to_zero=reset_to_zero)(fn)
+    return triton.autotune(configs=_CONFIGS, key=["M", "B", "L"], prune_configs_by={"early_config_prune": _prune},
+                           reset_to_zero=reset_to_zero)(fn)
 
 
 @triton.jit
@@ -198,7 +201,7 @@ def _pairwise_bwd_kernel(
 
 _mixture_fwd = _tuned(_mixture_fwd_kernel)
 _ratios_fwd = _tuned(_ratios_fwd_kernel)
-_pairwise_bwd = _tuned(_pairwise_bwd_kernel)
+_pairwise_bwd = _tuned(_pairwise_bwd_kernel, reset_to_zero=["dz_ptr"])  # dz accumulates over experts
 
 
 def _shape(z, k_chunk):

@@ -34,7 +34,7 @@ def all_ops(backend, z, loc, scale, lw, x, params):
     """A scalar that reaches every output of every op, with non-trivial cotangents."""
     bound, w, w2 = ops.importance_weights(lw, 1, backend=backend)
     lq, a = ops.mixture_log_density(z, loc, scale, family="laplace", return_pairwise=True, backend=backend)
-    ratio = ops.importance_ratios(z, loc, scale, family="normal", backend=backend)
+    ratio = ops.importance_ratios(z * 0.1, loc * 0.1, scale, family="normal", backend=backend)  # finite ratios
     lik = ops.likelihood_sum(x, params, family="laplace", scale=0.75, backend=backend)
     return (bound.sum() + (w * w2.detach().sin()).sum() + w2.sum() + (lq * lq.detach().cos()).sum()
             + (a * a.detach().sin()).sum() + (ratio * ratio.detach().cos()).sum() + lik.sum())
@@ -84,8 +84,8 @@ def test_mixture_ops_at_real_block_sizes(backend, M, K, B, L):
     cq, ca = randn(*lq.shape, seed=1), randn(*a.shape, seed=2)
     g = torch.autograd.grad((lq * cq).sum() + (a * ca).sum(), (z, loc, scale))
     r = torch.autograd.grad((rlq * cq.double()).sum() + (ra * ca.double()).sum(), (rz, rl, rs))
-    for x, y in zip(g, r):
-        torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-3)
+    for x, y in zip(g, r):  # float32 sums over up to K = 4097 terms
+        torch.testing.assert_close(x.double(), y, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -135,7 +135,9 @@ def test_opcheck_cuda_registered_ops():
     torch.library.opcheck(lib.importance_ratios.default, (z, loc, scale, "normal"))
     x = randn(3, 7, seed=2, dtype=torch.float64)
     params = randn(2, 3, 7, seed=3, dtype=torch.float64).requires_grad_()
-    torch.library.opcheck(lib.likelihood_sum.default, (x, params, None, 0))
+    scale = (0.5 + randn(1, 1, 7, seed=4, dtype=torch.float64).abs()).requires_grad_()
+    torch.library.opcheck(lib.likelihood_sum.default, (x, params, scale, 0))  # normal
+    torch.library.opcheck(lib.likelihood_sum.default, (x.sigmoid().round(), params, None, 2))  # bernoulli
 
 
 OBJECTIVES = [

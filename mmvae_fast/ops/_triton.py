@@ -1,14 +1,18 @@
 """The Triton backend: registers the kernels of `mmvae_fast.kernels` for CUDA tensors, and for CPU
 tensors when TRITON_INTERPRET=1 (Triton's interpreter: how the tests run them without a GPU).
 
-Importing this module never imports triton: the kernels load on first use, so `import mmvae_fast`
-stays cheap and works where triton is absent.
+Where CUDA is present the kernels load when this module registers them, so that torch.compile
+never traces an import (dynamo refuses importlib); elsewhere importing this module never imports
+triton: the kernels load on first use, so `import mmvae_fast` stays cheap and works where triton
+is absent.
 """
 import importlib
 import importlib.util
 import os
 import sys
 from pathlib import Path
+
+import torch
 
 from . import _dispatch
 
@@ -36,12 +40,20 @@ def _kernels_package():
         return mod
 
 
-def _lazy(op):
-    module, fn = _ENTRIES[op]
+_LOADED = {}  # op -> the kernel's entry point, once imported
 
+
+def _load(op):
+    module, fn = _ENTRIES[op]
+    pkg = _kernels_package()
+    _LOADED[op] = getattr(importlib.import_module(f"{pkg.__name__}.{module}"), fn)
+    return _LOADED[op]
+
+
+def _lazy(op):
     def impl(*args):
-        pkg = _kernels_package()
-        return getattr(importlib.import_module(f"{pkg.__name__}.{module}"), fn)(*args)
+        f = _LOADED.get(op)
+        return (f if f is not None else _load(op))(*args)
 
     impl.__name__ = f"triton_{op}"
     return impl
@@ -56,7 +68,15 @@ def register() -> bool:
     if not found:
         _dispatch.mark_unavailable("triton", "triton is not installed")
         return False
-    devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "0") == "1" else ("cuda",)
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    devices = ("cuda", "cpu") if interpret else ("cuda",)
+    if not interpret and torch.cuda.is_available():
+        try:
+            for op in _ENTRIES:
+                _load(op)
+        except Exception as e:  # a triton that cannot build our kernels: say so, fall back
+            _dispatch.mark_unavailable("triton", f"its kernels failed to load ({type(e).__name__}: {e})")
+            return False
     for op in _ENTRIES:
         _dispatch.register(op, "triton", _lazy(op), devices=devices)
     return True
