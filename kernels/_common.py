@@ -1,4 +1,8 @@
-"""Shared helpers of the Triton kernels: interpreter detection, autotuning, dtypes."""
+"""Shared helpers of the Triton kernels: interpreter detection, autotuning, dtypes.
+
+Infinities and NaN are float literals inside the kernels, never module globals: a NaN global fails
+Triton's relaunch check (nan != nan: "Global variable ... has changed"), and an infinite one breaks
+torch.compile, whose inductor re-emits the kernel's globals as source (`-inf` is no Python name)."""
 import os
 
 import torch

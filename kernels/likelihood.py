@@ -18,7 +18,6 @@ from ._common import acc_dtype, autotune
 FAMILY = {"normal": 0, "laplace": 1, "bernoulli": 2, "categorical": 3}
 _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 _LOG_2 = tl.constexpr(math.log(2.0))
-_NEG_INF = tl.constexpr(float("-inf"))
 
 _DENSE = [triton.Config({"BLOCK_R": br, "BLOCK_E": be}, num_warps=nw) for br, be, nw in [(1, 1024, 4), (4, 256, 4), (16, 128, 4), (64, 32, 4)]]
 _DENSE_I = triton.Config({"BLOCK_R": 4, "BLOCK_E": 8})
@@ -113,17 +112,17 @@ def _cat_fwd_kernel(x_ptr, p_ptr, out_ptr, lse_ptr, R, B, E, V, BLOCK_R: tl.cons
     total = tl.zeros([BLOCK_R], acc)
     for e in range(0, E):
         base = (rows.to(tl.int64) * E + e) * V  # logits of (s, b, e)
-        m = tl.full([BLOCK_R], _NEG_INF, acc)
+        m = tl.full([BLOCK_R], float("-inf"), acc)
         s = tl.zeros([BLOCK_R], acc)
         for v0 in range(0, V, BLOCK_V):
             v = v0 + cols
             msk = rmask[:, None] & (v < V)[None, :]
-            lg = tl.load(p_ptr + base[:, None] + v[None, :], mask=msk, other=_NEG_INF).to(acc)
+            lg = tl.load(p_ptr + base[:, None] + v[None, :], mask=msk, other=float("-inf")).to(acc)
             m_new = tl.maximum(m, tl.max(lg, 1))
-            m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
             m = m_new
-        lse = tl.where(s == 0.0, _NEG_INF, m + tl.log(tl.where(s == 0.0, 1.0, s)))
+        lse = tl.where(s == 0.0, float("-inf"), m + tl.log(tl.where(s == 0.0, 1.0, s)))
         xi = tl.load(x_ptr + b_idx * E + e, mask=rmask, other=0).to(tl.int64)
         ok = (xi >= 0) & (xi < V)
         lx = tl.load(p_ptr + base + tl.where(ok, xi, 0), mask=rmask, other=0.0).to(acc)

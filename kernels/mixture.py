@@ -21,7 +21,6 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import acc_dtype, autotune, interpreting
 
-_NEG_INF = tl.constexpr(float("-inf"))
 _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 _LOG_2 = tl.constexpr(math.log(2.0))
 MAX_L = 8192  # the whole latent vector lives in one tile
@@ -81,7 +80,7 @@ def _mixture_fwd_kernel(
     for k in range(k0, tl.minimum(k0 + K_CHUNK, K)):
         rk = r * K + k
         zz = tl.load(z_ptr + rk.to(tl.int64) * B * L + bl, mask=tmask, other=0.0).to(acc)
-        m_run = tl.full([BLOCK_B], _NEG_INF, acc)
+        m_run = tl.full([BLOCK_B], float("-inf"), acc)
         s = tl.zeros([BLOCK_B], acc)
         n = tl.zeros([BLOCK_B], acc)
         for mm in range(0, M):
@@ -92,16 +91,16 @@ def _mixture_fwd_kernel(
                 tl.store(a_ptr + ((r * M + mm) * K + k).to(tl.int64) * B + offs_b, a, mask=bmask)
             if HAS_MASK:
                 present = tl.load(mask_ptr + mm * B + offs_b, mask=bmask, other=0) != 0
-                a = tl.where(present, a, _NEG_INF)
+                a = tl.where(present, a, float("-inf"))
                 n += present.to(acc)
             else:
                 n += 1.0
             # online log-sum-exp over experts; shift by 0 while only -inf has been seen
             m_new = tl.maximum(m_run, a)
-            m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(m_run - m_safe) + tl.exp(a - m_safe)  # NaN sticks in s
             m_run = m_new
-        lse = tl.where(s == 0.0, _NEG_INF, m_run + tl.log(tl.where(s == 0.0, 1.0, s)))
+        lse = tl.where(s == 0.0, float("-inf"), m_run + tl.log(tl.where(s == 0.0, 1.0, s)))
         lq = lse - tl.log(tl.where(n > 0, n, 1.0))  # no expert present: lq = lse = -inf
         tl.store(lse_ptr + rk.to(tl.int64) * B + offs_b, lse, mask=bmask)
         tl.store(lq_ptr + rk.to(tl.int64) * B + offs_b, lq, mask=bmask)
@@ -175,7 +174,7 @@ def _pairwise_bwd_kernel(
                     G = tl.where(mm == r, 0.0, g * tl.exp(a - stat))
             else:
                 if HAS_G:
-                    live = stat != _NEG_INF  # lse = -inf: no expert present, pi = 0
+                    live = stat != float("-inf")  # lse = -inf: no expert present, pi = 0
                     if HAS_MASK:
                         live = live & present
                     g = tl.load(g_ptr + rk * B + offs_b, mask=bmask, other=0.0).to(acc)

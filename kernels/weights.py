@@ -20,7 +20,6 @@ _CONFIGS = [
     for br, bn, nw in [(1, 1024, 4), (1, 4096, 8), (4, 256, 4), (16, 64, 4), (64, 32, 4)]
 ]
 _INTERPRET = triton.Config({"BLOCK_R": 4, "BLOCK_N": 16})
-_NEG_INF = tl.constexpr(float("-inf"))
 
 
 @autotune(_CONFIGS, key=["N"], interpret_config=_INTERPRET)
@@ -31,26 +30,26 @@ def _iw_fwd_kernel(x_ptr, bound_ptr, w_ptr, w2_ptr, lse_ptr, R, N, BLOCK_R: tl.c
     rmask = rows < R
     base = rows.to(tl.int64)[:, None] * N
     cols = tl.arange(0, BLOCK_N)
-    m = tl.full([BLOCK_R], _NEG_INF, acc)
+    m = tl.full([BLOCK_R], float("-inf"), acc)
     s = tl.zeros([BLOCK_R], acc)
     for n0 in range(0, N, BLOCK_N):
         c = n0 + cols
         msk = rmask[:, None] & (c < N)[None, :]
-        x = tl.load(x_ptr + base + c[None, :], mask=msk, other=_NEG_INF).to(acc)
+        x = tl.load(x_ptr + base + c[None, :], mask=msk, other=float("-inf")).to(acc)
         m_new = tl.maximum(m, tl.max(x, 1))
         # a row that has seen only -inf keeps s = 0: shift by 0 instead of -inf - -inf = NaN
-        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)  # NaN sticks in s
         m = m_new
-    lse = tl.where(s == 0.0, _NEG_INF, m + tl.log(tl.where(s == 0.0, 1.0, s)))
+    lse = tl.where(s == 0.0, float("-inf"), m + tl.log(tl.where(s == 0.0, 1.0, s)))
     n = tl.zeros([BLOCK_R], acc) + N
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(bound_ptr + rows, lse - tl.log(n), mask=rmask)
-    shift = tl.where(lse == _NEG_INF, 0.0, lse)  # all -inf row: weights exp(-inf) = 0
+    shift = tl.where(lse == float("-inf"), 0.0, lse)  # all -inf row: weights exp(-inf) = 0
     for n0 in range(0, N, BLOCK_N):
         c = n0 + cols
         msk = rmask[:, None] & (c < N)[None, :]
-        x = tl.load(x_ptr + base + c[None, :], mask=msk, other=_NEG_INF).to(acc)
+        x = tl.load(x_ptr + base + c[None, :], mask=msk, other=float("-inf")).to(acc)
         w = tl.exp(x - shift[:, None])
         tl.store(w_ptr + base + c[None, :], w, mask=msk)
         tl.store(w2_ptr + base + c[None, :], w * w, mask=msk)
@@ -69,7 +68,7 @@ def _iw_bwd_kernel(
     base = rows.to(tl.int64)[:, None] * N
     cols = tl.arange(0, BLOCK_N)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    shift = tl.where(lse == _NEG_INF, 0.0, lse)
+    shift = tl.where(lse == float("-inf"), 0.0, lse)
     gb = tl.zeros([BLOCK_R], acc)
     if HAS_GB:
         gb += tl.load(gb_ptr + rows, mask=rmask, other=0.0).to(acc)
@@ -78,7 +77,7 @@ def _iw_bwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         c = n0 + cols
         msk = rmask[:, None] & (c < N)[None, :]
-        w = tl.exp(tl.load(x_ptr + base + c[None, :], mask=msk, other=_NEG_INF).to(acc) - shift[:, None])
+        w = tl.exp(tl.load(x_ptr + base + c[None, :], mask=msk, other=float("-inf")).to(acc) - shift[:, None])
         cj = tl.zeros([BLOCK_R, BLOCK_N], acc)
         if HAS_GW:
             cj += tl.load(gw_ptr + base + c[None, :], mask=msk, other=0.0).to(acc)
@@ -89,7 +88,7 @@ def _iw_bwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         c = n0 + cols
         msk = rmask[:, None] & (c < N)[None, :]
-        w = tl.exp(tl.load(x_ptr + base + c[None, :], mask=msk, other=_NEG_INF).to(acc) - shift[:, None])
+        w = tl.exp(tl.load(x_ptr + base + c[None, :], mask=msk, other=float("-inf")).to(acc) - shift[:, None])
         cj = tl.zeros([BLOCK_R, BLOCK_N], acc)
         if HAS_GW:
             cj += tl.load(gw_ptr + base + c[None, :], mask=msk, other=0.0).to(acc)

@@ -31,13 +31,15 @@ def experts(M, K, B, L, seed, dtype=torch.float32):
 
 
 def all_ops(backend, z, loc, scale, lw, x, params):
-    """A scalar that reaches every output of every op, with non-trivial cotangents."""
-    bound, w, w2 = ops.importance_weights(lw, 1, backend=backend)
-    lq, a = ops.mixture_log_density(z, loc, scale, family="laplace", return_pairwise=True, backend=backend)
-    ratio = ops.importance_ratios(z * 0.1, loc * 0.1, scale, family="normal", backend=backend)  # finite ratios
-    lik = ops.likelihood_sum(x, params, family="laplace", scale=0.75, backend=backend)
-    return (bound.sum() + (w * w2.detach().sin()).sum() + w2.sum() + (lq * lq.detach().cos()).sum()
-            + (a * a.detach().sin()).sum() + (ratio * ratio.detach().cos()).sum() + lik.sum())
+    """A scalar that reaches every output of every op, each through a fixed random cotangent
+    (not a function of the outputs, so float32 rounding in one output does not move the others)."""
+    outs = [
+        *ops.importance_weights(lw, 1, backend=backend),
+        *ops.mixture_log_density(z, loc, scale, family="laplace", return_pairwise=True, backend=backend),
+        ops.importance_ratios(z * 0.1, loc * 0.1, scale, family="normal", backend=backend),  # finite ratios
+        ops.likelihood_sum(x, params, family="laplace", scale=0.75, backend=backend),
+    ]
+    return sum((o * randn(*o.shape, seed=100 + i)).sum() for i, o in enumerate(outs))
 
 
 def inputs(seed=0, M=3, K=37, B=5, L=11):
@@ -84,8 +86,8 @@ def test_mixture_ops_at_real_block_sizes(backend, M, K, B, L):
     cq, ca = randn(*lq.shape, seed=1), randn(*a.shape, seed=2)
     g = torch.autograd.grad((lq * cq).sum() + (a * ca).sum(), (z, loc, scale))
     r = torch.autograd.grad((rlq * cq.double()).sum() + (ra * ca.double()).sum(), (rz, rl, rs))
-    for x, y in zip(g, r):  # float32 sums over up to K = 4097 terms
-        torch.testing.assert_close(x.double(), y, rtol=1e-3, atol=1e-3)
+    for x, y in zip(g, r):  # float32 sums over up to K = 4097 terms, some cancelling
+        torch.testing.assert_close(x.double(), y, rtol=1e-3, atol=5e-3)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
