@@ -41,13 +41,10 @@ def _prune(configs, named_args, **kwargs):
 _CONFIGS = [triton.Config({"BLOCK_B": bb}, num_warps=nw) for bb, nw in [(1, 2), (2, 4), (4, 4), (8, 4), (16, 4), (32, 8), (64, 8)]]
 
 
-def _tuned(fn, reset_to_zero=None):
-    """reset_to_zero: outputs the kernel accumulates into, zeroed before each timed launch (autotuning
-    launches a kernel many times on the same buffers; the interpreter's single config never does)."""
+def _tuned(fn):
     if interpreting():
-        return triton.autotune(configs=[triton.Config({"BLOCK_B": 2})], key=["L"], reset_to_zero=reset_to_zero)(fn)
-    return triton.autotune(configs=_CONFIGS, key=["M", "B", "L"], prune_configs_by={"early_config_prune": _prune},
-                           reset_to_zero=reset_to_zero)(fn)
+        return triton.autotune(configs=[triton.Config({"BLOCK_B": 2})], key=["L"])(fn)
+    return triton.autotune(configs=_CONFIGS, key=["M", "B", "L"], prune_configs_by={"early_config_prune": _prune})(fn)
 
 
 @triton.jit
@@ -191,8 +188,10 @@ def _pairwise_bwd_kernel(
             dloc -= G2 * dx
             dscale += G2 * ds
             if not RATIOS:
+                # this program alone writes dz[r, k, tile]: the first expert stores, the rest add, so
+                # a relaunch on the same buffer (autotuning, inductor's benchmarking) gives the same dz
                 dzp = dz_ptr + rk * B * L + bl
-                tl.store(dzp, tl.load(dzp, mask=tmask, other=0.0) + G2 * dx, mask=tmask)
+                tl.store(dzp, tl.load(dzp, mask=tmask & (mm > 0), other=0.0) + G2 * dx, mask=tmask)
         out = ((tl.program_id(0) * M + mm) * B).to(tl.int64) * L + bl
         tl.store(ploc_ptr + out, dloc, mask=tmask)
         tl.store(pscale_ptr + out, dscale, mask=tmask)
@@ -200,7 +199,7 @@ def _pairwise_bwd_kernel(
 
 _mixture_fwd = _tuned(_mixture_fwd_kernel)
 _ratios_fwd = _tuned(_ratios_fwd_kernel)
-_pairwise_bwd = _tuned(_pairwise_bwd_kernel, reset_to_zero=["dz_ptr"])  # dz accumulates over experts
+_pairwise_bwd = _tuned(_pairwise_bwd_kernel)
 
 
 def _shape(z, k_chunk):
@@ -239,7 +238,7 @@ def pairwise_bwd(
     """(dz, dloc, dscale) of the pairwise table's cotangent; see _pairwise_bwd_kernel."""
     M, K, B, L, n_kc, BL = _shape(z, _K_CHUNK_BWD)
     dt = acc_dtype(z.dtype)
-    dz = torch.zeros(M, K, B, L, dtype=dt, device=z.device) if not ratios else torch.zeros_like(z)
+    dz = torch.empty(M, K, B, L, dtype=dt, device=z.device) if not ratios else torch.zeros_like(z)
     ploc = torch.empty(M * n_kc, M, B, L, dtype=dt, device=z.device)
     pscale = torch.empty_like(ploc)
     wrap_triton(_pairwise_bwd)[_grid(M, n_kc, B)](

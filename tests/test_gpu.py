@@ -80,8 +80,8 @@ def test_torch_compile_fullgraph_matches_eager_on_gpu(backend):
     compiled = torch.compile(lambda *t: all_ops(backend, cots, *t), fullgraph=True)
     got, want = compiled(*ins), all_ops(backend, cots, *ins)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
-    for a, b in zip(grads(got, ins), grads(want, ins)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads(got, ins), grads(want, ins)):  # the CUDA backward's atomics: any order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
