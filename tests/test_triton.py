@@ -279,6 +279,35 @@ def test_likelihood_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda p, s: ops.likelihood_sum(x, p, family="normal", scale=s, **T), (params, scale), fast_mode=True)
 
 
+# ------------------------------------------------------------------ relaunch safety
+
+
+def test_no_output_is_read_before_it_is_written(monkeypatch):
+    """Every buffer the kernels get from torch.empty / empty_like is NaN-filled here (a GPU's caching
+    allocator hands back old data): no result may change. Autotuning and inductor's benchmarking
+    relaunch a kernel on the same buffers, so a kernel that reads an output it has not written (the
+    mixture backward once accumulated dz into a zero-filled buffer) is wrong on a GPU alone."""
+    g = torch.Generator().manual_seed(31)
+    z, loc, scale = experts(3, 5, 3, 4, g)
+    lw = rnd(4, 9, gen=g).requires_grad_()
+    x, params = lik_inputs("categorical", (2,), 3, (5,), g)
+
+    def run():
+        outs = [*ops.mixture_log_density(z, loc, scale, family="normal", return_pairwise=True, **T),
+                ops.importance_ratios(z, loc, scale, family="laplace", **T),
+                *ops.importance_weights(lw, 1, **T), ops.likelihood_sum(x, params, family="categorical", **T)]
+        cots = [torch.ones_like(o) for o in outs]
+        return outs + list(torch.autograd.grad(outs, (z, loc, scale, lw, params), cots))
+
+    want = run()
+    empty, empty_like = torch.empty, torch.empty_like
+    nan = lambda t: t.fill_(math.nan) if t.is_floating_point() else t  # noqa: E731
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+    for got, w in zip(run(), want):
+        torch.testing.assert_close(got, w, equal_nan=False)
+
+
 # ------------------------------------------------------------------ end to end
 
 
