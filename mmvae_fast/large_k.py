@@ -228,7 +228,7 @@ class _ChunkedBound(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def chunked_objective(name, model, x, K, k_chunk, *, grad="eq8", backend=None):
+def chunked_objective(name, model, x, K, k_chunk, *, grad="mixture", backend=None):
     """``name``'s bound over K samples per expert, computed and differentiated in chunks of k_chunk.
 
     Called by the objectives when given ``k_chunk`` (``objectives.m_dreg(model, x, K, k_chunk=...)``);

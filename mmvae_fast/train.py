@@ -18,7 +18,6 @@ whose state is checkpointed after everything an epoch draws (training, test obje
 so a resumed run makes the same draws in the same order as an uninterrupted one.
 """
 import argparse
-import inspect
 import json
 import math
 import os
@@ -64,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--obj", choices=OBJECTIVES, help="objective (default: dreg)")
     p.add_argument("--looser", action=argparse.BooleanOptionalAction, default=None,
                    help="iwae/dreg: the looser bound (eq. 3, the paper's default) or --no-looser, the stratified one (eq. 5)")
-    p.add_argument("--dreg-grad", choices=O.GRADS, help="dreg: gradient estimator (default: the library's)")
+    p.add_argument("--dreg-grad", choices=O.GRADS, help=f"dreg: gradient estimator of the MoE bounds (default: {O.DEFAULT_GRAD})")
     p.add_argument("--K", type=int, help="samples per expert (default 30)")
     p.add_argument("--epochs", type=int, help="last epoch to train (default 30)")
     p.add_argument("--batch-size", type=int, help="global batch size, split over DDP ranks (default 128)")
@@ -109,7 +108,7 @@ def resolve_args(ns: argparse.Namespace, stored: dict = None) -> argparse.Namesp
     if a["dreg_grad"] is not None and a["obj"] != "dreg":
         raise ValueError(f"--dreg-grad applies to --obj dreg, not {a['obj']}")
     if a["obj"] == "dreg" and a["dreg_grad"] is None:
-        a["dreg_grad"] = inspect.signature(O.m_dreg).parameters["grad"].default
+        a["dreg_grad"] = O.DEFAULT_GRAD
     for k in ("K", "epochs", "batch_size", "latent_dim", "limit", "test_n"):
         if a[k] is not None and a[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {a[k]}")

@@ -160,5 +160,5 @@ def test_option_combinations_are_checked():
         T.resolve_args(_ns(K=0))
     a = T.resolve_args(_ns(experiment="mnist-svhn"))  # the paper's defaults
     assert (a.obj, a.looser, a.K, a.epochs, a.batch_size, a.latent_dim, a.lr) == ("dreg", True, 30, 30, 128, 20, 1e-3)
-    assert a.dreg_grad in O.GRADS
+    assert a.dreg_grad == O.DEFAULT_GRAD == "mixture"
     assert T.resolve_args(_ns(no_looser=None, looser=False)).looser is False
