@@ -4,7 +4,7 @@ PY := .venv/bin/python
 TORCH := torch==2.13.0
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/include/mmvae_fast/*.h)
 
-.PHONY: main test bench clean cuda-check
+.PHONY: main test bench clean cuda-check gpu-check
 
 .venv/.deps:
 	python3 -m venv .venv
@@ -36,6 +36,11 @@ test: .venv/.built
 # every csrc/cuda/*.cu through nvcc for sm_80 and sm_90 (no GPU needed; skipped without nvcc)
 cuda-check: .venv/.deps
 	PYTHON=$(PY) scripts/check_cuda_compile.sh
+
+# On a machine with a CUDA GPU (its python with CUDA torch and triton, not .venv's CPU torch): build
+# the CUDA kernels in place, the GPU tests and the GPU benchmark; logs in gpu-check/
+gpu-check:
+	scripts/gpu_check.sh
 
 clean:
 	rm -rf .venv build *.egg-info mmvae_fast/*.so
