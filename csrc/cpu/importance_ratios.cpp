@@ -108,7 +108,7 @@ void run_bwd(int f, const RatioArgs<double>& p, int64_t b, int64_t e) { bwd_f64(
 at::Tensor importance_ratios_cpu(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
                                  c10::string_view family) {
   const int fam = parse_family(std::string(family));
-  const Experts e = prepare_experts(z, loc, scale, "mmvae_fast::importance_ratios");
+  const Experts e = prepare_experts(z, loc, scale, "mmvae_fast::importance_ratios", at::kCPU);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   at::Tensor out = at::empty({M, M, K, B}, e.z.options());
   AT_DISPATCH_FLOATING_TYPES(e.z.scalar_type(), "importance_ratios_cpu", [&] {
@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cpu(const at::Tens
                                                                   const at::Tensor& scale, c10::string_view family) {
   const char* op = "mmvae_fast::importance_ratios_backward";
   const int fam = parse_family(std::string(family));
-  const Experts e = prepare_experts(z, loc, scale, op);
+  const Experts e = prepare_experts(z, loc, scale, op, at::kCPU);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   const auto acc = e.z.scalar_type();
   const at::Tensor g = grad.to(acc).contiguous(), rt = ratio.to(acc).contiguous();

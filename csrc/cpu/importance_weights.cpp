@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "mmvae_fast/fastmath.h"
+#include "mmvae_fast/host.h"
 #include "mmvae_fast/math.h"
 
 #define MMVAE_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -221,10 +222,6 @@ MMVAE_CPU_MULTIVERSION void backward_row(const float* x, int64_t n, float lse, f
 }
 MMVAE_CPU_MULTIVERSION void backward_row(const double* x, int64_t n, double lse, double gb, const double* gw, const double* gw2, double* gx) {
   backward_row_dispatch(x, n, lse, gb, gw, gw2, gx);
-}
-
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 void check_lw(const at::Tensor& lw, const char* op) {

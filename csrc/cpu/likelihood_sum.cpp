@@ -130,10 +130,6 @@ MMVAE_LIK_ROWS(double)
 
 // ------------------------------------------------------------------------------------ helpers
 
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // A row of params as acc_t: the tensor's memory when it already is acc_t, else widened into buf.
 template <typename acc_t, typename scalar_t>
 MMVAE_ALWAYS_INLINE const acc_t* widen(const scalar_t* p, int64_t n, std::vector<acc_t>& buf) {

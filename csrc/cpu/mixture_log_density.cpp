@@ -164,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
                                                 bool pairwise) {
   const char* op = "mmvae_fast::mixture_log_density";
   const int fam = parse_family(family);
-  const Experts e = prepare_experts(z, loc, scale, op);
-  const auto [present, count] = prepare_mask(mask, e.M, e.B, op);
+  const Experts e = prepare_experts(z, loc, scale, op, at::kCPU);
+  const auto [present, count] = prepare_mask(mask, e.M, e.B, z.device(), op);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   at::Tensor lq = at::empty({M, K, B}, e.z.options());
   at::Tensor a = pairwise ? at::empty({M, M, K, B}, e.z.options()) : at::Tensor();
@@ -202,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cpu(
     const c10::optional<at::Tensor>& mask, std::array<bool, 3> output_mask) {
   const char* op = "mmvae_fast::mixture_log_density_backward";
   const int fam = parse_family(std::string(family));
-  const Experts e = prepare_experts(z, loc, scale, op);
-  const auto [present, count] = prepare_mask(mask, e.M, e.B, op);
+  const Experts e = prepare_experts(z, loc, scale, op, at::kCPU);
+  const auto [present, count] = prepare_mask(mask, e.M, e.B, z.device(), op);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   const auto acc = e.z.scalar_type();
   const bool gx = output_mask[0], gp = output_mask[1] || output_mask[2];

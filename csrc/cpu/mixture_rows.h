@@ -5,9 +5,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <string>
 
 #include "mmvae_fast/mixture.h"
+#include "mmvae_fast/mixture_args.h"
 
 // The tile loops are vectorised by `omp simd` (no -ffast-math needed: no reordering). x86-64
 // builds compile each kernel three times (AVX-512, AVX2+FMA, baseline) and pick one at load
@@ -21,12 +21,6 @@
 
 namespace mmvae_fast {
 namespace cpu {
-
-inline int parse_family(const std::string& family) {
-  if (family == "normal") return kNormal;
-  if (family == "laplace") return kLaplace;
-  TORCH_CHECK(false, "argument 'family' must be 'normal' or 'laplace', got '", family, "'");
-}
 
 // The kernels work on tiles of kTile samples of one batch entry b, transposed to [L][kTile] so
 // that the loops over L run over whole SIMD registers of samples (loc and 1/scale of one expert
@@ -112,48 +106,6 @@ MMVAE_ALWAYS_INLINE void reduce_lanes(const T* lanes, int64_t M, int64_t B, int6
       for (int64_t j = 0; j < kTile; ++j) s += v[j];
       out[(m * B + b) * L + l] += s;
     }
-}
-
-// The experts' parameters in the accumulation dtype: loc, 1/scale [M, B, L] and
-// sum_l log(scale) [M, B], plus z [M, K, B, L], all contiguous.
-struct Experts {
-  at::Tensor z, loc, inv, log_scale_sum;
-  int64_t M, K, B, L;
-};
-
-inline at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline Experts prepare_experts(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const char* op) {
-  TORCH_CHECK(z.dim() == 4, op, ": argument 'z' must have shape [M, K, B, L], got ", z.sizes());
-  const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
-  TORCH_CHECK(loc.sizes() == at::IntArrayRef({M, B, L}), op, ": argument 'loc' must have shape [M, B, L] = ",
-              at::IntArrayRef({M, B, L}), ", got ", loc.sizes());
-  TORCH_CHECK(scale.sizes() == loc.sizes(), op, ": argument 'scale' must have shape ", loc.sizes(), ", got ",
-              scale.sizes());
-  TORCH_CHECK(z.device().is_cpu() && loc.device().is_cpu() && scale.device().is_cpu(), op,
-              ": expected CPU tensors");
-  TORCH_CHECK(at::isFloatingType(z.scalar_type()) && z.scalar_type() == loc.scalar_type() &&
-                  z.scalar_type() == scale.scalar_type(),
-              op, ": z, loc and scale must share one floating dtype");
-  const auto acc = acc_type(z);
-  const at::Tensor s = scale.to(acc);
-  return {z.to(acc).contiguous(), loc.to(acc).contiguous(), s.reciprocal().contiguous(),
-          s.log().sum(-1).contiguous(), M, K, B, L};
-}
-
-// Present-expert mask as uint8 [M, B] (all ones when absent) and the count per batch entry.
-inline std::pair<at::Tensor, at::Tensor> prepare_mask(const c10::optional<at::Tensor>& mask, int64_t M, int64_t B,
-                                                      const char* op) {
-  if (!mask.has_value()) {
-    return {at::ones({M, B}, at::kByte), at::full({B}, M, at::kLong)};
-  }
-  TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": argument 'mask' must be a bool tensor");
-  TORCH_CHECK(mask->sizes() == at::IntArrayRef({M, B}), op, ": argument 'mask' must have shape [M, B] = ",
-              at::IntArrayRef({M, B}), ", got ", mask->sizes());
-  const at::Tensor m = mask->to(at::kByte).contiguous();
-  return {m, m.sum(0, /*keepdim=*/false, at::kLong).contiguous()};
 }
 
 // Tasks per thread chunk for a task of `work` density terms: ~1e5 terms (tens of microseconds),

@@ -65,7 +65,7 @@ at::Tensor importance_ratios_cuda(const at::Tensor& z, const at::Tensor& loc, co
   const char* op = "mmvae_fast::importance_ratios";
   const int fam = parse_family(std::string(family));
   const c10::cuda::CUDAGuard guard(z.device());
-  const Experts e = prepare_experts(z, loc, scale, op);
+  const Experts e = prepare_experts(z, loc, scale, op, at::kCUDA);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   at::Tensor ratio = at::empty({M, M, K, B}, e.z.options());
   if (ratio.numel() == 0) return ratio;
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cuda(const at::Ten
   const char* op = "mmvae_fast::importance_ratios_backward";
   const int fam = parse_family(std::string(family));
   const c10::cuda::CUDAGuard guard(z.device());
-  const Experts e = prepare_experts(z, loc, scale, op);
+  const Experts e = prepare_experts(z, loc, scale, op, at::kCUDA);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   const auto acc = e.z.scalar_type();
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({M, M, K, B}) && ratio.sizes() == grad.sizes(), op,

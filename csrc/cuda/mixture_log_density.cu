@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
   const char* op = "mmvae_fast::mixture_log_density";
   const int fam = parse_family(family);
   const c10::cuda::CUDAGuard guard(z.device());
-  const Experts e = prepare_experts(z, loc, scale, op);
+  const Experts e = prepare_experts(z, loc, scale, op, at::kCUDA);
   const auto [present, count] = prepare_mask(mask, e.M, e.B, z.device(), op);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   at::Tensor lq = at::empty({M, K, B}, e.z.options());
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cuda
   const char* op = "mmvae_fast::mixture_log_density_backward";
   const int fam = parse_family(std::string(family));
   const c10::cuda::CUDAGuard guard(z.device());
-  const Experts e = prepare_experts(z, loc, scale, op);
+  const Experts e = prepare_experts(z, loc, scale, op, at::kCUDA);
   const auto [present, count] = prepare_mask(mask, e.M, e.B, z.device(), op);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   const auto acc = e.z.scalar_type();

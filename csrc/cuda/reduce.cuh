@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "mmvae_fast/host.h"
 #include "mmvae_fast/math.h"
 
 namespace mmvae_fast {
@@ -60,10 +61,6 @@ __device__ __forceinline__ LseState<T> block_lse(LseState<T> st, T* scratch_m, T
   __syncthreads();
   st = lane < n_warps ? LseState<T>{scratch_m[lane], scratch_s[lane]} : lse_init<T>();
   return warp_lse(st);
-}
-
-inline at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

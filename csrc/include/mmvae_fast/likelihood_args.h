@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "mmvae_fast/densities.h"
+#include "mmvae_fast/host.h"
 
 namespace mmvae_fast {
 namespace lik {
@@ -27,7 +28,7 @@ inline Dims check_args(const at::Tensor& x, const at::Tensor& params, const std:
   TORCH_CHECK(params.device().type() == device && x.device() == params.device(), op, ": expected 'x' and 'params' on one ",
               c10::DeviceTypeName(device), " device");
   TORCH_CHECK(params.is_floating_point(), op, ": 'params' must be floating point, got ", params.scalar_type());
-  const auto acc = params.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(params);
   const bool cat = family == kLikCategorical;
   TORCH_CHECK(params.dim() == (cat ? 4 : 3), op, ": 'params' must be ", cat ? "[S, B, E, V]" : "[S, B, E]", ", got ", params.sizes());
   Dims d{params.size(0), params.size(1), params.size(2), cat ? params.size(3) : 1, 1, 1, 1};

@@ -1,0 +1,62 @@
+// Argument checks and packing of the mixture ops (mixture_log_density, importance_ratios), shared
+// by the CPU and CUDA kernels (host code).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <utility>
+
+#include "mmvae_fast/densities.h"
+#include "mmvae_fast/host.h"
+
+namespace mmvae_fast {
+
+inline int parse_family(const std::string& family) {
+  if (family == "normal") return kNormal;
+  if (family == "laplace") return kLaplace;
+  TORCH_CHECK(false, "argument 'family' must be 'normal' or 'laplace', got '", family, "'");
+}
+
+// The experts' parameters in the accumulation dtype: z [M, K, B, L], loc and 1/scale [M, B, L],
+// sum_l log(scale) [M, B], all contiguous on z's device.
+struct Experts {
+  at::Tensor z, loc, inv, log_scale_sum;
+  int64_t M, K, B, L;
+};
+
+inline Experts prepare_experts(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const char* op,
+                               c10::DeviceType device) {
+  TORCH_CHECK(z.dim() == 4, op, ": argument 'z' must have shape [M, K, B, L], got ", z.sizes());
+  const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
+  TORCH_CHECK(loc.sizes() == at::IntArrayRef({M, B, L}), op, ": argument 'loc' must have shape [M, B, L] = ",
+              at::IntArrayRef({M, B, L}), ", got ", loc.sizes());
+  TORCH_CHECK(scale.sizes() == loc.sizes(), op, ": argument 'scale' must have shape ", loc.sizes(), ", got ",
+              scale.sizes());
+  TORCH_CHECK(z.device().type() == device && loc.device() == z.device() && scale.device() == z.device(), op,
+              ": expected z, loc and scale on one ", c10::DeviceTypeName(device), " device");
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()) && z.scalar_type() == loc.scalar_type() &&
+                  z.scalar_type() == scale.scalar_type(),
+              op, ": z, loc and scale must share one floating dtype");
+  const auto acc = acc_type(z);
+  const at::Tensor s = scale.to(acc);
+  return {z.to(acc).contiguous(), loc.to(acc).contiguous(), s.reciprocal().contiguous(),
+          s.log().sum(-1).contiguous(), M, K, B, L};
+}
+
+// Present-expert mask as uint8 [M, B] (all ones when absent) and the count per batch entry, on device.
+inline std::pair<at::Tensor, at::Tensor> prepare_mask(const c10::optional<at::Tensor>& mask, int64_t M, int64_t B,
+                                                      const at::Device& device, const char* op) {
+  const auto opts = at::TensorOptions().device(device);
+  if (!mask.has_value() || !mask->defined()) {
+    return {at::ones({M, B}, opts.dtype(at::kByte)), at::full({B}, M, opts.dtype(at::kLong))};
+  }
+  TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": argument 'mask' must be a bool tensor");
+  TORCH_CHECK(mask->sizes() == at::IntArrayRef({M, B}), op, ": argument 'mask' must have shape [M, B] = ",
+              at::IntArrayRef({M, B}), ", got ", mask->sizes());
+  TORCH_CHECK(mask->device() == device, op, ": argument 'mask' must be on ", device, ", got ", mask->device());
+  const at::Tensor m = mask->to(at::kByte).contiguous();
+  return {m, m.sum(0, /*keepdim=*/false, at::kLong).contiguous()};
+}
+
+}  // namespace mmvae_fast
