@@ -38,11 +38,9 @@ import time
 
 import torch
 import torch.distributions as D
-import torch.nn as nn
-import torch.nn.functional as F
-
 import mmvae_fast.objectives as objectives
 from mmvae_fast import ops
+from mmvae_fast.models import MMVAE, VAE, ImageLikelihood, MLPDecoder, MLPEncoder, Prior
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 OPS = ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum")
@@ -169,57 +167,15 @@ def op_cases(quick):
 # ------------------------------------------------------------------------------- objectives
 
 
-class MLPVAE(nn.Module):
-    """One modality: MLP encoder / decoder (a stand-in for MNIST / SVHN's), Laplace posterior and
-    likelihood, in the research code's protocol (model(x, K) -> qz_x, px_z, zs)."""
-
-    def __init__(self, dx, L, hidden=400, llik_scaling=1.0):
-        super().__init__()
-        self.enc = nn.Sequential(nn.Linear(dx, hidden), nn.ReLU(), nn.Linear(hidden, 2 * L))
-        self.dec = nn.Sequential(nn.Linear(L, hidden), nn.ReLU(), nn.Linear(hidden, dx))
-        self.qz_x = D.Laplace
-        self.llik_scaling = llik_scaling
-        self._qz_x_params = None
-
-    @property
-    def qz_x_params(self):
-        return self._qz_x_params
-
-    def px_z(self, z):
-        return D.Laplace(self.dec(z), torch.tensor(0.75))
-
-    def forward(self, x, K=1):
-        mu, s = self.enc(x).chunk(2, -1)
-        self._qz_x_params = (mu, F.softmax(s, -1) * s.size(-1) + 1e-6)
-        qz_x = self.qz_x(*self._qz_x_params)
-        zs = qz_x.rsample(torch.Size([K]))
-        return qz_x, self.px_z(zs), zs
-
-
-class MLPMMVAE(nn.Module):
-    def __init__(self, dims=(784, 3072), L=20):
-        super().__init__()
-        self.vaes = nn.ModuleList([MLPVAE(d, L, llik_scaling=max(dims) / d) for d in dims])
-        self.pz = D.Laplace
-        self._pz_params = nn.ParameterList([nn.Parameter(torch.zeros(1, L), requires_grad=False), nn.Parameter(torch.zeros(1, L))])
-
-    @property
-    def pz_params(self):
-        return self._pz_params[0], F.softmax(self._pz_params[1], dim=1) * self._pz_params[1].size(-1)
-
-    def forward(self, x, K=1):
-        qz_xs, zss = [], []
-        px_zs = [[None] * len(self.vaes) for _ in self.vaes]
-        for m, vae in enumerate(self.vaes):
-            qz_x, px_z, zs = vae(x[m], K=K)
-            qz_xs.append(qz_x)
-            zss.append(zs)
-            px_zs[m][m] = px_z
-        for e, zs in enumerate(zss):
-            for d, vae in enumerate(self.vaes):
-                if e != d:
-                    px_zs[e][d] = vae.px_z(zs)
-        return qz_xs, px_zs, zss
+def mlp_mmvae(dims=(784, 3072), L=20):
+    """MNIST-SVHN-like MMVAE from the library's own parts: MLP 400 encoder/decoder per modality (flat
+    data of `dims`), Laplace posterior, prior (learnt scale) and Laplace(0.75) likelihood."""
+    prior = Prior(L, D.Laplace, "softmax", learn_prior=True)
+    return MMVAE([
+        VAE(MLPEncoder(L, (d,)), MLPDecoder(L, (d,)), L, posterior=D.Laplace, likelihood=ImageLikelihood(D.Laplace, 0.75),
+            prior=prior, llik_scaling=max(dims) / d, data_shape=(d,))
+        for d in dims
+    ], prior)
 
 
 def objective_cases(quick):
@@ -263,7 +219,7 @@ def run(args):
     if not args.ops or "objectives" in args.ops:
         for name, config, B, K in objective_cases(args.quick):
             torch.manual_seed(0)
-            model = MLPMMVAE()
+            model = mlp_mmvae()
             x = [torch.rand(B, 784), torch.rand(B, 3072)]
             fn = getattr(objectives, name)
             leaves = [p for p in model.parameters() if p.requires_grad]
