@@ -61,13 +61,19 @@ def small_model():
     return model, x
 
 
+def enc_dec_params(model, x):
+    """The encoder parameters, and the other parameters the objective reaches (the decoders and the
+    MMVAE's prior, not the VAEs' own priors)."""
+    enc = [p for n, p in model.named_parameters() if ".enc." in n]
+    rest = [p for n, p in model.named_parameters() if ".enc." not in n and p.requires_grad]
+    torch.manual_seed(0)
+    used = torch.autograd.grad(obj.m_iwae(model, x, 1), rest, allow_unused=True)
+    return enc, [p for p, g in zip(rest, used) if g is not None]
+
+
 def sample_gradients(model, x, K, bound, reps):
     """{estimator: (enc [reps, P], dec [reps, Q])}, replicate i of every estimator on seed i."""
-    enc = [p for n, p in model.named_parameters() if ".enc." in n]
-    dec = [p for n, p in model.named_parameters() if ".enc." not in n and p.requires_grad]
-    torch.manual_seed(0)  # keep the decoder/prior parameters the MMVAE uses (not the VAEs' own priors)
-    used = torch.autograd.grad(obj.m_iwae(model, x, 1), dec, allow_unused=True)
-    dec = [p for p, g in zip(dec, used) if g is not None]
+    enc, dec = enc_dec_params(model, x)
     out = {}
     for est in ESTIMATORS:
         ge, gd = [], []
@@ -128,11 +134,7 @@ def trained_model_table(run_dir, Ks, reps, B, device):
     model, a = load_model(run_dir, device)
     _, test = get_datasets(a.experiment, data_dir=a.data_dir)
     xs = [torch.stack([test[i][0][m] for i in range(B)]).to(device) for m in range(len(model.vaes))]
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    enc = [p for n, p in params if ".enc." in n]
-    torch.manual_seed(0)  # the decoder-side parameters the objective uses (not the VAEs' own priors)
-    used = torch.autograd.grad(obj.m_iwae(model, xs, 1), [p for n, p in params if ".enc." not in n], allow_unused=True)
-    dec = [p for (n, p), g in zip([q for q in params if ".enc." not in q[0]], used) if g is not None]
+    enc, dec = enc_dec_params(model, xs)
     rows = []
     for bound in BOUNDS:
         for K in Ks:
