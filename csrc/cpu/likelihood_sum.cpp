@@ -232,10 +232,8 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
                                                                const at::Tensor& params_in,
                                                                const std::optional<at::Tensor>& scale, int64_t family,
                                                                bool params_grad, bool scale_grad) {
-  const lik::Dims d = lik::check_args(x_in, params_in, scale, family, "likelihood_sum_backward", c10::DeviceType::CPU);
+  const lik::Dims d = lik::check_backward_args(grad_in, x_in, params_in, scale, family, c10::DeviceType::CPU);
   const auto acc = acc_type(params_in);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == d.S && grad_in.size(1) == d.B,
-              "likelihood_sum_backward: 'grad' must be [S, B] = [", d.S, ", ", d.B, "], got ", grad_in.sizes());
   const bool loc_family = family == kLikNormal || family == kLikLaplace;
   scale_grad = scale_grad && loc_family;
   const at::Tensor x = x_in.contiguous(), params = params_in.contiguous(), grad = grad_in.to(acc).contiguous();

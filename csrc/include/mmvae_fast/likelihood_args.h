@@ -52,6 +52,16 @@ inline Dims check_args(const at::Tensor& x, const at::Tensor& params, const std:
 }
 
 // Class indices must lie in [0, V): an out-of-range index would read outside the logits row.
+// The backward's arguments: the forward's, and its incoming gradient [S, B].
+inline Dims check_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& params,
+                                const std::optional<at::Tensor>& scale, int64_t family, c10::DeviceType device) {
+  const char* op = "likelihood_sum_backward";
+  const Dims d = check_args(x, params, scale, family, op, device);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == d.S && grad.size(1) == d.B, op, ": 'grad' must be [S, B] = [", d.S,
+              ", ", d.B, "], got ", grad.sizes());
+  return d;
+}
+
 inline void check_indices(const at::Tensor& x, int64_t V) {
   if (x.numel() == 0) return;
   const int64_t lo = x.min().item<int64_t>(), hi = x.max().item<int64_t>();
