@@ -55,6 +55,18 @@ def _iw_fwd_kernel(x_ptr, bound_ptr, w_ptr, w2_ptr, lse_ptr, R, N, BLOCK_R: tl.c
         tl.store(w2_ptr + base + c[None, :], w * w, mask=msk)
 
 
+@triton.jit
+def _wbar_and_cotangent(x_ptr, gw_ptr, gw2_ptr, offs, msk, shift, HAS_GW: tl.constexpr, HAS_GW2: tl.constexpr):
+    """wbar = exp(x - lse) over a tile, and its total cotangent c = g_wbar + 2 wbar g_wbar_sq."""
+    w = tl.exp(tl.load(x_ptr + offs, mask=msk, other=float("-inf")).to(shift.dtype) - shift[:, None])
+    c = tl.zeros_like(w)
+    if HAS_GW:
+        c += tl.load(gw_ptr + offs, mask=msk, other=0.0).to(shift.dtype)
+    if HAS_GW2:
+        c += 2.0 * w * tl.load(gw2_ptr + offs, mask=msk, other=0.0).to(shift.dtype)
+    return w, c
+
+
 @autotune(_CONFIGS, key=["N"], interpret_config=_INTERPRET)
 @triton.jit
 def _iw_bwd_kernel(
@@ -77,23 +89,13 @@ def _iw_bwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         c = n0 + cols
         msk = rmask[:, None] & (c < N)[None, :]
-        w = tl.exp(tl.load(x_ptr + base + c[None, :], mask=msk, other=float("-inf")).to(acc) - shift[:, None])
-        cj = tl.zeros([BLOCK_R, BLOCK_N], acc)
-        if HAS_GW:
-            cj += tl.load(gw_ptr + base + c[None, :], mask=msk, other=0.0).to(acc)
-        if HAS_GW2:
-            cj += 2.0 * w * tl.load(gw2_ptr + base + c[None, :], mask=msk, other=0.0).to(acc)
+        w, cj = _wbar_and_cotangent(x_ptr, gw_ptr, gw2_ptr, base + c[None, :], msk, shift, HAS_GW, HAS_GW2)
         S += tl.sum(w * cj, 1)
     # pass 2: g_i = wbar_i (gb + c_i - S)
     for n0 in range(0, N, BLOCK_N):
         c = n0 + cols
         msk = rmask[:, None] & (c < N)[None, :]
-        w = tl.exp(tl.load(x_ptr + base + c[None, :], mask=msk, other=float("-inf")).to(acc) - shift[:, None])
-        cj = tl.zeros([BLOCK_R, BLOCK_N], acc)
-        if HAS_GW:
-            cj += tl.load(gw_ptr + base + c[None, :], mask=msk, other=0.0).to(acc)
-        if HAS_GW2:
-            cj += 2.0 * w * tl.load(gw2_ptr + base + c[None, :], mask=msk, other=0.0).to(acc)
+        w, cj = _wbar_and_cotangent(x_ptr, gw_ptr, gw2_ptr, base + c[None, :], msk, shift, HAS_GW, HAS_GW2)
         g = w * (gb[:, None] + cj - S[:, None])
         tl.store(gx_ptr + base + c[None, :], g.to(gx_ptr.dtype.element_ty), mask=msk)
 
