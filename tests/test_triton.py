@@ -71,7 +71,7 @@ def assert_grads(outs, refs, inputs, gen, **tol):
 
 
 def test_backend_registered_for_cuda_and_interpreter():
-    for op in _triton._ENTRIES:
+    for op in _triton._OPS:
         assert _dispatch.available(op, "triton", "cuda")
         assert _dispatch.available(op, "triton", "cpu")  # only because TRITON_INTERPRET=1
     assert _dispatch.resolve("importance_weights", None, "cuda") == "triton"

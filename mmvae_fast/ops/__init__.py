@@ -1,17 +1,17 @@
-"""The public fused ops. Each dispatches to a backend (see `_dispatch`); the API never depends on
-which one runs. Plain helpers with no fused kernel (`log_density_sum`, `kl_divergence`) live here
-too, so objectives import only from this package."""
+"""The public fused ops, one module per op (ops/<op>.py: the op, and the fake kernels and autograd
+formulas of its C++ op). Each call dispatches to a backend (see `_dispatch`); the API never
+depends on which one runs. Plain helpers with no fused kernel (`log_density_sum`, `kl_divergence`)
+live here too, so objectives import only from this package."""
 from . import _reference  # noqa: F401  (registers the always-available backend)
-from . import _cpu_weights, _cpu_likelihood  # noqa: F401  (the C++ kernels, when the extension is built)
-from . import _cpu_mixture  # noqa: F401  (the cpu backend of the mixture ops, when the extension is built)
-from . import _triton  # noqa: F401  (registers Triton for CUDA tensors if triton is installed)
-from . import _cuda  # noqa: F401  (the extension's CUDA kernels, after the cpu modules whose ops they share)
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends
-from .weights import ImportanceWeights, importance_weights
-from .mixture import mixture_log_density, importance_ratios
-from .likelihood import likelihood_sum
-from ..reference.densities import log_density_sum, kl_divergence, acc_dtype
-from ..reference.mixture import ratios_from_pairwise
+from .importance_weights import ImportanceWeights, importance_weights
+from .mixture_log_density import mixture_log_density
+from .importance_ratios import importance_ratios
+from .likelihood_sum import likelihood_sum
+from . import _triton  # noqa: F401,E402  (registers Triton for CUDA tensors if triton is installed)
+from .._numerics import acc_dtype
+from ..reference.densities import log_density_sum, kl_divergence
+from ..reference.importance_ratios import ratios_from_pairwise
 
 __all__ = [
     "BACKENDS",

@@ -1,4 +1,4 @@
-"""The Triton backend: registers the kernels of `mmvae_fast.kernels` for CUDA tensors, and for CPU
+"""The Triton backend: registers the kernels of `mmvae_fast.kernels` (kernels/<op>.py) for CUDA tensors, and for CPU
 tensors when TRITON_INTERPRET=1 (Triton's interpreter: how the tests run them without a GPU).
 
 Where CUDA is present the kernels load when this module registers them, so that torch.compile
@@ -9,44 +9,18 @@ is absent.
 import importlib
 import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import torch
 
 from . import _dispatch
 
-# op -> (module of mmvae_fast.kernels, function)
-_ENTRIES = {
-    "importance_weights": ("weights", "importance_weights"),
-    "mixture_log_density": ("mixture", "mixture_log_density"),
-    "importance_ratios": ("mixture", "importance_ratios"),
-    "likelihood_sum": ("likelihood", "likelihood_sum"),
-}
-
-
-def _kernels_package():
-    """mmvae_fast.kernels when installed; in a source checkout, the top-level kernels/ directory
-    loaded under that name (setuptools maps kernels/ to mmvae_fast.kernels on install)."""
-    name = "mmvae_fast.kernels"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError:
-        src = Path(__file__).resolve().parents[2] / "kernels"
-        spec = importlib.util.spec_from_file_location(name, src / "__init__.py", submodule_search_locations=[str(src)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        return mod
-
-
+# each op's kernels live in mmvae_fast/kernels/<op>.py, entry point <op>
+_OPS = ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum")
 _LOADED = {}  # op -> the kernel's entry point, once imported
 
 
 def _load(op):
-    module, fn = _ENTRIES[op]
-    pkg = _kernels_package()
-    _LOADED[op] = getattr(importlib.import_module(f"{pkg.__name__}.{module}"), fn)
+    _LOADED[op] = getattr(importlib.import_module(f"mmvae_fast.kernels.{op}"), op)
     return _LOADED[op]
 
 
@@ -72,12 +46,12 @@ def register() -> bool:
     devices = ("cuda", "cpu") if interpret else ("cuda",)
     if not interpret and torch.cuda.is_available():
         try:
-            for op in _ENTRIES:
+            for op in _OPS:
                 _load(op)
         except Exception as e:  # a triton that cannot build our kernels: say so, fall back
             _dispatch.mark_unavailable("triton", f"its kernels failed to load ({type(e).__name__}: {e})")
             return False
-    for op in _ENTRIES:
+    for op in _OPS:
         _dispatch.register(op, "triton", _lazy(op), devices=devices)
     return True
 

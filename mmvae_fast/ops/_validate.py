@@ -1,8 +1,7 @@
 """Argument checks shared by the public ops: clear errors that name the argument."""
 import torch
 
-from ..reference.densities import FAMILIES
-from ..reference.likelihood import LIKELIHOODS
+from .._numerics import FAMILIES, LIKELIHOODS
 
 
 def _checks_enabled() -> bool:
@@ -51,3 +50,20 @@ def family(name: str, f, allowed=FAMILIES) -> str:
 
 def likelihood(name: str, f) -> str:
     return family(name, f, LIKELIHOODS)
+
+
+def experts(z, loc, scale, family_name) -> None:
+    """The mixture ops' arguments: z [M, K, B, L], loc and scale [M, B, L] of one device and dtype."""
+    for n, t in (("z", z), ("loc", loc), ("scale", scale)):
+        tensor(n, t)
+    same_device(z=z, loc=loc, scale=scale)
+    same_dtype(z=z, loc=loc, scale=scale)
+    family("family", family_name)
+    if z.dim() != 4:
+        raise ValueError(f"argument 'z' must have shape [M, K, B, L] (groups, samples, batch, latent), got {tuple(z.shape)}")
+    M, K, B, L = z.shape
+    if min(M, K, B, L) < 1:
+        raise ValueError(f"argument 'z' must have non-empty dims [M, K, B, L], got {tuple(z.shape)}")
+    shape("loc", loc, (M, B, L), "experts, batch, latent: one expert per group of z")
+    shape("scale", scale, (M, B, L), "experts, batch, latent")
+    positive("scale", scale)

@@ -3,14 +3,10 @@ import math
 
 import torch
 
-FAMILIES = ("normal", "laplace")
+from .._numerics import FAMILIES, acc_dtype
+
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _LOG_2 = math.log(2.0)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation (and output) dtype for an input dtype: float64 stays, all else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def log_density(x, loc, scale, family: str):

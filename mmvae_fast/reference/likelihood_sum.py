@@ -2,9 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from .densities import acc_dtype, log_density
-
-LIKELIHOODS = ("laplace", "normal", "bernoulli", "categorical")
+from .._numerics import LIKELIHOODS, acc_dtype
+from .densities import log_density
 
 
 def likelihood_sum(x, params, family: str, scale=None):

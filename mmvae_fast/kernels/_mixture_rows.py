@@ -1,9 +1,9 @@
-"""Mixture log-density and appendix B's importance ratios in Triton.
+"""The pairwise-table tiles shared by the Triton mixture_log_density and importance_ratios.
 
 Layout (DESIGN.md 2): z[r, k, b, l] sample k of group r; loc, scale[m, b, l] expert m;
 a[r, m, k, b] = sum_l log f(z[r, k, b, l]; loc[m, b, l], scale[m, b, l]).
 
-Each program owns one group r, a chunk of K_CHUNK samples (_K_CHUNK_FWD / _BWD) and a tile of BLOCK_B batch entries,
+Each program owns one group r, a chunk of K_CHUNK samples (K_CHUNK_FWD / _BWD) and a tile of BLOCK_B batch entries,
 with the whole latent vector in the tile (BLOCK_L = next power of two >= L). The pairwise
 values are formed in registers, one expert at a time, and folded into an online log-sum-exp:
 nothing of size M*M*K*B*L exists, and a[M, M, K, B] only when asked for.
@@ -17,9 +17,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ._common import acc_dtype, autotune, interpreting
+from ._common import acc_dtype, interpreting
 
 _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 _LOG_2 = tl.constexpr(math.log(2.0))
@@ -27,8 +27,8 @@ MAX_L = 8192  # the whole latent vector lives in one tile
 # Samples per program. Forward: few, for parallelism (a GPU wants thousands of programs). Backward:
 # more, since each program writes a partial loc/scale gradient [M, BLOCK_B, L] per chunk.
 # Under the interpreter 2, so that the tests cross chunks.
-_K_CHUNK_FWD = 2 if interpreting() else 4
-_K_CHUNK_BWD = 2 if interpreting() else 8
+K_CHUNK_FWD = 2 if interpreting() else 4
+K_CHUNK_BWD = 2 if interpreting() else 8
 _TILE = 4096  # max elements of a [BLOCK_B, BLOCK_L] tile
 
 
@@ -197,112 +197,36 @@ def _pairwise_bwd_kernel(
         tl.store(pscale_ptr + out, dscale, mask=tmask)
 
 
-_mixture_fwd = _tuned(_mixture_fwd_kernel)
-_ratios_fwd = _tuned(_ratios_fwd_kernel)
-_pairwise_bwd = _tuned(_pairwise_bwd_kernel)
+mixture_fwd = _tuned(_mixture_fwd_kernel)
+ratios_fwd = _tuned(_ratios_fwd_kernel)
+pairwise_bwd = _tuned(_pairwise_bwd_kernel)
 
 
-def _shape(z, k_chunk):
+def shape(z, k_chunk):
     M, K, B, L = z.shape
     if L > MAX_L:
         raise ValueError(f"argument 'z': the Triton backend supports latent dims L <= {MAX_L}, got L = {L}")
     return M, K, B, L, triton.cdiv(K, k_chunk), triton.next_power_of_2(L)
 
 
-def _grid(M, n_kc, B):
+def grid(M, n_kc, B):
     return lambda meta: (M * n_kc, triton.cdiv(B, meta["BLOCK_B"]))
 
 
-@triton_op("mmvae_fast_triton::mixture_log_density", mutates_args=())
-def mixture_fwd(
-    z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, normal: bool, write_a: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lq [M,K,B], lse over present experts [M,K,B], a [M,M,K,B] or empty) for contiguous inputs."""
-    M, K, B, L, n_kc, BL = _shape(z, _K_CHUNK_FWD)
-    dt = acc_dtype(z.dtype)
-    lq = torch.empty(M, K, B, dtype=dt, device=z.device)
-    lse = torch.empty(M, K, B, dtype=dt, device=z.device)
-    a = torch.empty((M, M, K, B) if write_a else (0,), dtype=dt, device=z.device)
-    wrap_triton(_mixture_fwd)[_grid(M, n_kc, B)](
-        z, loc, scale, z if mask is None else mask, lq, lse, lq if not write_a else a, M, K, B, L,
-        NORMAL=normal, HAS_MASK=mask is not None, WRITE_A=write_a, K_CHUNK=_K_CHUNK_FWD, BLOCK_L=BL,
-    )
-    return lq, lse, a
-
-
-@triton_op("mmvae_fast_triton::pairwise_backward", mutates_args=())
-def pairwise_bwd(
+def pairwise_backward(
     z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, stat: torch.Tensor,
     g: torch.Tensor | None, ga: torch.Tensor | None, normal: bool, ratios: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dz, dloc, dscale) of the pairwise table's cotangent; see _pairwise_bwd_kernel."""
-    M, K, B, L, n_kc, BL = _shape(z, _K_CHUNK_BWD)
+    M, K, B, L, n_kc, BL = shape(z, K_CHUNK_BWD)
     dt = acc_dtype(z.dtype)
     dz = torch.empty(M, K, B, L, dtype=dt, device=z.device) if not ratios else torch.zeros_like(z)
     ploc = torch.empty(M * n_kc, M, B, L, dtype=dt, device=z.device)
     pscale = torch.empty_like(ploc)
-    wrap_triton(_pairwise_bwd)[_grid(M, n_kc, B)](
+    wrap_triton(pairwise_bwd)[grid(M, n_kc, B)](
         z, loc, scale, z if mask is None else mask, stat, stat if g is None else g, stat if ga is None else ga,
         dz, ploc, pscale, M, K, B, L,
         RATIOS=ratios, NORMAL=normal, HAS_MASK=mask is not None, HAS_G=g is not None, HAS_GA=ga is not None,
-        K_CHUNK=_K_CHUNK_BWD, BLOCK_L=BL,
+        K_CHUNK=K_CHUNK_BWD, BLOCK_L=BL,
     )
     return dz.to(z.dtype), ploc.sum(0).to(loc.dtype), pscale.sum(0).to(scale.dtype)
-
-
-def _mixture_setup(ctx, inputs, output):
-    z, loc, scale, mask, normal, write_a = inputs
-    ctx.normal = normal
-    ctx.save_for_backward(z, loc, scale, mask, output[1])
-
-
-def _mixture_backward(ctx, g_lq, _g_lse, g_a):
-    z, loc, scale, mask, lse = ctx.saved_tensors
-    c = lambda g: None if g is None or g.numel() == 0 else g.contiguous()  # noqa: E731
-    dz, dloc, dscale = pairwise_bwd(z, loc, scale, mask, lse, c(g_lq), c(g_a), ctx.normal, False)
-    return dz, dloc, dscale, None, None, None
-
-
-mixture_fwd.register_autograd(_mixture_backward, setup_context=_mixture_setup)
-
-
-@triton_op("mmvae_fast_triton::importance_ratios", mutates_args=())
-def ratios_fwd(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, normal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ratio [M,M,K,B], own log-density log q_d(z_d) [M,K,B]) for contiguous inputs."""
-    M, K, B, L, n_kc, BL = _shape(z, _K_CHUNK_FWD)
-    dt = acc_dtype(z.dtype)
-    ratio = torch.empty(M, M, K, B, dtype=dt, device=z.device)
-    own = torch.empty(M, K, B, dtype=dt, device=z.device)
-    wrap_triton(_ratios_fwd)[_grid(M, n_kc, B)](
-        z, loc, scale, ratio, own, M, K, B, L, NORMAL=normal, K_CHUNK=_K_CHUNK_FWD, BLOCK_L=BL,
-    )
-    return ratio, own
-
-
-def _ratios_setup(ctx, inputs, output):
-    z, loc, scale, normal = inputs
-    ctx.normal = normal
-    ctx.save_for_backward(z, loc, scale, output[1])
-
-
-def _ratios_backward(ctx, g_ratio, _g_own):
-    z, loc, scale, own = ctx.saved_tensors
-    g = None if g_ratio is None else g_ratio.contiguous()
-    _, dloc, dscale = pairwise_bwd(z, loc, scale, None, own, g, None, ctx.normal, True)
-    return None, dloc, dscale, None  # z_d is detached: no gradient to z
-
-
-ratios_fwd.register_autograd(_ratios_backward, setup_context=_ratios_setup)
-
-
-def mixture_log_density(z, loc, scale, family, mask, return_pairwise):
-    """The backend entry of ops.mixture_log_density (mask: bool [M, B] or None)."""
-    m8 = None if mask is None else mask.to(torch.int8).contiguous()
-    lq, _, a = mixture_fwd(z.contiguous(), loc.contiguous(), scale.contiguous(), m8, family == "normal", bool(return_pairwise))
-    return (lq, a) if return_pairwise else lq
-
-
-def importance_ratios(z, loc, scale, family):
-    """The backend entry of ops.importance_ratios."""
-    ratio, _ = ratios_fwd(z.detach().contiguous(), loc.contiguous(), scale.contiguous(), family == "normal")
-    return ratio

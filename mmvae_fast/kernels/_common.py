@@ -5,8 +5,9 @@ Triton's relaunch check (nan != nan: "Global variable ... has changed"), and an 
 torch.compile, whose inductor re-emits the kernel's globals as source (`-inf` is no Python name)."""
 import os
 
-import torch
 import triton
+
+from .._numerics import acc_dtype  # noqa: F401  (re-exported for the kernels)
 
 
 def interpreting() -> bool:
@@ -24,8 +25,3 @@ def autotune(configs, key, interpret_config):
     and exercise the masks of ragged tiles with tiny tensors.
     """
     return triton.autotune(configs=[interpret_config] if interpreting() else configs, key=key)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else accumulates (and is returned) in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -104,7 +104,7 @@ def _grid(R):
     return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)
 
 
-@triton_op("mmvae_fast_triton::importance_weights_rows", mutates_args=())
+@triton_op("mmvae_fast_triton::importance_weights", mutates_args=())
 def importance_weights_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bound [R], wbar [R, N], wbar**2 [R, N], lse [R]) over the rows of a contiguous x [R, N]."""
     R, N = x.shape
@@ -118,7 +118,7 @@ def importance_weights_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return bound, w, w2, lse
 
 
-@triton_op("mmvae_fast_triton::importance_weights_rows_backward", mutates_args=())
+@triton_op("mmvae_fast_triton::importance_weights_backward", mutates_args=())
 def importance_weights_rows_backward(
     x: torch.Tensor, lse: torch.Tensor, gb: torch.Tensor | None, gw: torch.Tensor | None, gw2: torch.Tensor | None
 ) -> torch.Tensor:

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from .densities import acc_dtype
+from .._numerics import acc_dtype
 
 
 def normalize_dims(dim, ndim: int) -> tuple:

@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .._numerics import LIKELIHOOD_CODES
 from ._common import acc_dtype, autotune
 
-FAMILY = {"normal": 0, "laplace": 1, "bernoulli": 2, "categorical": 3}
 _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 _LOG_2 = tl.constexpr(math.log(2.0))
 
@@ -234,5 +234,5 @@ def likelihood_sum(x, params, family, scale=None):
         sc = torch.as_tensor(scale, device=params.device)
         sc = sc.to(acc_dtype(params.dtype)) if not sc.is_floating_point() else sc
         sc3 = sc.expand(params.shape).reshape(S, B, E)  # a view for scalar / per-event scales
-    out, _ = lik_fwd(x.reshape(B, E).contiguous(), p3.contiguous(), sc3, FAMILY[family])
+    out, _ = lik_fwd(x.reshape(B, E).contiguous(), p3.contiguous(), sc3, LIKELIHOOD_CODES[family])
     return out.reshape(*S_shape, B)

@@ -1,0 +1,61 @@
+"""importance_ratios: appendix B's cross-modal importance ratios.
+
+The public op, and the wiring of the C++ op mmvae_fast::importance_ratios (csrc/cpu and
+csrc/cuda importance_ratios): its fake kernel and autograd formula. Forward saves the ratios
+(d ratio / d a = ratio); the backward op recomputes the pairwise log-densities a row at a time.
+"""
+import torch
+
+from . import _dispatch, _extension, _validate
+from .._numerics import acc_dtype
+
+
+def importance_ratios(z, loc, scale, *, family="normal", backend=None):
+    """Appendix B's cross-modal importance ratios.
+
+        ratio[r, d, k, b] = exp(log q_r(z_d) - stopgrad(log q_d(z_d))),   z_d = z[d, k, b] detached
+
+    with the diagonal r == d the constant 1. Returns [M, M, K, B]; gradients reach loc and scale
+    of expert r only (never z, never the denominators).
+    """
+    _validate.experts(z, loc, scale, family)
+    b = _dispatch.resolve("importance_ratios", backend, z.device.type)
+    return _dispatch.impl("importance_ratios", b)(z, loc, scale, family)
+
+
+# ---- the C++ op (cpu and cuda backends)
+
+
+def _register_extension_op():
+    @torch.library.register_fake("mmvae_fast::importance_ratios")
+    def _(z, loc, scale, family):
+        M, K, B, _L = z.shape
+        return z.new_empty((M, M, K, B), dtype=acc_dtype(z.dtype))
+
+    @torch.library.register_fake("mmvae_fast::importance_ratios_backward")
+    def _(grad, ratio, z, loc, scale, family):
+        return loc.new_empty(loc.shape), scale.new_empty(scale.shape)
+
+    def setup_context(ctx, inputs, output):
+        z, loc, scale, family = inputs
+        ctx.save_for_backward(z, loc, scale, output)  # the ratios: d ratio / d a = ratio
+        ctx.family = family
+
+    def backward(ctx, grad):
+        z, loc, scale, ratio = ctx.saved_tensors
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return None, None, None, None
+        gl, gs = torch.ops.mmvae_fast.importance_ratios_backward(grad, ratio, z, loc, scale, ctx.family)
+        return None, gl if ctx.needs_input_grad[1] else None, gs if ctx.needs_input_grad[2] else None, None
+
+    torch.library.register_autograd("mmvae_fast::importance_ratios", backward, setup_context=setup_context)
+
+
+def _extension_importance_ratios(z, loc, scale, family):
+    # z is detached by contract: the ratios' gradient reaches only loc and scale
+    return torch.ops.mmvae_fast.importance_ratios(z.detach(), loc, scale, family)
+
+
+if _extension.built("importance_ratios"):
+    _register_extension_op()
+_extension.register("importance_ratios", _extension_importance_ratios)

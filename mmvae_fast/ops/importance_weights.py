@@ -1,0 +1,93 @@
+"""importance_weights: the bound, the normalised weights and their squares in one pass.
+
+The public op, and the wiring of the C++ op mmvae_fast::importance_weights (csrc/cpu and csrc/cuda
+importance_weights): its fake kernel, its autograd formula and the adapter that views lw as
+[P, N, Q]. The C++ op reduces the middle dim of lw [P, N, Q] -> (lse [P, Q], wbar, wbar_sq
+[P, N, Q]). Reduced dims that are adjacent (the objectives' (0, 1) or 1 of lw [M, K, B]) are
+viewed as N in place, so nothing is transposed and the outputs keep lw's layout; other dims sets
+are moved last (Q = 1). bound = lse - log N.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import _dispatch, _extension, _validate
+from .._numerics import acc_dtype
+from ..reference.importance_weights import normalize_dims
+
+
+class ImportanceWeights(NamedTuple):
+    bound: torch.Tensor  # logmeanexp of lw over dim (dim removed)
+    wbar: torch.Tensor  # softmax of lw over dim (shape of lw)
+    wbar_sq: torch.Tensor  # wbar**2, DReG's encoder weights
+
+
+def importance_weights(lw, dim=0, *, backend=None) -> ImportanceWeights:
+    """Normalised importance weights of log weights `lw` over `dim` (int or tuple of ints).
+
+    bound   = log (1/N) sum_dim exp(lw)       (the IWAE bound of each slice)
+    wbar    = exp(lw - logsumexp_dim lw)      (d bound / d lw)
+    wbar_sq = wbar**2                         (DReG's weights on the z path)
+
+    Accumulates and returns float32 (float64 for float64 input). A slice of all -inf gives
+    bound -inf, weights 0 and zero gradients; NaN propagates. All three outputs are
+    differentiable.
+    """
+    _validate.tensor("lw", lw)
+    dims = normalize_dims(dim, lw.dim())
+    for d in dims:
+        if lw.shape[d] == 0:
+            raise ValueError(f"argument 'lw' has size 0 along reduced dim {d}: need at least one sample")
+    b = _dispatch.resolve("importance_weights", backend, lw.device.type)
+    return ImportanceWeights(*_dispatch.impl("importance_weights", b)(lw, dims))
+
+
+# ---- the C++ op (cpu and cuda backends)
+
+
+def _register_extension_op():
+    @torch.library.register_fake("mmvae_fast::importance_weights")
+    def _(lw):
+        P, N, Q = lw.shape
+        acc = acc_dtype(lw.dtype)
+        return lw.new_empty((P, Q), dtype=acc), lw.new_empty((P, N, Q), dtype=acc), lw.new_empty((P, N, Q), dtype=acc)
+
+    @torch.library.register_fake("mmvae_fast::importance_weights_backward")
+    def _(lw, lse, g_lse, g_wbar, g_wbar_sq):
+        return torch.empty_like(lw, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output[0])  # lw and lse: backward recomputes the weights
+        ctx.set_materialize_grads(False)  # an output nobody used costs nothing in backward
+
+    def backward(ctx, g_lse, g_wbar, g_wbar_sq):
+        lw, lse = ctx.saved_tensors
+        if g_lse is None and g_wbar is None and g_wbar_sq is None:
+            return None
+        return torch.ops.mmvae_fast.importance_weights_backward(lw, lse, g_lse, g_wbar, g_wbar_sq)
+
+    torch.library.register_autograd("mmvae_fast::importance_weights", backward, setup_context=setup_context)
+
+
+def _extension_importance_weights(lw, dims):
+    """bound, wbar, wbar_sq of lw over the sorted, distinct dims (validated by the public op)."""
+    shape = tuple(lw.shape)
+    kept_shape = tuple([n for d, n in enumerate(shape) if d not in dims])
+    N = math.prod([shape[d] for d in dims])
+    if dims == tuple(range(dims[0], dims[-1] + 1)):  # adjacent: a view [P, N, Q]
+        x = lw.reshape(math.prod(shape[: dims[0]]), N, math.prod(shape[dims[-1] + 1:]))
+        lse, wbar, wbar_sq = torch.ops.mmvae_fast.importance_weights(x)
+        return (lse - math.log(N)).reshape(kept_shape), wbar.reshape(shape), wbar_sq.reshape(shape)
+    kept = [d for d in range(lw.dim()) if d not in dims]
+    perm = kept + list(dims)
+    x = lw.permute(perm)
+    lse, wbar, wbar_sq = torch.ops.mmvae_fast.importance_weights(x.reshape(-1, N, 1))
+    inv = [perm.index(d) for d in range(len(perm))]
+    back = lambda t: t.reshape(x.shape).permute(inv)  # noqa: E731
+    return (lse - math.log(N)).reshape(kept_shape), back(wbar), back(wbar_sq)
+
+
+if _extension.built("importance_weights"):
+    _register_extension_op()
+_extension.register("importance_weights", _extension_importance_weights)

@@ -1,0 +1,89 @@
+"""mixture_log_density: log q_mix(z) of a mixture of experts, without the pairwise table in memory.
+
+The public op, and the wiring of the C++ ops mmvae_fast::mixture_log_density and
+mixture_log_density_pairwise (csrc/cpu and csrc/cuda mixture_log_density): fake kernels and one
+autograd formula. Forward saves (z, loc, scale, lq), never the pairwise table; the backward op
+recomputes it a row at a time, so neither direction keeps anything of size M*M*K*B*L.
+"""
+import torch
+
+from . import _dispatch, _extension, _validate
+from .._numerics import acc_dtype
+
+
+def mixture_log_density(z, loc, scale, *, family="normal", mask=None, return_pairwise=False, backend=None):
+    """log q_mix(z) of the mixture of M experts with diagonal Normal/Laplace components.
+
+    z[r, k, b, :] is sample k from expert r; loc, scale[m, b, :] parametrise expert m.
+        a[r, m, k, b] = sum_l log f(z[r, k, b, l]; loc[m, b, l], scale[m, b, l])
+        lq[r, k, b]   = logsumexp_{m present} a[r, m, k, b] - log(#present)
+    mask: optional bool [M] or [M, B], True where expert m is present for batch entry b.
+    Returns lq [M, K, B], or (lq, a) with a [M, M, K, B] (raw, unmasked) if return_pairwise.
+    Differentiable in z, loc and scale; accumulates in float32 (float64 for float64 input).
+    """
+    _validate.experts(z, loc, scale, family)
+    M, K, B, L = z.shape
+    if mask is not None:
+        _validate.tensor("mask", mask, floating=False)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"argument 'mask' must be a bool tensor, got {mask.dtype}")
+        _validate.same_device(z=z, mask=mask)
+        if mask.dim() == 1:
+            mask = mask[:, None]
+        if mask.dim() != 2 or mask.shape[0] != M or mask.shape[1] not in (1, B):
+            raise ValueError(f"argument 'mask' must have shape [M] or [M, B] = [{M}] or [{M}, {B}], got {tuple(mask.shape)}")
+        mask = mask.expand(M, B)
+    b = _dispatch.resolve("mixture_log_density", backend, z.device.type)
+    return _dispatch.impl("mixture_log_density", b)(z, loc, scale, family, mask, bool(return_pairwise))
+
+
+# ---- the C++ ops (cpu and cuda backends)
+
+
+def _register_extension_op():
+    @torch.library.register_fake("mmvae_fast::mixture_log_density")
+    def _(z, loc, scale, family, mask):
+        M, K, B, _L = z.shape
+        return z.new_empty((M, K, B), dtype=acc_dtype(z.dtype))
+
+    @torch.library.register_fake("mmvae_fast::mixture_log_density_pairwise")
+    def _(z, loc, scale, family, mask):
+        M, K, B, _L = z.shape
+        dt = acc_dtype(z.dtype)
+        return z.new_empty((M, K, B), dtype=dt), z.new_empty((M, M, K, B), dtype=dt)
+
+    @torch.library.register_fake("mmvae_fast::mixture_log_density_backward")
+    def _(grad_lq, grad_a, z, loc, scale, lq, family, mask, output_mask):
+        return tuple(t.new_empty(t.shape) if w else t.new_empty((0,)) for t, w in zip((z, loc, scale), output_mask))
+
+    def setup_context(ctx, inputs, output):
+        z, loc, scale, family, mask = inputs
+        lq = output[0] if isinstance(output, (tuple, list)) else output
+        ctx.save_for_backward(z, loc, scale, lq, mask)
+        ctx.family = family
+        # an unused output (a, or lq when only a is used) arrives as None: no zero tensor is made
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_lq, grad_a=None):
+        z, loc, scale, lq, mask = ctx.saved_tensors
+        want = [bool(w) for w in ctx.needs_input_grad[:3]]
+        if not any(want) or (grad_lq is None and grad_a is None):
+            return None, None, None, None, None
+        gz, gl, gs = torch.ops.mmvae_fast.mixture_log_density_backward(
+            grad_lq, grad_a, z, loc, scale, lq, ctx.family, mask, want
+        )
+        return gz if want[0] else None, gl if want[1] else None, gs if want[2] else None, None, None
+
+    for name in ("mixture_log_density", "mixture_log_density_pairwise"):
+        torch.library.register_autograd(f"mmvae_fast::{name}", backward, setup_context=setup_context)
+
+
+def _extension_mixture_log_density(z, loc, scale, family, mask, pairwise):
+    if pairwise:
+        return torch.ops.mmvae_fast.mixture_log_density_pairwise(z, loc, scale, family, mask)
+    return torch.ops.mmvae_fast.mixture_log_density(z, loc, scale, family, mask)
+
+
+if _extension.built("mixture_log_density"):
+    _register_extension_op()
+_extension.register("mixture_log_density", _extension_mixture_log_density)
