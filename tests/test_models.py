@@ -24,6 +24,8 @@ SHAPES = {
     "mnist-svhn": [(1, 28, 28), (3, 32, 32)],
     "cub-features": [(2048,), (32,)],
     "cub-images-sentences": [(3, 64, 64), (32,)],
+    "polydigits": [(3, 12, 12)] * 5,
+    "polymnist": [(3, 28, 28)] * 5,
 }
 VOCAB = 37  # a small caption vocabulary keeps the CUB tests fast; the default (1590) is checked once
 MULTI = ["m_elbo_naive", "m_elbo", "m_iwae", "m_iwae_looser", "m_dreg", "m_dreg_looser"]

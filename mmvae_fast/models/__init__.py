@@ -8,6 +8,8 @@
 | digits, mnist-svhn    | MNIST-like [1,28,28], SVHN-like [3,32,32] | Laplace, softmax scale | Laplace(0.75), Laplace(0.75)| 3072/784, 1          |
 | cub-features          | ResNet-101 features [2048], caption [32]  | Normal, softplus scale | Laplace(0.01), Categorical  | 32/2048, 1           |
 | cub-images-sentences  | image [3,64,64], caption [32]             | Laplace, softmax scale | Laplace(0.01), Categorical  | 32/(3*64*64), 1      |
+| polydigits            | five styled digits [3,12,12] each         | Laplace, softmax scale | Laplace(0.75) x 5           | 1 (all)              |
+| polymnist             | PolyMNIST, five [3,28,28]                 | Laplace, softmax scale | Laplace(0.75) x 5           | 1 (all)              |
 """
 import math
 
@@ -24,9 +26,11 @@ from .nets import (  # noqa: F401
     SentenceDecoder,
     SentenceEncoder,
 )
+from .poly import poly_vae, poly_vaes
 from .vae import MMVAE, VAE, ImageLikelihood, Prior, categorical, dist_mean, eval_mode, scale_from_raw  # noqa: F401
 
-EXPERIMENTS = ("digits", "mnist-svhn", "cub-features", "cub-images-sentences")
+EXPERIMENTS = ("digits", "mnist-svhn", "cub-features", "cub-images-sentences", "polydigits", "polymnist")
+POLY_EXPERIMENTS = ("polydigits", "polymnist")  # five modalities of one kind
 
 MNIST_SHAPE, SVHN_SHAPE = (1, 28, 28), (3, 32, 32)
 CUB_FEATURES, CUB_IMAGE_SHAPE = 2048, (3, 64, 64)
@@ -80,6 +84,8 @@ def default_llik_scaling(experiment, vocab_size=VOCAB_SIZE):
     """The paper code's default scaling of the first modality (the second is 1): the ratio of the
     second modality's size to the first's, so both contribute similarly to the bound."""
     _check_experiment(experiment)
+    if experiment in POLY_EXPERIMENTS:
+        return 1.0
     if experiment in ("digits", "mnist-svhn"):
         return math.prod(SVHN_SHAPE) / math.prod(MNIST_SHAPE)
     if experiment == "cub-features":
@@ -91,7 +97,8 @@ def build_model(experiment, latent_dim=20, learn_prior=False, llik_scaling=None,
     """The MMVAE of `experiment` (one of EXPERIMENTS).
 
     llik_scaling: None for the paper's default on the first modality (MNIST 3072/784; CUB image
-    32/size), or a number that replaces it; the second modality keeps 1. vocab_size: caption
+    32/size), or a number that replaces it; the second modality keeps 1. The five-modality
+    experiments (POLY_EXPERIMENTS) use it for every modality (default 1). vocab_size: caption
     vocabulary (CUB; the released vocabulary has 1590 words)."""
     _check_experiment(experiment)
     if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
@@ -99,7 +106,10 @@ def build_model(experiment, latent_dim=20, learn_prior=False, llik_scaling=None,
     scale1 = default_llik_scaling(experiment) if llik_scaling is None else float(llik_scaling)
     if not scale1 > 0 or not math.isfinite(scale1):
         raise ValueError(f"argument 'llik_scaling' must be a positive finite number, got {llik_scaling!r}")
-    if experiment in ("digits", "mnist-svhn"):
+    if experiment in POLY_EXPERIMENTS:
+        prior = Prior(latent_dim, D.Laplace, "softmax", learn_prior)
+        vaes = poly_vaes(experiment, latent_dim, prior, llik_scaling=scale1)
+    elif experiment in ("digits", "mnist-svhn"):
         prior = Prior(latent_dim, D.Laplace, "softmax", learn_prior)
         vaes = [mnist_vae(latent_dim, prior=prior, llik_scaling=scale1), svhn_vae(latent_dim, prior=prior)]
     elif experiment == "cub-features":
@@ -117,6 +127,7 @@ def build_model(experiment, latent_dim=20, learn_prior=False, llik_scaling=None,
 
 __all__ = [
     "EXPERIMENTS",
+    "POLY_EXPERIMENTS",
     "build_model",
     "default_llik_scaling",
     "VAE",
@@ -127,4 +138,5 @@ __all__ = [
     "cub_feature_vae",
     "cub_image_vae",
     "cub_sentence_vae",
+    "poly_vae",
 ]

@@ -164,20 +164,44 @@ class MMVAE(nn.Module):
     def latent_dim(self):
         return self.vaes[0].latent_dim
 
-    def forward(self, x, K=1):
+    def absent(self, x, mask=None):
+        """Per modality, True where it is absent from the whole batch: x[m] is None or mask[m] has
+        no True. (Per-item absence is the objective's business, through its own mask.)"""
         if len(x) != len(self.vaes):
             raise ValueError(f"argument 'x' must hold {len(self.vaes)} modalities, got {len(x)}")
-        qz_xs, zss = [], []
-        px_zs = [[None] * len(self.vaes) for _ in self.vaes]
+        if mask is not None and tuple(mask.shape[:1]) != (len(self.vaes),):
+            raise ValueError(f"argument 'mask' must have shape [M={len(self.vaes)}, B], got {tuple(mask.shape)}")
+        out = [xm is None or (mask is not None and not bool(mask[m].any())) for m, xm in enumerate(x)]
+        if all(out):
+            raise ValueError("every modality is absent from the batch; at least one must be given")
+        return out
+
+    def _placeholder(self, m, B, K):
+        """Expert m's stand-ins when it is absent from the batch: q = family(0, 1) of shape [B, L]
+        and samples 0 of shape [K, B, L], all expand()ed views of one number (no compute, finite)."""
+        vae, L = self.vaes[m], self.latent_dim
+        zero = self.prior.loc.new_zeros(1, 1)  # the model's device and dtype
+        qz_x = vae.qz_x(zero.expand(B, L), (zero + 1).expand(B, L))
+        return qz_x, zero.expand(1, 1, 1).expand(K, B, L)
+
+    def forward(self, x, K=1, *, mask=None):
+        """(qz_xs, px_zs, zss). A modality absent from the whole batch (x[m] None, or mask[m] all
+        False for a bool mask [M, B]) costs no encoder or decoder work: qz_xs[m] and zss[m] are
+        placeholders of the right family and shape, px_zs[r][d] is None where r or d is absent."""
+        absent = self.absent(x, mask)
+        M = len(self.vaes)
+        B = next(len(xm) for xm, a in zip(x, absent) if not a)
+        qz_xs, zss = [None] * M, [None] * M
+        px_zs = [[None] * M for _ in range(M)]
         for m, vae in enumerate(self.vaes):
-            qz_x, px_z, zs = vae(x[m], K=K)
-            qz_xs.append(qz_x)
-            zss.append(zs)
-            px_zs[m][m] = px_z
-        for r, zs in enumerate(zss):
+            if absent[m]:
+                qz_xs[m], zss[m] = self._placeholder(m, B, K)
+            else:
+                qz_xs[m], px_zs[m][m], zss[m] = vae(x[m], K=K)
+        for r in range(M):
             for d, vae in enumerate(self.vaes):
-                if r != d:
-                    px_zs[r][d] = vae.decode(zs)
+                if r != d and not absent[r] and not absent[d]:
+                    px_zs[r][d] = vae.decode(zss[r])
         return qz_xs, px_zs, zss
 
     def generate(self, N):
@@ -197,3 +221,27 @@ class MMVAE(nn.Module):
         zs = self.latents(x)
         with eval_mode(self):
             return [[dist_mean(v.decode(zs[r])) for v in self.vaes] for r in range(len(self.vaes))]
+
+    def generate_from(self, x, given, mask=None, generator=None):
+        """Conditional generation from the subset `given` of modalities (indices): per item, an
+        expert chosen uniformly among the given ones (that the item has, with a bool mask [M, B])
+        -- a draw from the subset's mixture -- and every modality decoded from that expert's
+        posterior mean. Only the given modalities are encoded. Returns a list of [B, *data_d].
+        generator: a torch.Generator for the expert choice (reproducible coherence)."""
+        given = sorted({int(m) for m in given})
+        M = len(self.vaes)
+        if not given or any(not 0 <= m < M for m in given):
+            raise ValueError(f"argument 'given' must be a non-empty subset of range({M}), got {given!r}")
+        if any(x[m] is None for m in given):
+            raise ValueError("a given modality's data is None")
+        with eval_mode(self):
+            locs = torch.stack([self.vaes[m].encode(x[m])[0] for m in given])  # [S, B, L]
+            S, B = locs.shape[:2]
+            have = torch.ones(S, B, dtype=torch.bool) if mask is None else mask[given].bool().cpu()
+            if not bool(have.any(0).all()):
+                raise ValueError("an item has none of the given modalities")
+            # uniform over the item's given experts: argmax of uniform noise on the present ones
+            u = torch.rand(S, B, generator=generator).masked_fill(~have, -1.0)
+            pick = u.argmax(0).to(locs.device)
+            z = locs.gather(0, pick[None, :, None].expand(1, B, locs.shape[-1]))[0]
+            return [dist_mean(v.decode(z)) for v in self.vaes]
