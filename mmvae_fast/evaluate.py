@@ -5,6 +5,11 @@
 
 - cross coherence r -> d: the digit classifier of modality d, applied to modality d generated
   from modality r alone (decoded mean at expert r's posterior mean), predicts the source label;
+- subset coherence S -> d (more than two modalities, as MoPoE and MMVAE+ report on PolyMNIST):
+  modality d generated from the subset S of modalities (`MMVAE.generate_from`: per item an expert
+  of S drawn uniformly, decoded at its posterior mean) classified as the source's label;
+  tabulated by |S| as the mean over every S of that size and every modality d *not in* S (the
+  missing ones), and, as a second row, over every modality d;
 - joint coherence: prior samples decoded in every modality get the same predicted label;
 - latent accuracy: logistic regression on each expert's posterior means (train split -> test);
 - log-likelihood: the stratified importance-sampled estimate of log p(x_1:M) with the MoE
@@ -13,6 +18,7 @@
 Results go to RUN_DIR/eval.json; a markdown table is printed.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -28,7 +34,7 @@ from . import ops
 from . import objectives as O
 from .train import subset as _subset
 
-DIGIT_EXPERIMENTS = ("digits", "mnist-svhn")  # the ones with digit labels: coherence is defined
+DIGIT_EXPERIMENTS = ("digits", "mnist-svhn", "polydigits", "polymnist")  # digit labels: coherence is defined
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,6 +162,38 @@ def cross_coherence(model, loader, clfs, device="cpu"):
 
 
 @torch.no_grad()
+def subset_coherence(model, loader, clfs, device="cpu", seed=0):
+    """acc[S][d]: for every non-empty subset S of the modalities (a tuple, increasing), the fraction
+    of the data whose modality d generated from S (`model.generate_from`, experts drawn with a
+    generator seeded by `seed`) is classified as the source's label. Returns {S: [acc_d for d]}."""
+    M = len(clfs)
+    subsets = [S for k in range(1, M + 1) for S in itertools.combinations(range(M), k)]
+    correct, n = torch.zeros(len(subsets), M), 0
+    g = torch.Generator().manual_seed(seed)
+    for xs, y, *_ in loader:
+        xs = [x.to(device) for x in xs]
+        for i, S in enumerate(subsets):
+            gens = model.generate_from(xs, S, generator=g)
+            for d in range(M):
+                correct[i, d] += (clfs[d].predict(gens[d]).cpu() == y).sum()
+        n += len(y)
+    return {S: (correct[i] / n).tolist() for i, S in enumerate(subsets)}
+
+
+def coherence_by_size(acc):
+    """From `subset_coherence`'s {S: [acc_d]}: {k: (missing, every)}, the mean over subsets of size
+    k of the coherence of the modalities not in S (None for k = M) and of every modality."""
+    M = len(next(iter(acc.values())))
+    out = {}
+    for k in range(1, M + 1):
+        rows = [(S, a) for S, a in acc.items() if len(S) == k]
+        miss = [a[d] for S, a in rows for d in range(M) if d not in S]
+        every = [v for _, a in rows for v in a]
+        out[k] = (sum(miss) / len(miss) if miss else None, sum(every) / len(every))
+    return out
+
+
+@torch.no_grad()
 def joint_coherence(model, clfs, n=10000, batch=1000):
     """Fraction of prior samples whose decodings in all modalities get the same predicted label."""
     agree = 0
@@ -252,7 +290,7 @@ def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=None, n_joint=10000, lat
     test_set = _subset(test_set, limit)
     test_loader = DataLoader(test_set, batch_size=batch_size)
     res = dict(run_dir=run_dir, experiment=a.experiment, obj=a.obj, looser=a.looser, dreg_grad=a.dreg_grad, K=a.K,
-               seed=a.seed, epochs=a.epochs)
+               seed=a.seed, epochs=a.epochs, missing_ratio=getattr(a, "missing_ratio", 0.0))
     t0 = time.time()
     if a.experiment in DIGIT_EXPERIMENTS:
         cdir = classifiers or default_classifier_dir()
@@ -271,6 +309,11 @@ def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=None, n_joint=10000, lat
         res["cross_coherence"] = {f"m{r + 1}->m{d + 1}": cc[r][d] for r in range(M) for d in range(M) if r != d}
         res["self_coherence"] = {f"m{d + 1}->m{d + 1}": cc[d][d] for d in range(M)}
         res["joint_coherence"] = joint_coherence(model, clfs, n_joint)
+        if M > 2:
+            acc = subset_coherence(model, test_loader, clfs, device, seed=a.seed)
+            res["subset_coherence"] = {",".join(f"m{m}" for m in S): v for S, v in acc.items()}
+            res["coherence_by_size"] = {str(k): dict(missing=miss, every=every)
+                                        for k, (miss, every) in coherence_by_size(acc).items()}
         res["latent_acc"] = latent_accuracy(model, DataLoader(_subset(train_set, latent_n), batch_size=batch_size),
                                             test_loader, device)
     if ll_K:
@@ -297,7 +340,20 @@ def markdown_table(res):
     """The coherence table of the seed's Table 5 (percent), plus latent accuracy and log-likelihood."""
     what = f"{res['obj']}{' --looser' if res['looser'] else ''}" + (f" ({res['dreg_grad']})" if res.get("dreg_grad") else "")
     lines = []
-    if "cross_coherence" in res:
+    if "coherence_by_size" in res:  # more than two modalities: the table by number of given modalities
+        by = res["coherence_by_size"]
+        ks = list(by)
+        lines += [f"| {what}, K={res['K']}{_missing(res)} | " + " | ".join(f"{k} given" for k in ks) + " | joint |",
+                  "|---|" + "---|" * (len(ks) + 1),
+                  "| coherence, missing modalities | " + " | ".join(
+                      "-" if by[k]["missing"] is None else f"{100 * by[k]['missing']:.1f}" for k in ks)
+                  + f" | {100 * res['joint_coherence']:.1f} |",
+                  "| coherence, every modality | " + " | ".join(f"{100 * by[k]['every']:.1f}" for k in ks) + " | |"]
+        lines.append("\n(percent; mean over the subsets of each size; latent acc "
+                     + ", ".join(f"m{m} {100 * v:.1f}" for m, v in enumerate(res["latent_acc"]))
+                     + "; digit classifiers' own test accuracy: "
+                     + ", ".join(f"m{m} {100 * v:.1f}" for m, v in enumerate(res["classifier_acc"])) + ")")
+    elif "cross_coherence" in res:
         cross = res["cross_coherence"]
         cols = ["joint"] + [f"cross {k}" for k in cross] + [f"latent acc m{m + 1}" for m in range(len(res["latent_acc"]))]
         vals = [res["joint_coherence"]] + list(cross.values()) + res["latent_acc"]
@@ -310,6 +366,10 @@ def markdown_table(res):
         lines.append(f"test log p(x_1:M) ~ {ll['mean']:.2f} +- {ll['stderr']:.2f} nats (IWAE, K={ll['K']} per expert, "
                      f"{ll['n']} test items)")
     return "\n".join(lines)
+
+
+def _missing(res):
+    return f", {100 * res['missing_ratio']:.0f}% missing" if res.get("missing_ratio") else ""
 
 
 def add_classifier_arguments(p):

@@ -3,6 +3,8 @@
     mmvae-fast train --experiment digits --obj dreg --looser --K 30 --epochs 20 --out runs/digits
     mmvae-fast train --resume runs/digits --epochs 30          # continue, bit-identically
     torchrun --nproc_per_node 2 -m mmvae_fast.cli train ...    # DDP: gloo on CPU, nccl on CUDA
+    mmvae-fast train --experiment polydigits --missing-ratio 0.5   # five modalities, half of them missing
+    mmvae-fast train --K 1000 --k-chunk 100 ...                # large K in the memory of K = 100
 
 A run directory holds `checkpoint.pt` (model, optimiser, epoch, every rank's RNG states, args;
 written atomically at the end of each epoch), `args.json`, `metrics.jsonl` (one line per epoch:
@@ -18,6 +20,7 @@ whose state is checkpointed after everything an epoch draws (training, test obje
 so a resumed run makes the same draws in the same order as an uninterrupted one.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -43,8 +46,12 @@ EXPERIMENT_DEFAULTS = {
     "mnist-svhn": dict(_PAPER),
     "cub-features": dict(_PAPER, K=50, epochs=50, batch_size=64, latent_dim=64),
     "cub-images-sentences": dict(_PAPER, K=50, epochs=50, batch_size=64, latent_dim=64),
+    # five modalities: M*K samples per item, so a smaller K keeps the offline default CPU-sized
+    "polydigits": dict(_PAPER, K=10, epochs=10, batch_size=64),
+    "polymnist": dict(_PAPER),
 }
-GLOBAL_DEFAULTS = dict(dreg_grad=None, llik_scaling=None, seed=1, device=None, data_dir=None, workers=0, limit=None, test_n=None)
+GLOBAL_DEFAULTS = dict(dreg_grad=None, llik_scaling=None, seed=1, device=None, data_dir=None, workers=0, limit=None,
+                       test_n=None, missing_ratio=0.0, k_chunk=None)
 # What a resumed run may change; everything else comes from its checkpoint.
 RESUMABLE = ("epochs", "device", "data_dir", "workers", "test_n")
 ARG_NAMES = set(GLOBAL_DEFAULTS) | set(_PAPER) | {"experiment", "out", "resume"}
@@ -78,6 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="data-loader worker processes (default 0)")
     p.add_argument("--limit", type=int, help="train on a fixed random subset of N items (short runs; default all)")
     p.add_argument("--test-n", type=int, help="test items for the per-epoch test objective (default: as many as --limit, or all)")
+    p.add_argument("--missing-ratio", type=float, metavar="P",
+                   help="train on incomplete data: each modality of each train item absent with probability P "
+                        "(at least one present; fixed by the data seed); the objective gets mask= (default 0)")
+    p.add_argument("--k-chunk", type=int, metavar="N",
+                   help="iwae/dreg: compute the K samples in chunks of N (same value and gradient, memory of K=N)")
     p.add_argument("--out", help="run directory to write (default runs/<experiment>-<obj>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
 
@@ -90,7 +102,8 @@ def resolve_args(ns: argparse.Namespace, stored: dict = None) -> argparse.Namesp
             if k in stored and k not in RESUMABLE + ("out", "resume") and stored[k] != v:
                 raise ValueError(f"--{k.replace('_', '-')} {v!r} differs from the resumed run's {stored[k]!r}; "
                                  f"a resumed run may only change {', '.join('--' + r.replace('_', '-') for r in RESUMABLE)}")
-        merged = dict(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
+        merged = dict(GLOBAL_DEFAULTS, **stored)  # runs from before an option existed get its default
+        merged.update({k: v for k, v in given.items() if k in RESUMABLE})
         merged["resume"] = ns.resume
         merged["out"] = ns.out or ns.resume
         return argparse.Namespace(**merged)
@@ -109,7 +122,11 @@ def resolve_args(ns: argparse.Namespace, stored: dict = None) -> argparse.Namesp
         raise ValueError(f"--dreg-grad applies to --obj dreg, not {a['obj']}")
     if a["obj"] == "dreg" and a["dreg_grad"] is None:
         a["dreg_grad"] = O.DEFAULT_GRAD
-    for k in ("K", "epochs", "batch_size", "latent_dim", "limit", "test_n"):
+    if a["k_chunk"] is not None and a["obj"] == "elbo":
+        raise ValueError("--k-chunk applies to --obj iwae and dreg (the elbo has no K-sample bound to chunk)")
+    if not 0.0 <= a["missing_ratio"] < 1.0:
+        raise ValueError(f"--missing-ratio must be in [0, 1), got {a['missing_ratio']}")
+    for k in ("K", "epochs", "batch_size", "latent_dim", "limit", "test_n", "k_chunk"):
         if a[k] is not None and a[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {a[k]}")
     if a["out"] is None:
@@ -117,18 +134,38 @@ def resolve_args(ns: argparse.Namespace, stored: dict = None) -> argparse.Namesp
     return argparse.Namespace(**a)
 
 
-def make_objective(obj: str, looser: bool, dreg_grad: str = None):
-    """(train_fn, value_fn): train_fn(model, x, K) gives the bound with the chosen gradient,
-    value_fn the same bound's value (for the test set, under no_grad)."""
+def takes_mask(fn) -> bool:
+    """Whether an objective takes `mask=` (an expert mask [M, B] for partially observed data)."""
+    return "mask" in inspect.signature(fn).parameters
+
+
+def _objective_fn(obj: str, looser: bool):
     if obj == "elbo":
-        return O.m_elbo, O.m_elbo
-    value = O.m_iwae_looser if looser else O.m_iwae
+        return O.m_elbo
     if obj == "iwae":
-        return value, value
+        return O.m_iwae_looser if looser else O.m_iwae
     if obj == "dreg":
-        fn = O.m_dreg_looser if looser else O.m_dreg
-        return (lambda model, x, K: fn(model, x, K, grad=dreg_grad)), value
+        return O.m_dreg_looser if looser else O.m_dreg
     raise ValueError(f"argument 'obj' must be one of {OBJECTIVES}, got {obj!r}")
+
+
+def make_objective(obj: str, looser: bool, dreg_grad: str = None, k_chunk: int = None):
+    """(train_fn, value_fn): train_fn(model, x, K, mask=None) gives the bound with the chosen
+    gradient (K in chunks of k_chunk: same value and gradient), value_fn(model, x, K) the same
+    bound's value (for the test set, under no_grad). mask is passed on only when given."""
+    fn = _objective_fn(obj, looser)
+    value = O.m_elbo if obj == "elbo" else (O.m_iwae_looser if looser else O.m_iwae)
+    kw = dict(grad=dreg_grad) if obj == "dreg" else {}
+    if k_chunk is not None:
+        if obj == "elbo":
+            raise ValueError("k_chunk applies to the iwae and dreg objectives")
+        kw["k_chunk"] = k_chunk
+
+    def train_fn(model, x, K, mask=None):
+        return fn(model, x, K, **kw) if mask is None else fn(model, x, K, mask=mask, **kw)
+
+    train_fn.takes_mask = takes_mask(fn)
+    return train_fn, value
 
 
 class ObjectiveModule(nn.Module):
@@ -141,8 +178,8 @@ class ObjectiveModule(nn.Module):
         super().__init__()
         self.model, self.objective, self.K = model, objective, K
 
-    def forward(self, xs):
-        return self.objective(self.model, xs, self.K)
+    def forward(self, xs, mask=None):
+        return self.objective(self.model, xs, self.K, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +357,7 @@ def train(ns: argparse.Namespace):
     """Train (or resume) a run; returns the trained model and the resolved args (a.out: the run dir)."""
     from tqdm.auto import tqdm
 
-    from .data import get_datasets
+    from .data import get_datasets, split_batch
     from .models import build_model
 
     ck = load_checkpoint(ns.resume) if ns.resume else None
@@ -329,12 +366,15 @@ def train(ns: argparse.Namespace):
     lead = rank == 0
     if a.batch_size % world:
         raise ValueError(f"--batch-size {a.batch_size} must be divisible by the number of processes ({world})")
-    train_fn, value_fn = make_objective(a.obj, a.looser, a.dreg_grad)
+    train_fn, value_fn = make_objective(a.obj, a.looser, a.dreg_grad, a.k_chunk)
+    if a.missing_ratio and not train_fn.takes_mask:
+        raise ValueError(f"--missing-ratio needs an objective that takes mask=; this version's {a.obj} does not")
 
     torch.manual_seed(a.seed)
     np.random.seed(a.seed)
     random.seed(a.seed)
-    train_set, test_set = get_datasets(a.experiment, data_dir=a.data_dir)  # the data's own fixed seed
+    # the data's own fixed seed (pairing, rendering, missing-data mask of the train split)
+    train_set, test_set = get_datasets(a.experiment, data_dir=a.data_dir, missing_ratio=a.missing_ratio)
     train_set, test_set = subset(train_set, a.limit), subset(test_set, a.test_n or a.limit)
     model = build_model(a.experiment, latent_dim=a.latent_dim, learn_prior=a.learn_prior,
                         llik_scaling=a.llik_scaling).to(device)
@@ -372,6 +412,7 @@ def train(ns: argparse.Namespace):
                 keep = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] < start]
         _atomic_write_text("".join(keep), metrics_path)  # a fresh run starts a fresh file
         what = f"{a.obj}{' looser' if a.looser else ''}{f' grad={a.dreg_grad}' if a.obj == 'dreg' else ''}"
+        what += f"{f', k_chunk={a.k_chunk}' if a.k_chunk else ''}{f', {a.missing_ratio:.0%} missing' if a.missing_ratio else ''}"
         print(f"mmvae-fast train: {a.experiment}, {what}, K={a.K}, {len(train_set)} train / {len(test_set)} test, "
               f"device {device}{f' x{world} (DDP)' if world > 1 else ''}, run dir {out}")
 
@@ -381,9 +422,14 @@ def train(ns: argparse.Namespace):
         model.train()
         tot = torch.zeros(2, dtype=torch.float64, device=device)
         bar = tqdm(loader, desc=f"epoch {epoch}/{a.epochs}", leave=False, disable=not lead)
-        for i, (xs, _) in enumerate(bar):
+        for i, batch in enumerate(bar):
+            xs, _, mask = split_batch(batch)
             xs = _to(xs, device)
-            bound = step(xs)
+            if mask is not None:
+                mask = mask.to(device)
+                # a modality absent from the whole batch costs the model nothing (x[m] None)
+                xs = [x if bool(mask[m].any()) else None for m, x in enumerate(xs)]
+            bound = step(xs, mask)
             # The bound is a sum over the batch; DDP averages gradients over ranks, so scale by
             # the world size to train on the sum over the global batch, as one process would.
             loss = -bound * world
@@ -393,8 +439,9 @@ def train(ns: argparse.Namespace):
             b = bound.item()
             if not math.isfinite(b):
                 raise FloatingPointError(f"the {a.obj} objective became {b} at epoch {epoch}, step {i + 1}")
-            tot += torch.tensor([b, len(xs[0])], dtype=torch.float64, device=device)
-            bar.set_postfix(obj=f"{b / len(xs[0]):.1f}")
+            n = len(batch[1])
+            tot += torch.tensor([b, n], dtype=torch.float64, device=device)
+            bar.set_postfix(obj=f"{b / n:.1f}")
         if world > 1:
             dist.all_reduce(tot)
         train_obj = (tot[0] / tot[1]).item()
@@ -405,6 +452,7 @@ def train(ns: argparse.Namespace):
             images = save_images(model, show, os.path.join(out, "images"), f"e{epoch:03d}")
             rec = dict(epoch=epoch, train_obj=train_obj, test_obj=test_obj, obj=a.obj, looser=a.looser,
                        dreg_grad=a.dreg_grad, K=a.K, seed=a.seed, experiment=a.experiment, world=world,
+                       missing_ratio=a.missing_ratio, k_chunk=a.k_chunk,
                        time_s=round(time.time() - t0, 2))
         states = [rng_state()]
         if world > 1:
