@@ -4,7 +4,7 @@ PY := .venv/bin/python
 TORCH := torch==2.13.0
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/include/mmvae_fast/*.h)
 
-.PHONY: main poly test bench clean cuda-check gpu-check
+.PHONY: main poly test clean cuda-check gpu-check
 
 .venv/.deps:
 	python3 -m venv .venv
@@ -40,11 +40,12 @@ poly: .venv/.built
 	$(PY) -m mmvae_fast.cli train $(POLY_TRAIN) --out $(POLY_RUN)
 	$(PY) -m mmvae_fast.cli evaluate $(POLY_RUN) $(POLY_EVAL)
 
-# The Triton kernels run under Triton's interpreter in a process of their own: TRITON_INTERPRET must
-# hold before anything (e.g. torch.compile's inductor) brings triton up in a process.
+# The Triton kernels run under Triton's interpreter in a process of their own (the `triton`-marked
+# tests of every tests/test_<op>.py): TRITON_INTERPRET must hold before anything (e.g.
+# torch.compile's inductor) brings triton up in a process.
 test: .venv/.built
 	$(PY) -m pytest -q tests -m "not triton"
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests/test_triton.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests
 
 # every csrc/cuda/*.cu through nvcc for sm_80 and sm_90 (no GPU needed; skipped without nvcc)
 cuda-check: .venv/.deps

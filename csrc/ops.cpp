@@ -10,8 +10,6 @@
 #include <tuple>
 
 namespace mmvae_fast {
-at::Tensor lse_rows_cpu(const at::Tensor& x);
-
 // ---- begin: importance weights and likelihood sums (csrc/cpu/importance_weights.cpp, likelihood_sum.cpp)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> importance_weights_cpu(const at::Tensor& lw);
 at::Tensor importance_weights_backward_cpu(const at::Tensor& lw, const at::Tensor& lse,
@@ -52,7 +50,6 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(mmvae_fast, m) {
-  m.def("lse_rows(Tensor x) -> Tensor");
   // ---- begin: importance weights and likelihood sums
   // lw [P, N, Q] -> (lse [P, Q], wbar [P, N, Q], wbar_sq [P, N, Q]) over the middle dim, in float32 (float64 for float64).
   m.def("importance_weights(Tensor lw) -> (Tensor, Tensor, Tensor)");
@@ -76,7 +73,6 @@ TORCH_LIBRARY(mmvae_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(mmvae_fast, CPU, m) {
-  m.impl("lse_rows", &mmvae_fast::lse_rows_cpu);
   // ---- begin: importance weights and likelihood sums
   m.impl("importance_weights", &mmvae_fast::importance_weights_cpu);
   m.impl("importance_weights_backward", &mmvae_fast::importance_weights_backward_cpu);

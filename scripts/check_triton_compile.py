@@ -22,24 +22,24 @@ def variants(W, X, Lk, quick):
     P = lambda t: "*" + t  # noqa: E731
     out = []
     for dt, acc in [("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")]:
-        out.append((f"iw_fwd {dt}", W._iw_fwd_kernel, dict(x_ptr=P(dt), bound_ptr=P(acc), w_ptr=P(acc), w2_ptr=P(acc), lse_ptr=P(acc), R="i32", N="i32")))
+        out.append((f"iw_fwd {dt}", W._iw_fwd_kernel, dict(x_ptr=P(dt), w_ptr=P(acc), w2_ptr=P(acc), lse_ptr=P(acc), R="i32", N="i32")))
         out.append((f"iw_bwd {dt}", W._iw_bwd_kernel, dict(
             x_ptr=P(dt), lse_ptr=P(acc), gb_ptr=P(acc), gw_ptr=P(acc), gw2_ptr=P(acc), gx_ptr=P(dt), R="i32", N="i32",
             HAS_GB=True, HAS_GW=dt != "fp16", HAS_GW2=dt != "bf16")))
-    out.append(("iw_fwd N=1", W._iw_fwd_kernel, dict(x_ptr="*fp32", bound_ptr="*fp32", w_ptr="*fp32", w2_ptr="*fp32", lse_ptr="*fp32", R="i32", N=1)))
+    out.append(("iw_fwd N=1", W._iw_fwd_kernel, dict(x_ptr="*fp32", w_ptr="*fp32", w2_ptr="*fp32", lse_ptr="*fp32", R="i32", N=1)))
     sizes = dict(M="i32", K="i32", B="i32", L="i32")
     ones = dict(M=1, K=1, B=1, L="i32")  # arguments equal to 1 are specialised as constants
     for dt, acc in [("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")]:
         for normal, mask, write_a, dims in [(True, True, True, sizes), (False, False, False, sizes), (True, False, True, ones)]:
             out.append((f"mixture_fwd {dt} normal={normal} mask={mask} a={write_a} ones={dims is ones}", X.mixture_fwd, dict(
-                z_ptr=P(acc if dt == "fp64" else dt), loc_ptr=P(dt), scale_ptr=P(dt), mask_ptr="*i8", lq_ptr=P(acc), lse_ptr=P(acc),
+                z_ptr=P(acc if dt == "fp64" else dt), loc_ptr=P(dt), scale_ptr=P(dt), mask_ptr="*i8", lq_ptr=P(acc),
                 a_ptr=P(acc), **dims, NORMAL=normal, HAS_MASK=mask, WRITE_A=write_a, K_CHUNK=4, BLOCK_L=64)))
         out.append((f"ratios_fwd {dt}", X.ratios_fwd, dict(
-            z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), ratio_ptr=P(acc), own_ptr=P(acc), **sizes, NORMAL=False, K_CHUNK=4, BLOCK_L=32)))
+            z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), ratio_ptr=P(acc), **sizes, NORMAL=False, K_CHUNK=4, BLOCK_L=32)))
         for ratios, mask, g, ga, dims in [(False, True, True, True, sizes), (False, False, False, True, ones), (True, False, True, False, sizes)]:
             out.append((f"pairwise_bwd {dt} ratios={ratios} mask={mask} g={g} ga={ga} ones={dims is ones}", X.pairwise_bwd, dict(
                 z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), mask_ptr="*i8", stat_ptr=P(acc), g_ptr=P(acc), ga_ptr=P(acc),
-                dz_ptr=P(dt if ratios else acc), ploc_ptr=P(acc), pscale_ptr=P(acc), **dims,
+                dz_ptr=P(acc), ploc_ptr=P(acc), pscale_ptr=P(acc), **dims,
                 RATIOS=ratios, NORMAL=not ratios, HAS_MASK=mask, HAS_G=g, HAS_GA=ga, K_CHUNK=8, BLOCK_L=16)))
         for fam in (0, 1, 2):
             out.append((f"dense_fwd {dt} fam={fam}", Lk._dense_fwd_kernel, dict(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: build the extension with its CUDA kernels in place, run the test
-# grid on the GPU backends (tests/test_gpu.py and tests/test_ops.py's cuda cases), then the GPU
+# grid on the GPU backends (tests/test_gpu.py and the cuda cases of tests/test_<op>.py), then the GPU
 # benchmark. Logs, CSV and plot go to OUT (default gpu-check/).
 #     scripts/gpu_check.sh [OUT]      # PYTHON=... to pick the interpreter, ARCH=9.0 for H100 only
 set -uo pipefail
@@ -16,5 +16,5 @@ MMVAE_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${ARCH:-9.0} MAX_JOBS=${MAX_JOBS:-1
   $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; }
 echo "build: $((SECONDS - t0)) s"
 $PY -c "from mmvae_fast import ops; print('cuda backends:', ops.available_backends('cuda'))"
-$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ops.py -k "gpu or cuda" 2>&1 | tee "$OUT/tests.log" | tail -40
+$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_importance_weights.py tests/test_mixture_log_density.py tests/test_importance_ratios.py tests/test_likelihood_sum.py -k "gpu or cuda" 2>&1 | tee "$OUT/tests.log" | tail -40
 timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"

@@ -1,7 +1,7 @@
 """What only a CUDA device can show: the compiled Triton kernels and the CUDA extension at sizes
 that cross their real block sizes, torch.compile(fullgraph=True) over the GPU ops (the
 interpreter cannot run it), opcheck of the CUDA-registered ops, and objectives on the GPU against
-the reference backend. tests/test_ops.py runs its whole grid on the CUDA backends too.
+the reference backend. The grids of tests/test_<op>.py run on the CUDA backends too.
 
 Skipped without a CUDA device (this project's CI has none); run on a GPU machine with
     MMVAE_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e . && pytest -q tests
@@ -136,9 +136,17 @@ def test_likelihood_at_real_block_sizes(backend, family):
     torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="the CUDA extension is not built")
-def test_opcheck_cuda_registered_ops():
-    lib = torch.ops.mmvae_fast
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_opcheck_gpu_ops(backend):
+    """Every opcheck test, the fake-tensor and AOT ones included, on the CUDA kernels
+    (mmvae_fast::<op>) and on the compiled Triton ops (mmvae_fast_triton::<op>, the same schemas),
+    which the interpreter cannot give fake tensors to."""
+    if backend == "triton":
+        from mmvae_fast.ops import _triton
+
+        for op in ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum"):
+            _triton._load(op)
+    lib = torch.ops.mmvae_fast if backend == "cuda" else torch.ops.mmvae_fast_triton
     lw = randn(4, 33, 2, seed=0, dtype=torch.float64).requires_grad_()
     torch.library.opcheck(lib.importance_weights.default, (lw,))
     z, loc, scale = experts(2, 5, 3, 4, seed=1, dtype=torch.float64)

@@ -1,11 +1,14 @@
-"""Shared helpers of the Triton kernels: interpreter detection, autotuning, dtypes.
+"""Shared helpers of the Triton kernels: interpreter detection, autotuning, dtypes, and the
+Normal/Laplace log-density with its derivatives (the one Triton copy of docs/design.md section 2).
 
 Infinities and NaN are float literals inside the kernels, never module globals: a NaN global fails
 Triton's relaunch check (nan != nan: "Global variable ... has changed"), and an infinite one breaks
 torch.compile, whose inductor re-emits the kernel's globals as source (`-inf` is no Python name)."""
+import math
 import os
 
 import triton
+import triton.language as tl
 
 from .._numerics import acc_dtype  # noqa: F401  (re-exported for the kernels)
 
@@ -25,3 +28,26 @@ def autotune(configs, key, interpret_config):
     and exercise the masks of ragged tiles with tiny tensors.
     """
     return triton.autotune(configs=[interpret_config] if interpreting() else configs, key=key)
+
+
+_HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
+_LOG_2 = tl.constexpr(math.log(2.0))
+
+
+@triton.jit
+def log_density_terms(x, loc, scale, NORMAL: tl.constexpr):
+    """Elementwise (log f(x; loc, scale), d/dloc, d/dscale) for f Normal (NORMAL) or Laplace.
+
+    d/dx = -d/dloc. Laplace takes the subgradient sign(0) = 0 at x == loc, as torch's abs does.
+    One return statement: the compiler wants a single exit."""
+    inv = 1.0 / scale
+    u = (x - loc) * inv
+    if NORMAL:
+        lp = -0.5 * u * u - tl.log(scale) - _HALF_LOG_2PI
+        dloc = u * inv
+        dscale = (u * u - 1.0) * inv
+    else:
+        lp = -tl.abs(u) - tl.log(scale) - _LOG_2
+        dloc = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)) * inv
+        dscale = (tl.abs(u) - 1.0) * inv
+    return lp, dloc, dscale

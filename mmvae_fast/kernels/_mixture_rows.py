@@ -1,6 +1,6 @@
 """The pairwise-table tiles shared by the Triton mixture_log_density and importance_ratios.
 
-Layout (DESIGN.md 2): z[r, k, b, l] sample k of group r; loc, scale[m, b, l] expert m;
+Layout (docs/design.md section 2): z[r, k, b, l] sample k of group r; loc, scale[m, b, l] expert m;
 a[r, m, k, b] = sum_l log f(z[r, k, b, l]; loc[m, b, l], scale[m, b, l]).
 
 Each program owns one group r, a chunk of K_CHUNK samples (K_CHUNK_FWD / _BWD) and a tile of BLOCK_B batch entries,
@@ -8,21 +8,17 @@ with the whole latent vector in the tile (BLOCK_L = next power of two >= L). The
 values are formed in registers, one expert at a time, and folded into an online log-sum-exp:
 nothing of size M*M*K*B*L exists, and a[M, M, K, B] only when asked for.
 
-Backward recomputes a from z and the saved per-row statistic (lse for the mixture, the own
-log-density for the ratios) and writes per-program partial sums of the loc/scale gradients,
+Backward recomputes a from z and the saved statistic (lse for the mixture, the ratios themselves
+for the ratios) and writes per-program partial sums of the loc/scale gradients,
 [M * n_chunks, M, B, L], summed afterwards: deterministic, no atomics.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import acc_dtype, interpreting
+from ._common import acc_dtype, interpreting, log_density_terms
 
-_HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
-_LOG_2 = tl.constexpr(math.log(2.0))
 MAX_L = 8192  # the whole latent vector lives in one tile
 # Samples per program. Forward: few, for parallelism (a GPU wants thousands of programs). Backward:
 # more, since each program writes a partial loc/scale gradient [M, BLOCK_B, L] per chunk.
@@ -49,23 +45,18 @@ def _tuned(fn):
 
 @triton.jit
 def _logf(zz, lo, sc, lmask, NORMAL: tl.constexpr):
-    """sum_l log f(z; loc, scale) over a [BLOCK_B, BLOCK_L] tile, and u = (z - loc) / scale."""
-    inv = 1.0 / sc
-    u = (zz - lo) * inv
-    if NORMAL:
-        lp = -0.5 * u * u - tl.log(sc) - _HALF_LOG_2PI
-    else:
-        lp = -tl.abs(u) - tl.log(sc) - _LOG_2
-    return tl.sum(tl.where(lmask, lp, 0.0), 1), u, inv
+    """sum_l log f(z; loc, scale) over a [BLOCK_B, BLOCK_L] tile, and the elementwise d/dloc, d/dscale."""
+    lp, dloc, dscale = log_density_terms(zz, lo, sc, NORMAL)
+    return tl.sum(tl.where(lmask, lp, 0.0), 1), dloc, dscale
 
 
 @triton.jit
 def _mixture_fwd_kernel(
-    z_ptr, loc_ptr, scale_ptr, mask_ptr, lq_ptr, lse_ptr, a_ptr, M, K, B, L,
+    z_ptr, loc_ptr, scale_ptr, mask_ptr, lq_ptr, a_ptr, M, K, B, L,
     NORMAL: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_A: tl.constexpr,
     K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    acc = lse_ptr.dtype.element_ty
+    acc = lq_ptr.dtype.element_ty
     n_kc = tl.cdiv(K, K_CHUNK)
     r = tl.program_id(0) // n_kc
     k0 = (tl.program_id(0) % n_kc) * K_CHUNK
@@ -83,7 +74,7 @@ def _mixture_fwd_kernel(
         for mm in range(0, M):
             lo = tl.load(loc_ptr + mm * B * L + bl, mask=tmask, other=0.0).to(acc)
             sc = tl.load(scale_ptr + mm * B * L + bl, mask=tmask, other=1.0).to(acc)
-            a, _u, _inv = _logf(zz, lo, sc, tmask, NORMAL)
+            a, _dl, _ds = _logf(zz, lo, sc, tmask, NORMAL)
             if WRITE_A:
                 tl.store(a_ptr + ((r * M + mm) * K + k).to(tl.int64) * B + offs_b, a, mask=bmask)
             if HAS_MASK:
@@ -99,16 +90,15 @@ def _mixture_fwd_kernel(
             m_run = m_new
         lse = tl.where(s == 0.0, float("-inf"), m_run + tl.log(tl.where(s == 0.0, 1.0, s)))
         lq = lse - tl.log(tl.where(n > 0, n, 1.0))  # no expert present: lq = lse = -inf
-        tl.store(lse_ptr + rk.to(tl.int64) * B + offs_b, lse, mask=bmask)
         tl.store(lq_ptr + rk.to(tl.int64) * B + offs_b, lq, mask=bmask)
 
 
 @triton.jit
 def _ratios_fwd_kernel(
-    z_ptr, loc_ptr, scale_ptr, ratio_ptr, own_ptr, M, K, B, L,
+    z_ptr, loc_ptr, scale_ptr, ratio_ptr, M, K, B, L,
     NORMAL: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    acc = own_ptr.dtype.element_ty
+    acc = ratio_ptr.dtype.element_ty
     n_kc = tl.cdiv(K, K_CHUNK)
     d = tl.program_id(0) // n_kc  # the sample group: z_d ~ q_d
     k0 = (tl.program_id(0) % n_kc) * K_CHUNK
@@ -122,12 +112,11 @@ def _ratios_fwd_kernel(
     for k in range(k0, tl.minimum(k0 + K_CHUNK, K)):
         dk = d * K + k
         zz = tl.load(z_ptr + dk.to(tl.int64) * B * L + bl, mask=tmask, other=0.0).to(acc)
-        own, _u, _inv = _logf(zz, lo_d, sc_d, tmask, NORMAL)
-        tl.store(own_ptr + dk.to(tl.int64) * B + offs_b, own, mask=bmask)
+        own, _dl, _ds = _logf(zz, lo_d, sc_d, tmask, NORMAL)
         for r in range(0, M):
             lo = tl.load(loc_ptr + r * B * L + bl, mask=tmask, other=0.0).to(acc)
             sc = tl.load(scale_ptr + r * B * L + bl, mask=tmask, other=1.0).to(acc)
-            a, _u, _inv = _logf(zz, lo, sc, tmask, NORMAL)
+            a, _dl, _ds = _logf(zz, lo, sc, tmask, NORMAL)
             ratio = tl.where(r == d, 1.0, tl.exp(a - own))
             tl.store(ratio_ptr + ((r * M + d) * K + k).to(tl.int64) * B + offs_b, ratio, mask=bmask)
 
@@ -139,9 +128,11 @@ def _pairwise_bwd_kernel(
     K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Cotangent G[r, m, k, b] of the pairwise table, then the chain rule through log f:
-    mixture: G = g_lq[r,k,b] pi[r,m,k,b] + g_a[r,m,k,b], pi = exp(a - lse) over present experts;
-             dz[r,k,b,:] = sum_m G dlogf/dz (written here), dloc/dscale partials per program.
-    ratios:  G = g_ratio[m,r,k,b] exp(a[r,m] - own[r]) for m != r, 0 on the diagonal; no dz.
+    mixture: G = g_lq[r,k,b] pi[r,m,k,b] + g_a[r,m,k,b], pi = exp(a - lse) over present experts
+             (stat = lse [M, K, B]); dz[r,k,b,:] = sum_m G dlogf/dz (written here), dloc/dscale
+             partials per program.
+    ratios:  G = g_ratio[m,r,k,b] ratio[m,r,k,b] for m != r, 0 on the diagonal (stat = the ratios
+             [M, M, K, B]: d ratio / d a = ratio); no dz.
     """
     acc = stat_ptr.dtype.element_ty
     n_kc = tl.cdiv(K, K_CHUNK)
@@ -162,14 +153,15 @@ def _pairwise_bwd_kernel(
         for k in range(k0, tl.minimum(k0 + K_CHUNK, K)):
             rk = (r * K + k).to(tl.int64)
             zz = tl.load(z_ptr + rk * B * L + bl, mask=tmask, other=0.0).to(acc)
-            a, u, inv = _logf(zz, lo, sc, tmask, NORMAL)
-            stat = tl.load(stat_ptr + rk * B + offs_b, mask=bmask, other=0.0)
+            a, dl, ds = _logf(zz, lo, sc, tmask, NORMAL)
             G = tl.zeros([BLOCK_B], acc)
             if RATIOS:
                 if HAS_G:
-                    g = tl.load(g_ptr + ((mm * M + r) * K + k).to(tl.int64) * B + offs_b, mask=bmask, other=0.0).to(acc)
-                    G = tl.where(mm == r, 0.0, g * tl.exp(a - stat))
+                    mr = ((mm * M + r) * K + k).to(tl.int64) * B + offs_b
+                    g = tl.load(g_ptr + mr, mask=bmask, other=0.0).to(acc)
+                    G = tl.where(mm == r, 0.0, g * tl.load(stat_ptr + mr, mask=bmask, other=0.0))
             else:
+                stat = tl.load(stat_ptr + rk * B + offs_b, mask=bmask, other=0.0)
                 if HAS_G:
                     live = stat != float("-inf")  # lse = -inf: no expert present, pi = 0
                     if HAS_MASK:
@@ -179,19 +171,13 @@ def _pairwise_bwd_kernel(
                 if HAS_GA:
                     G += tl.load(ga_ptr + ((r * M + mm) * K + k).to(tl.int64) * B + offs_b, mask=bmask, other=0.0).to(acc)
             G2 = G[:, None]
-            if NORMAL:
-                dx = -u * inv
-                ds = (u * u - 1.0) * inv
-            else:
-                dx = -tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)) * inv  # sign(0) = 0, as torch
-                ds = (tl.abs(u) - 1.0) * inv
-            dloc -= G2 * dx
+            dloc += G2 * dl
             dscale += G2 * ds
             if not RATIOS:
                 # this program alone writes dz[r, k, tile]: the first expert stores, the rest add, so
                 # a relaunch on the same buffer (autotuning, inductor's benchmarking) gives the same dz
                 dzp = dz_ptr + rk * B * L + bl
-                tl.store(dzp, tl.load(dzp, mask=tmask & (mm > 0), other=0.0) + G2 * dx, mask=tmask)
+                tl.store(dzp, tl.load(dzp, mask=tmask & (mm > 0), other=0.0) - G2 * dl, mask=tmask)
         out = ((tl.program_id(0) * M + mm) * B).to(tl.int64) * L + bl
         tl.store(ploc_ptr + out, dloc, mask=tmask)
         tl.store(pscale_ptr + out, dscale, mask=tmask)
@@ -220,12 +206,12 @@ def pairwise_backward(
     """(dz, dloc, dscale) of the pairwise table's cotangent; see _pairwise_bwd_kernel."""
     M, K, B, L, n_kc, BL = shape(z, K_CHUNK_BWD)
     dt = acc_dtype(z.dtype)
-    dz = torch.empty(M, K, B, L, dtype=dt, device=z.device) if not ratios else torch.zeros_like(z)
+    dz = torch.empty((M, K, B, L) if not ratios else (0,), dtype=dt, device=z.device)
     ploc = torch.empty(M * n_kc, M, B, L, dtype=dt, device=z.device)
     pscale = torch.empty_like(ploc)
     wrap_triton(pairwise_bwd)[grid(M, n_kc, B)](
         z, loc, scale, z if mask is None else mask, stat, stat if g is None else g, stat if ga is None else ga,
-        dz, ploc, pscale, M, K, B, L,
+        dz if not ratios else ploc, ploc, pscale, M, K, B, L,
         RATIOS=ratios, NORMAL=normal, HAS_MASK=mask is not None, HAS_G=g is not None, HAS_GA=ga is not None,
         K_CHUNK=K_CHUNK_BWD, BLOCK_L=BL,
     )

@@ -1,13 +1,16 @@
-"""Importance weights in Triton: bound = logmeanexp, wbar = softmax, wbar**2 over the rows of a
-[R, N] matrix (the adapter `importance_weights` moves the reduced dims last).
+"""importance_weights in Triton, with the schemas of the C++ ops (csrc/ops.cpp):
+
+    importance_weights(lw [P, N, Q]) -> (lse [P, Q], wbar, wbar_sq [P, N, Q])   over the middle dim
+    importance_weights_backward(lw, lse, g_lse?, g_wbar?, g_wbar_sq?) -> d lw
+
+The kernels reduce the rows of a contiguous [R, N] matrix: Q = 1 is a view, otherwise the
+reduced dim is moved last (one copy) and the outputs are views back.
 
 Forward: one online log-sum-exp sweep per row (running max, rescaled sum), then the weights
-from the row's lse. Only lse [R] is saved; backward recomputes wbar = exp(lw - lse).
+from the row's lse. Only lse is saved; backward recomputes wbar = exp(lw - lse).
     d/dlw_i [gb bound + sum_j gw_j wbar_j + sum_j gw2_j wbar_j^2] = wbar_i (gb + c_i - sum_j wbar_j c_j),
     c_j = gw_j + 2 gw2_j wbar_j.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +27,7 @@ _INTERPRET = triton.Config({"BLOCK_R": 4, "BLOCK_N": 16})
 
 @autotune(_CONFIGS, key=["N"], interpret_config=_INTERPRET)
 @triton.jit
-def _iw_fwd_kernel(x_ptr, bound_ptr, w_ptr, w2_ptr, lse_ptr, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _iw_fwd_kernel(x_ptr, w_ptr, w2_ptr, lse_ptr, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     acc = lse_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -42,9 +45,7 @@ def _iw_fwd_kernel(x_ptr, bound_ptr, w_ptr, w2_ptr, lse_ptr, R, N, BLOCK_R: tl.c
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)  # NaN sticks in s
         m = m_new
     lse = tl.where(s == 0.0, float("-inf"), m + tl.log(tl.where(s == 0.0, 1.0, s)))
-    n = tl.zeros([BLOCK_R], acc) + N
     tl.store(lse_ptr + rows, lse, mask=rmask)
-    tl.store(bound_ptr + rows, lse - tl.log(n), mask=rmask)
     shift = tl.where(lse == float("-inf"), 0.0, lse)  # all -inf row: weights exp(-inf) = 0
     for n0 in range(0, N, BLOCK_N):
         c = n0 + cols
@@ -104,55 +105,44 @@ def _grid(R):
     return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)
 
 
+def _rows(t, P, N, Q):
+    """[P, N, Q] as contiguous rows [P * Q, N]."""
+    return (t.reshape(P, N) if Q == 1 else t.transpose(1, 2).reshape(P * Q, N)).contiguous()
+
+
+def _unrows(t, P, N, Q):
+    """Rows [P * Q, N] back to [P, N, Q] (a view)."""
+    return t.view(P, N, 1) if Q == 1 else t.view(P, Q, N).transpose(1, 2)
+
+
 @triton_op("mmvae_fast_triton::importance_weights", mutates_args=())
-def importance_weights_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(bound [R], wbar [R, N], wbar**2 [R, N], lse [R]) over the rows of a contiguous x [R, N]."""
-    R, N = x.shape
-    dt = acc_dtype(x.dtype)
-    bound = torch.empty(R, dtype=dt, device=x.device)
-    lse = torch.empty(R, dtype=dt, device=x.device)
-    w = torch.empty(R, N, dtype=dt, device=x.device)
-    w2 = torch.empty(R, N, dtype=dt, device=x.device)
-    if R > 0:
-        wrap_triton(_iw_fwd_kernel)[_grid(R)](x, bound, w, w2, lse, R, N)
-    return bound, w, w2, lse
+def importance_weights(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    P, N, Q = lw.shape
+    x = _rows(lw, P, N, Q)
+    dt = acc_dtype(lw.dtype)
+    lse = torch.empty(P * Q, dtype=dt, device=lw.device)
+    w = torch.empty(P * Q, N, dtype=dt, device=lw.device)
+    w2 = torch.empty(P * Q, N, dtype=dt, device=lw.device)
+    if P * Q > 0:
+        wrap_triton(_iw_fwd_kernel)[_grid(P * Q)](x, w, w2, lse, P * Q, N)
+    return lse.view(P, Q), _unrows(w, P, N, Q), _unrows(w2, P, N, Q)
 
 
 @triton_op("mmvae_fast_triton::importance_weights_backward", mutates_args=())
-def importance_weights_rows_backward(
-    x: torch.Tensor, lse: torch.Tensor, gb: torch.Tensor | None, gw: torch.Tensor | None, gw2: torch.Tensor | None
+def importance_weights_backward(
+    lw: torch.Tensor, lse: torch.Tensor, g_lse: torch.Tensor | None, g_wbar: torch.Tensor | None,
+    g_wbar_sq: torch.Tensor | None,
 ) -> torch.Tensor:
-    R, N = x.shape
+    """d/dlw of <g_lse, lse> + <g_wbar, wbar> + <g_wbar_sq, wbar**2>."""
+    P, N, Q = lw.shape
+    x = _rows(lw, P, N, Q)
+    rows1 = lambda t: None if t is None else _rows(t.reshape(P, 1, Q), P, 1, Q)  # noqa: E731  [P, Q] -> [P * Q, 1]
+    rows = lambda t: None if t is None else _rows(t, P, N, Q)  # noqa: E731
+    lse_r, gb, gw, gw2 = rows1(lse), rows1(g_lse), rows(g_wbar), rows(g_wbar_sq)
     gx = torch.empty_like(x)
-    if R > 0:
-        wrap_triton(_iw_bwd_kernel)[_grid(R)](
-            x, lse, x if gb is None else gb, x if gw is None else gw, x if gw2 is None else gw2, gx, R, N,
+    if P * Q > 0:
+        wrap_triton(_iw_bwd_kernel)[_grid(P * Q)](
+            x, lse_r, x if gb is None else gb, x if gw is None else gw, x if gw2 is None else gw2, gx, P * Q, N,
             HAS_GB=gb is not None, HAS_GW=gw is not None, HAS_GW2=gw2 is not None,
         )
-    return gx
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[3])
-
-
-def _backward(ctx, gb, gw, gw2, _glse):
-    x, lse = ctx.saved_tensors
-    c = lambda g: None if g is None else g.contiguous()  # noqa: E731
-    return importance_weights_rows_backward(x, lse, c(gb), c(gw), c(gw2))
-
-
-importance_weights_rows.register_autograd(_backward, setup_context=_setup)
-
-
-def importance_weights(lw: torch.Tensor, dims: tuple):
-    """The backend entry of ops.importance_weights: (bound, wbar, wbar_sq), reducing over dims."""
-    keep = [d for d in range(lw.dim()) if d not in dims]
-    perm = keep + list(dims)
-    xp = lw.permute(perm)
-    kept_shape, red_shape = xp.shape[: len(keep)], xp.shape[len(keep):]
-    x2 = xp.reshape(math.prod(kept_shape), math.prod(red_shape)).contiguous()
-    bound, w, w2, _ = importance_weights_rows(x2)
-    inv = [perm.index(d) for d in range(lw.dim())]
-    back = lambda t: t.reshape(*kept_shape, *red_shape).permute(inv)  # noqa: E731
-    return bound.reshape(kept_shape), back(w), back(w2)
+    return _unrows(gx, P, N, Q)

@@ -1,23 +1,21 @@
-"""Likelihood sums in Triton: out[s, b] = sum_e log p(x[b, e] | params[s, b, e]).
+"""likelihood_sum in Triton, with the schemas of the C++ ops (csrc/ops.cpp):
 
-The adapter flattens params to [S, B, E] (categorical: [S, B, E, V]) and x to [B, E]; each
-program reads x[b, :] for its rows directly, so x is never expanded over the S samples, and the
+    likelihood_sum(x [B, E], params [S, B, E(, V)], scale? [S|1, B|1, E|1], int family) -> [S, B]
+    likelihood_sum_backward(grad, x, params, scale?, family, params_grad, scale_grad)
+        -> (dparams, dscale)
+
+out[s, b] = sum_e log p(x[b, e] | params[s, b, e]). Each program reads x[b, :] for its rows directly, so x is never expanded over the S samples, and the
 per-element log-probabilities are summed in registers (never stored).
 Families: 0 normal, 1 laplace (params = location, fixed scale), 2 bernoulli (logits),
-3 categorical (logits; online log-sum-exp over the vocabulary, lse [S, B, E] saved for backward).
+3 categorical (logits; online log-sum-exp over the vocabulary; backward recomputes it).
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .._numerics import LIKELIHOOD_CODES
-from ._common import acc_dtype, autotune
+from ._common import acc_dtype, autotune, log_density_terms
 
-_HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
-_LOG_2 = tl.constexpr(math.log(2.0))
 
 _DENSE = [triton.Config({"BLOCK_R": br, "BLOCK_E": be}, num_warps=nw) for br, be, nw in [(1, 1024, 4), (4, 256, 4), (16, 128, 4), (64, 32, 4)]]
 _DENSE_I = triton.Config({"BLOCK_R": 4, "BLOCK_E": 8})
@@ -33,17 +31,8 @@ def _dense_terms(x, p, sc, FAM: tl.constexpr):
         lp = x * p - (tl.maximum(p, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(p))))
         dp = x - 1.0 / (1.0 + tl.exp(-p))
         ds = tl.zeros_like(p)
-    else:
-        inv = 1.0 / sc
-        u = (x - p) * inv
-        if FAM == 0:
-            lp = -0.5 * u * u - tl.log(sc) - _HALF_LOG_2PI
-            dp = u * inv
-            ds = (u * u - 1.0) * inv
-        else:
-            lp = -tl.abs(u) - tl.log(sc) - _LOG_2
-            dp = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)) * inv  # sign(0) = 0, as torch
-            ds = (tl.abs(u) - 1.0) * inv
+    else:  # normal (0) / laplace (1), params = location
+        lp, dp, ds = log_density_terms(x, p, sc, FAM == 0)
     return lp, dp, ds
 
 
@@ -158,81 +147,63 @@ def _grid(R):
     return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)
 
 
-@triton_op("mmvae_fast_triton::likelihood_sum", mutates_args=())
-def lik_fwd(x: torch.Tensor, params: torch.Tensor, scale: torch.Tensor | None, family: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [S*B], categorical lse [S, B, E] or empty) for x [B, E], params [S, B, E(, V)] contiguous,
-    scale [S, B, E] (any strides, e.g. an expanded scalar) for normal/laplace."""
-    S, B, E = params.shape[:3]
+def _scale3(scale, S, B, E):
+    """The compacted scale [S|1, B|1, E|1] as a stride-0 view [S, B, E], and its strides."""
+    sc = scale.expand(S, B, E)
+    return sc, sc.stride()
+
+
+def _categorical(x, params):
+    """(out [S * B], lse [S, B, E]) of the categorical forward kernel."""
+    S, B, E, V = params.shape
     dt = acc_dtype(params.dtype)
     out = torch.empty(S * B, dtype=dt, device=params.device)
-    R = S * B
+    lse = torch.empty(S, B, E, dtype=dt, device=params.device)
+    if S * B > 0:
+        wrap_triton(_cat_fwd_kernel)[_grid(S * B)](x, params, out, lse, S * B, B, E, V)
+    return out, lse
+
+
+@triton_op("mmvae_fast_triton::likelihood_sum", mutates_args=())
+def likelihood_sum(x: torch.Tensor, params: torch.Tensor, scale: torch.Tensor | None, family: int) -> torch.Tensor:
+    x, params = x.contiguous(), params.contiguous()
+    S, B, E = params.shape[:3]
     if family == 3:
-        V = params.shape[3]
-        lse = torch.empty(S, B, E, dtype=dt, device=params.device)
-        if R > 0:
-            wrap_triton(_cat_fwd_kernel)[_grid(R)](x, params, out, lse, R, B, E, V)
-        return out, lse
-    sc = params if scale is None else scale
-    ss = (0, 0, 0) if scale is None else scale.stride()
-    if R > 0:
-        wrap_triton(_dense_fwd_kernel)[_grid(R)](x, params, sc, out, R, B, E, ss[0], ss[1], ss[2], FAM=family)
-    return out, out.new_empty(0)
+        return _categorical(x, params)[0].view(S, B)
+    out = torch.empty(S * B, dtype=acc_dtype(params.dtype), device=params.device)
+    sc, ss = (params, (0, 0, 0)) if scale is None else _scale3(scale, S, B, E)
+    if S * B > 0:
+        wrap_triton(_dense_fwd_kernel)[_grid(S * B)](x, params, sc, out, S * B, B, E, ss[0], ss[1], ss[2], FAM=family)
+    return out.view(S, B)
 
 
 @triton_op("mmvae_fast_triton::likelihood_sum_backward", mutates_args=())
-def lik_bwd(
-    x: torch.Tensor, params: torch.Tensor, scale: torch.Tensor | None, lse: torch.Tensor, g: torch.Tensor,
-    family: int, scale_grad: bool,
+def likelihood_sum_backward(
+    grad: torch.Tensor, x: torch.Tensor, params: torch.Tensor, scale: torch.Tensor | None, family: int,
+    params_grad: bool, scale_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d params, d scale [S, B, E] in the accumulation dtype, or empty)."""
+    """(d params or empty, d scale in the scale's compacted shape or empty)."""
+    x, params, g = x.contiguous(), params.contiguous(), grad.contiguous()
     S, B, E = params.shape[:3]
-    dp = torch.empty_like(params)
+    dt = acc_dtype(params.dtype)
+    none = torch.empty(0, dtype=dt, device=params.device)
     if family == 3:
-        V = params.shape[3]
-        RE = S * B * E
-        if RE > 0:
-            wrap_triton(_cat_bwd_kernel)[_grid(RE)](x, params, lse, g, dp, RE, B, E, V)
-        return dp, g.new_empty(0)
-    R = S * B
-    dsc = torch.empty(S, B, E, dtype=g.dtype, device=g.device) if scale_grad else g.new_empty(0)
-    sc = params if scale is None else scale
-    ss = (0, 0, 0) if scale is None else scale.stride()
-    if R > 0:
-        wrap_triton(_dense_bwd_kernel)[_grid(R)](
-            x, params, sc, g, dp, dsc, R, B, E, ss[0], ss[1], ss[2], FAM=family, SCALE_GRAD=scale_grad
+        if not params_grad:
+            return params.new_empty(0), none
+        _, lse = _categorical(x, params)
+        dp = torch.empty_like(params)
+        if S * B * E > 0:
+            wrap_triton(_cat_bwd_kernel)[_grid(S * B * E)](x, params, lse, g, dp, S * B * E, B, E, params.shape[3])
+        return dp, none
+    scale_grad = scale_grad and scale is not None
+    dp = torch.empty_like(params)  # written in the same pass as d scale
+    dsc = torch.empty(S, B, E, dtype=dt, device=params.device) if scale_grad else none
+    sc, ss = (params, (0, 0, 0)) if scale is None else _scale3(scale, S, B, E)
+    if S * B > 0:
+        wrap_triton(_dense_bwd_kernel)[_grid(S * B)](
+            x, params, sc, g, dp, dsc, S * B, B, E, ss[0], ss[1], ss[2], FAM=family, SCALE_GRAD=scale_grad
         )
-    return dp, dsc
-
-
-def _setup(ctx, inputs, output):
-    x, params, scale, family = inputs
-    ctx.family = family
-    ctx.save_for_backward(x, params, scale, output[1])
-
-
-def _backward(ctx, g_out, _g_lse):
-    x, params, scale, lse = ctx.saved_tensors
-    scale_grad = scale is not None and ctx.needs_input_grad[2]
-    dp, dsc = lik_bwd(x, params, scale, lse, g_out.contiguous(), ctx.family, scale_grad)
-    return None, dp, (dsc.to(scale.dtype) if scale_grad else None), None
-
-
-lik_fwd.register_autograd(_backward, setup_context=_setup)
-
-
-def likelihood_sum(x, params, family, scale=None):
-    """The backend entry of ops.likelihood_sum: x [B, *E], params [*S, B, *E(, V)] -> [*S, B]."""
-    x = x.detach()
-    B = x.shape[0]
-    E = math.prod(x.shape[1:])
-    cat = family == "categorical"
-    S_shape = params.shape[: params.dim() - x.dim() - cat]
-    S = math.prod(S_shape)
-    p3 = params.reshape(S, B, E, params.shape[-1]) if cat else params.reshape(S, B, E)
-    sc3 = None
-    if family in ("normal", "laplace"):
-        sc = torch.as_tensor(scale, device=params.device)
-        sc = sc.to(acc_dtype(params.dtype)) if not sc.is_floating_point() else sc
-        sc3 = sc.expand(params.shape).reshape(S, B, E)  # a view for scalar / per-event scales
-    out, _ = lik_fwd(x.reshape(B, E).contiguous(), p3.contiguous(), sc3, LIKELIHOOD_CODES[family])
-    return out.reshape(*S_shape, B)
+    if scale_grad:  # summed over the dims the compacted scale broadcasts along
+        dims = [d for d in range(3) if scale.shape[d] == 1]
+        dsc = dsc.sum(dims, keepdim=True) if dims else dsc
+    return (dp if params_grad else params.new_empty(0)), dsc

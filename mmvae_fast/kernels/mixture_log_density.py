@@ -1,8 +1,13 @@
-"""mixture_log_density in Triton: lq[r, k, b] = log (1/n_b) sum_{m present} q_m(z[r, k, b]).
+"""mixture_log_density in Triton, with the schemas of the C++ ops (csrc/ops.cpp):
 
-The kernels (mmvae_fast/kernels/_mixture_rows.py) fold the pairwise table a[r, m, k, b] into an
-online log-sum-exp in registers: nothing of size M*M*K*B*L exists, and a only when asked for.
-Backward recomputes a from z and the saved lse over the present experts.
+    mixture_log_density(z, loc, scale, family, mask?) -> lq [M, K, B]
+    mixture_log_density_pairwise(z, loc, scale, family, mask?) -> (lq, a [M, M, K, B])
+    mixture_log_density_backward(grad_lq?, grad_a?, z, loc, scale, lq, family, mask?, output_mask)
+        -> (dz, dloc, dscale)
+
+The kernels (kernels/_mixture_rows.py) fold the pairwise table a[r, m, k, b] into an online
+log-sum-exp in registers: nothing of size M*M*K*B*L exists, and a only when asked for. Backward
+recomputes a from z, and the log-sum-exp over the present experts from the saved lq.
 """
 import torch
 from torch.library import triton_op, wrap_triton
@@ -11,50 +16,50 @@ from . import _mixture_rows as R
 from ._common import acc_dtype
 
 
-@triton_op("mmvae_fast_triton::mixture_log_density", mutates_args=())
-def mixture_fwd(
-    z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, normal: bool, write_a: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lq [M,K,B], lse over present experts [M,K,B], a [M,M,K,B] or empty) for contiguous inputs."""
+def _mask8(mask):
+    return None if mask is None else mask.to(torch.int8).contiguous()
+
+
+def _forward(z, loc, scale, family, mask, write_a):
     M, K, B, L, n_kc, BL = R.shape(z, R.K_CHUNK_FWD)
     dt = acc_dtype(z.dtype)
     lq = torch.empty(M, K, B, dtype=dt, device=z.device)
-    lse = torch.empty(M, K, B, dtype=dt, device=z.device)
     a = torch.empty((M, M, K, B) if write_a else (0,), dtype=dt, device=z.device)
+    m8 = _mask8(mask)
+    z = z.contiguous()
     wrap_triton(R.mixture_fwd)[R.grid(M, n_kc, B)](
-        z, loc, scale, z if mask is None else mask, lq, lse, lq if not write_a else a, M, K, B, L,
-        NORMAL=normal, HAS_MASK=mask is not None, WRITE_A=write_a, K_CHUNK=R.K_CHUNK_FWD, BLOCK_L=BL,
+        z, loc.contiguous(), scale.contiguous(), z if m8 is None else m8, lq, a if write_a else lq, M, K, B, L,
+        NORMAL=family == "normal", HAS_MASK=m8 is not None, WRITE_A=write_a, K_CHUNK=R.K_CHUNK_FWD, BLOCK_L=BL,
     )
-    return lq, lse, a
+    return lq, a
+
+
+@triton_op("mmvae_fast_triton::mixture_log_density", mutates_args=())
+def mixture_log_density(
+    z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, family: str, mask: torch.Tensor | None
+) -> torch.Tensor:
+    return _forward(z, loc, scale, family, mask, False)[0]
+
+
+@triton_op("mmvae_fast_triton::mixture_log_density_pairwise", mutates_args=())
+def mixture_log_density_pairwise(
+    z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, family: str, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(z, loc, scale, family, mask, True)
 
 
 @triton_op("mmvae_fast_triton::mixture_log_density_backward", mutates_args=())
-def mixture_bwd(
-    z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, lse: torch.Tensor,
-    g_lq: torch.Tensor | None, g_a: torch.Tensor | None, normal: bool,
+def mixture_log_density_backward(
+    grad_lq: torch.Tensor | None, grad_a: torch.Tensor | None, z: torch.Tensor, loc: torch.Tensor,
+    scale: torch.Tensor, lq: torch.Tensor, family: str, mask: torch.Tensor | None, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dz, dloc, dscale) from the cotangents of lq and of the pairwise table a."""
-    return R.pairwise_backward(z, loc, scale, mask, lse, g_lq, g_a, normal, False)
-
-
-def _mixture_setup(ctx, inputs, output):
-    z, loc, scale, mask, normal, write_a = inputs
-    ctx.normal = normal
-    ctx.save_for_backward(z, loc, scale, mask, output[1])
-
-
-def _mixture_backward(ctx, g_lq, _g_lse, g_a):
-    z, loc, scale, mask, lse = ctx.saved_tensors
-    c = lambda g: None if g is None or g.numel() == 0 else g.contiguous()  # noqa: E731
-    dz, dloc, dscale = mixture_bwd(z, loc, scale, mask, lse, c(g_lq), c(g_a), ctx.normal)
-    return dz, dloc, dscale, None, None, None
-
-
-mixture_fwd.register_autograd(_mixture_backward, setup_context=_mixture_setup)
-
-
-def mixture_log_density(z, loc, scale, family, mask, return_pairwise):
-    """The backend entry of ops.mixture_log_density (mask: bool [M, B] or None)."""
-    m8 = None if mask is None else mask.to(torch.int8).contiguous()
-    lq, _, a = mixture_fwd(z.contiguous(), loc.contiguous(), scale.contiguous(), m8, family == "normal", bool(return_pairwise))
-    return (lq, a) if return_pairwise else lq
+    """(dz, dloc, dscale), each empty where output_mask does not ask for it."""
+    # the log-sum-exp over the present experts: lq + log(#present) (none present: lq = -inf stays)
+    n = torch.full((1,), float(z.shape[0]), dtype=lq.dtype, device=lq.device) if mask is None else mask.sum(0).to(lq.dtype)
+    lse = (lq + torch.log(n.clamp_min(1.0))).contiguous()
+    c = lambda g: None if g is None else g.contiguous()  # noqa: E731
+    grads = R.pairwise_backward(
+        z.contiguous(), loc.contiguous(), scale.contiguous(), _mask8(mask), lse, c(grad_lq), c(grad_a),
+        family == "normal", False,
+    )
+    return tuple(g if want else g.new_empty((0,)) for g, want in zip(grads, output_mask))

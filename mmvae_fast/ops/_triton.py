@@ -14,13 +14,18 @@ import torch
 
 from . import _dispatch
 
-# each op's kernels live in mmvae_fast/kernels/<op>.py, entry point <op>
+# each op's Triton ops live in mmvae_fast/kernels/<op>.py as mmvae_fast_triton::<op>, with the
+# schema of the C++ op; mmvae_fast/ops/<op>.py gives them the autograd formula and the adapter
 _OPS = ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum")
-_LOADED = {}  # op -> the kernel's entry point, once imported
+_LOADED = {}  # op -> the backend entry, once the kernels are imported
 
 
 def _load(op):
-    _LOADED[op] = getattr(importlib.import_module(f"mmvae_fast.kernels.{op}"), op)
+    if op not in _LOADED:
+        importlib.import_module(f"mmvae_fast.kernels.{op}")  # defines mmvae_fast_triton::<op>
+        front = importlib.import_module(f"mmvae_fast.ops.{op}")
+        front.register_autograd("mmvae_fast_triton")
+        _LOADED[op] = front.backend("mmvae_fast_triton")
     return _LOADED[op]
 
 

@@ -1,8 +1,9 @@
 """importance_ratios: appendix B's cross-modal importance ratios.
 
-The public op, and the wiring of the C++ op mmvae_fast::importance_ratios (csrc/cpu and
-csrc/cuda importance_ratios): its fake kernel and autograd formula. Forward saves the ratios
-(d ratio / d a = ratio); the backward op recomputes the pairwise log-densities a row at a time.
+The public op, and the wiring of the backends' op <ns>::importance_ratios (the C++ op of csrc/cpu
+and csrc/cuda, and the Triton op of mmvae_fast/kernels, one schema): the C++ op's fake kernel,
+the autograd formula and the adapter. Forward saves the ratios (d ratio / d a = ratio); the
+backward op recomputes the pairwise log-densities a row at a time.
 """
 import torch
 
@@ -23,19 +24,11 @@ def importance_ratios(z, loc, scale, *, family="normal", backend=None):
     return _dispatch.impl("importance_ratios", b)(z, loc, scale, family)
 
 
-# ---- the C++ op (cpu and cuda backends)
+# ---- the backends' op <ns>::importance_ratios (ns: mmvae_fast, the C++ op of the cpu and cuda
+# backends; mmvae_fast_triton, the Triton op): one schema, so one autograd formula and one adapter
 
 
-def _register_extension_op():
-    @torch.library.register_fake("mmvae_fast::importance_ratios")
-    def _(z, loc, scale, family):
-        M, K, B, _L = z.shape
-        return z.new_empty((M, M, K, B), dtype=acc_dtype(z.dtype))
-
-    @torch.library.register_fake("mmvae_fast::importance_ratios_backward")
-    def _(grad, ratio, z, loc, scale, family):
-        return loc.new_empty(loc.shape), scale.new_empty(scale.shape)
-
+def register_autograd(ns: str) -> None:
     def setup_context(ctx, inputs, output):
         z, loc, scale, family = inputs
         ctx.save_for_backward(z, loc, scale, output)  # the ratios: d ratio / d a = ratio
@@ -45,17 +38,34 @@ def _register_extension_op():
         z, loc, scale, ratio = ctx.saved_tensors
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             return None, None, None, None
-        gl, gs = torch.ops.mmvae_fast.importance_ratios_backward(grad, ratio, z, loc, scale, ctx.family)
+        gl, gs = getattr(torch.ops, ns).importance_ratios_backward(grad, ratio, z, loc, scale, ctx.family)
         return None, gl if ctx.needs_input_grad[1] else None, gs if ctx.needs_input_grad[2] else None, None
 
-    torch.library.register_autograd("mmvae_fast::importance_ratios", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"{ns}::importance_ratios", backward, setup_context=setup_context)
 
 
-def _extension_importance_ratios(z, loc, scale, family):
-    # z is detached by contract: the ratios' gradient reaches only loc and scale
-    return torch.ops.mmvae_fast.importance_ratios(z.detach(), loc, scale, family)
+def backend(ns: str):
+    """The backend entry (z, loc, scale, family) over <ns>::importance_ratios."""
+
+    def importance_ratios_(z, loc, scale, family):
+        # z is detached by contract: the ratios' gradient reaches only loc and scale
+        return getattr(torch.ops, ns).importance_ratios(z.detach(), loc, scale, family)
+
+    return importance_ratios_
+
+
+def _register_fake():  # the C++ op's shapes (a triton_op traces its own)
+    @torch.library.register_fake("mmvae_fast::importance_ratios")
+    def _(z, loc, scale, family):
+        M, K, B, _L = z.shape
+        return z.new_empty((M, M, K, B), dtype=acc_dtype(z.dtype))
+
+    @torch.library.register_fake("mmvae_fast::importance_ratios_backward")
+    def _(grad, ratio, z, loc, scale, family):
+        return loc.new_empty(loc.shape), scale.new_empty(scale.shape)
 
 
 if _extension.built("importance_ratios"):
-    _register_extension_op()
-_extension.register("importance_ratios", _extension_importance_ratios)
+    _register_fake()
+    register_autograd("mmvae_fast")
+_extension.register("importance_ratios", backend("mmvae_fast"))

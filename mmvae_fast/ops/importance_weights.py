@@ -1,9 +1,9 @@
 """importance_weights: the bound, the normalised weights and their squares in one pass.
 
-The public op, and the wiring of the C++ op mmvae_fast::importance_weights (csrc/cpu and csrc/cuda
-importance_weights): its fake kernel, its autograd formula and the adapter that views lw as
-[P, N, Q]. The C++ op reduces the middle dim of lw [P, N, Q] -> (lse [P, Q], wbar, wbar_sq
-[P, N, Q]). Reduced dims that are adjacent (the objectives' (0, 1) or 1 of lw [M, K, B]) are
+The public op, and the wiring of the backends' op <ns>::importance_weights (the C++ op of
+csrc/cpu and csrc/cuda, and the Triton op of mmvae_fast/kernels, one schema): the C++ op's fake
+kernel, the autograd formula and the adapter that views lw as [P, N, Q]. The op reduces the
+middle dim of lw [P, N, Q] -> (lse [P, Q], wbar, wbar_sq [P, N, Q]). Reduced dims that are adjacent (the objectives' (0, 1) or 1 of lw [M, K, B]) are
 viewed as N in place, so nothing is transposed and the outputs keep lw's layout; other dims sets
 are moved last (Q = 1). bound = lse - log N.
 """
@@ -43,10 +43,47 @@ def importance_weights(lw, dim=0, *, backend=None) -> ImportanceWeights:
     return ImportanceWeights(*_dispatch.impl("importance_weights", b)(lw, dims))
 
 
-# ---- the C++ op (cpu and cuda backends)
+# ---- the backends' op <ns>::importance_weights (ns: mmvae_fast, the C++ op of the cpu and cuda
+# backends; mmvae_fast_triton, the Triton op): one schema, so one autograd formula and one adapter
 
 
-def _register_extension_op():
+def register_autograd(ns: str) -> None:
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output[0])  # lw and lse: backward recomputes the weights
+        ctx.set_materialize_grads(False)  # an output nobody used costs nothing in backward
+
+    def backward(ctx, g_lse, g_wbar, g_wbar_sq):
+        lw, lse = ctx.saved_tensors
+        if g_lse is None and g_wbar is None and g_wbar_sq is None:
+            return None
+        return getattr(torch.ops, ns).importance_weights_backward(lw, lse, g_lse, g_wbar, g_wbar_sq)
+
+    torch.library.register_autograd(f"{ns}::importance_weights", backward, setup_context=setup_context)
+
+
+def backend(ns: str):
+    """The backend entry (lw, dims) -> (bound, wbar, wbar_sq) over <ns>::importance_weights."""
+
+    def importance_weights_(lw, dims):
+        op = getattr(torch.ops, ns).importance_weights
+        shape = tuple(lw.shape)
+        kept_shape = tuple([n for d, n in enumerate(shape) if d not in dims])
+        N = math.prod([shape[d] for d in dims])
+        if dims == tuple(range(dims[0], dims[-1] + 1)):  # adjacent: a view [P, N, Q]
+            lse, wbar, wbar_sq = op(lw.reshape(math.prod(shape[: dims[0]]), N, math.prod(shape[dims[-1] + 1:])))
+            return (lse - math.log(N)).reshape(kept_shape), wbar.reshape(shape), wbar_sq.reshape(shape)
+        kept = [d for d in range(lw.dim()) if d not in dims]
+        perm = kept + list(dims)
+        x = lw.permute(perm)
+        lse, wbar, wbar_sq = op(x.reshape(-1, N, 1))
+        inv = [perm.index(d) for d in range(len(perm))]
+        back = lambda t: t.reshape(x.shape).permute(inv)  # noqa: E731
+        return (lse - math.log(N)).reshape(kept_shape), back(wbar), back(wbar_sq)
+
+    return importance_weights_
+
+
+def _register_fake():  # the C++ op's shapes (a triton_op traces its own)
     @torch.library.register_fake("mmvae_fast::importance_weights")
     def _(lw):
         P, N, Q = lw.shape
@@ -57,37 +94,8 @@ def _register_extension_op():
     def _(lw, lse, g_lse, g_wbar, g_wbar_sq):
         return torch.empty_like(lw, memory_format=torch.contiguous_format)
 
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], output[0])  # lw and lse: backward recomputes the weights
-        ctx.set_materialize_grads(False)  # an output nobody used costs nothing in backward
-
-    def backward(ctx, g_lse, g_wbar, g_wbar_sq):
-        lw, lse = ctx.saved_tensors
-        if g_lse is None and g_wbar is None and g_wbar_sq is None:
-            return None
-        return torch.ops.mmvae_fast.importance_weights_backward(lw, lse, g_lse, g_wbar, g_wbar_sq)
-
-    torch.library.register_autograd("mmvae_fast::importance_weights", backward, setup_context=setup_context)
-
-
-def _extension_importance_weights(lw, dims):
-    """bound, wbar, wbar_sq of lw over the sorted, distinct dims (validated by the public op)."""
-    shape = tuple(lw.shape)
-    kept_shape = tuple([n for d, n in enumerate(shape) if d not in dims])
-    N = math.prod([shape[d] for d in dims])
-    if dims == tuple(range(dims[0], dims[-1] + 1)):  # adjacent: a view [P, N, Q]
-        x = lw.reshape(math.prod(shape[: dims[0]]), N, math.prod(shape[dims[-1] + 1:]))
-        lse, wbar, wbar_sq = torch.ops.mmvae_fast.importance_weights(x)
-        return (lse - math.log(N)).reshape(kept_shape), wbar.reshape(shape), wbar_sq.reshape(shape)
-    kept = [d for d in range(lw.dim()) if d not in dims]
-    perm = kept + list(dims)
-    x = lw.permute(perm)
-    lse, wbar, wbar_sq = torch.ops.mmvae_fast.importance_weights(x.reshape(-1, N, 1))
-    inv = [perm.index(d) for d in range(len(perm))]
-    back = lambda t: t.reshape(x.shape).permute(inv)  # noqa: E731
-    return (lse - math.log(N)).reshape(kept_shape), back(wbar), back(wbar_sq)
-
 
 if _extension.built("importance_weights"):
-    _register_extension_op()
-_extension.register("importance_weights", _extension_importance_weights)
+    _register_fake()
+    register_autograd("mmvae_fast")
+_extension.register("importance_weights", backend("mmvae_fast"))

@@ -1,7 +1,7 @@
 """likelihood_sum: per-sample log-likelihood sums over event dims, without expanding x over samples.
 
-The public op, and the wiring of the C++ op mmvae_fast::likelihood_sum (csrc/cpu and csrc/cuda
-likelihood_sum). The C++ op sees flattened shapes: x [B, E], params [S, B, E] (categorical:
+The public op, and the wiring of the backends' op <ns>::likelihood_sum (the C++ op of csrc/cpu and
+csrc/cuda, and the Triton op of mmvae_fast/kernels, one schema). The op sees flattened shapes: x [B, E], params [S, B, E] (categorical:
 [S, B, E, V]) and, for normal / laplace, the scale compacted to [S|1, B|1, E|1]: a dim group the
 scale broadcasts over stays of size 1, so a scalar or per-pixel scale is never expanded over
 samples or batch. The scale gets its gradient when it requires one.
@@ -56,21 +56,11 @@ def likelihood_sum(x, params, *, family, scale=None, backend=None):
     return _dispatch.impl("likelihood_sum", b)(x, params, family, scale)
 
 
-# ---- the C++ op (cpu and cuda backends)
+# ---- the backends' op <ns>::likelihood_sum (ns: mmvae_fast, the C++ op of the cpu and cuda
+# backends; mmvae_fast_triton, the Triton op): one schema, so one autograd formula and one adapter
 
 
-def _register_extension_op():
-    @torch.library.register_fake("mmvae_fast::likelihood_sum")
-    def _(x, params, scale, family):
-        return params.new_empty(params.shape[:2], dtype=acc_dtype(params.dtype))
-
-    @torch.library.register_fake("mmvae_fast::likelihood_sum_backward")
-    def _(grad, x, params, scale, family, params_grad, scale_grad):
-        gp = torch.empty_like(params, memory_format=torch.contiguous_format) if params_grad else params.new_empty((0,))
-        acc = acc_dtype(params.dtype)
-        gs = torch.empty_like(scale, memory_format=torch.contiguous_format) if scale_grad and scale is not None else params.new_empty((0,), dtype=acc)
-        return gp, gs
-
+def register_autograd(ns: str) -> None:
     def setup_context(ctx, inputs, output):
         x, params, scale, family = inputs
         ctx.save_for_backward(x, params, scale)
@@ -81,10 +71,10 @@ def _register_extension_op():
         need_p, need_s = ctx.needs_input_grad[1], scale is not None and ctx.needs_input_grad[2]
         if grad is None or not (need_p or need_s):
             return None, None, None, None
-        gp, gs = torch.ops.mmvae_fast.likelihood_sum_backward(grad, x, params, scale, ctx.family, need_p, need_s)
+        gp, gs = getattr(torch.ops, ns).likelihood_sum_backward(grad, x, params, scale, ctx.family, need_p, need_s)
         return None, gp if need_p else None, gs if need_s else None, None
 
-    torch.library.register_autograd("mmvae_fast::likelihood_sum", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"{ns}::likelihood_sum", backward, setup_context=setup_context)
 
 
 def _compact_scale(scale, params_shape, n_sample, n_event, dtype):
@@ -100,28 +90,47 @@ def _compact_scale(scale, params_shape, n_sample, n_event, dtype):
     return s.expand(target).reshape(flat)
 
 
-def _extension_likelihood_sum(x, params, family, scale=None):
-    """out[*S, b] = sum_e log p(x[b, e] | params[*S, b, e]) (shapes validated by the public op)."""
-    x = x.detach()
-    cat = family == "categorical"
-    B, event = x.shape[0], tuple(x.shape[1:])
-    E = math.prod(event)
-    sample = tuple(params.shape[: params.dim() - x.dim() - cat])
-    S = math.prod(sample)
-    acc = acc_dtype(params.dtype)
-    if cat:
-        p = params.reshape(S, B, E, params.shape[-1])
-        xx = x.reshape(B, E).long()
-    else:
-        p = params.reshape(S, B, E)
-        xx = x.reshape(B, E).to(acc)
-    sc = None
-    if family in ("normal", "laplace"):
-        sc = _compact_scale(torch.as_tensor(scale, device=params.device), params.shape, len(sample), len(event), acc)
-    out = torch.ops.mmvae_fast.likelihood_sum(xx, p, sc, LIKELIHOOD_CODES[family])
-    return out.reshape(*sample, B)
+def backend(ns: str):
+    """The backend entry (x, params, family, scale) -> [*S, B] over <ns>::likelihood_sum."""
+
+    def likelihood_sum_(x, params, family, scale=None):
+        x = x.detach()
+        cat = family == "categorical"
+        B, event = x.shape[0], tuple(x.shape[1:])
+        E = math.prod(event)
+        sample = tuple(params.shape[: params.dim() - x.dim() - cat])
+        S = math.prod(sample)
+        acc = acc_dtype(params.dtype)
+        if cat:
+            p = params.reshape(S, B, E, params.shape[-1])
+            xx = x.reshape(B, E).long()
+        else:
+            p = params.reshape(S, B, E)
+            xx = x.reshape(B, E).to(acc)
+        sc = None
+        if family in ("normal", "laplace"):
+            sc = _compact_scale(torch.as_tensor(scale, device=params.device), params.shape, len(sample), len(event), acc)
+        out = getattr(torch.ops, ns).likelihood_sum(xx, p, sc, LIKELIHOOD_CODES[family])
+        return out.reshape(*sample, B)
+
+    return likelihood_sum_
+
+
+def _register_fake():  # the C++ op's shapes (a triton_op traces its own)
+    @torch.library.register_fake("mmvae_fast::likelihood_sum")
+    def _(x, params, scale, family):
+        return params.new_empty(params.shape[:2], dtype=acc_dtype(params.dtype))
+
+    @torch.library.register_fake("mmvae_fast::likelihood_sum_backward")
+    def _(grad, x, params, scale, family, params_grad, scale_grad):
+        gp = torch.empty_like(params, memory_format=torch.contiguous_format) if params_grad else params.new_empty((0,))
+        acc = acc_dtype(params.dtype)
+        want_s = scale_grad and scale is not None
+        gs = torch.empty_like(scale, memory_format=torch.contiguous_format) if want_s else params.new_empty((0,), dtype=acc)
+        return gp, gs
 
 
 if _extension.built("likelihood_sum"):
-    _register_extension_op()
-_extension.register("likelihood_sum", _extension_likelihood_sum)
+    _register_fake()
+    register_autograd("mmvae_fast")
+_extension.register("likelihood_sum", backend("mmvae_fast"))

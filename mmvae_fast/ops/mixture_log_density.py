@@ -1,9 +1,10 @@
 """mixture_log_density: log q_mix(z) of a mixture of experts, without the pairwise table in memory.
 
-The public op, and the wiring of the C++ ops mmvae_fast::mixture_log_density and
-mixture_log_density_pairwise (csrc/cpu and csrc/cuda mixture_log_density): fake kernels and one
-autograd formula. Forward saves (z, loc, scale, lq), never the pairwise table; the backward op
-recomputes it a row at a time, so neither direction keeps anything of size M*M*K*B*L.
+The public op, and the wiring of the backends' ops <ns>::mixture_log_density and
+mixture_log_density_pairwise (the C++ ops of csrc/cpu and csrc/cuda, and the Triton ops of
+mmvae_fast/kernels, one schema): the C++ ops' fake kernels, one autograd formula, one adapter.
+Forward saves (z, loc, scale, lq), never the pairwise table; the backward op recomputes it a row at
+a time, so neither direction keeps anything of size M*M*K*B*L.
 """
 import torch
 
@@ -37,10 +38,46 @@ def mixture_log_density(z, loc, scale, *, family="normal", mask=None, return_pai
     return _dispatch.impl("mixture_log_density", b)(z, loc, scale, family, mask, bool(return_pairwise))
 
 
-# ---- the C++ ops (cpu and cuda backends)
+# ---- the backends' ops <ns>::mixture_log_density(_pairwise) (ns: mmvae_fast, the C++ ops of the
+# cpu and cuda backends; mmvae_fast_triton, the Triton ops): one schema, so one autograd formula
+# and one adapter
 
 
-def _register_extension_op():
+def register_autograd(ns: str) -> None:
+    def setup_context(ctx, inputs, output):
+        z, loc, scale, family, mask = inputs
+        lq = output[0] if isinstance(output, (tuple, list)) else output
+        ctx.save_for_backward(z, loc, scale, lq, mask)
+        ctx.family = family
+        # an unused output (a, or lq when only a is used) arrives as None: no zero tensor is made
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_lq, grad_a=None):
+        z, loc, scale, lq, mask = ctx.saved_tensors
+        want = [bool(w) for w in ctx.needs_input_grad[:3]]
+        if not any(want) or (grad_lq is None and grad_a is None):
+            return None, None, None, None, None
+        gz, gl, gs = getattr(torch.ops, ns).mixture_log_density_backward(
+            grad_lq, grad_a, z, loc, scale, lq, ctx.family, mask, want
+        )
+        return gz if want[0] else None, gl if want[1] else None, gs if want[2] else None, None, None
+
+    for name in ("mixture_log_density", "mixture_log_density_pairwise"):
+        torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup_context)
+
+
+def backend(ns: str):
+    """The backend entry (z, loc, scale, family, mask, pairwise) over <ns>::mixture_log_density."""
+
+    def mixture_log_density_(z, loc, scale, family, mask, pairwise):
+        if pairwise:
+            return getattr(torch.ops, ns).mixture_log_density_pairwise(z, loc, scale, family, mask)
+        return getattr(torch.ops, ns).mixture_log_density(z, loc, scale, family, mask)
+
+    return mixture_log_density_
+
+
+def _register_fake():  # the C++ ops' shapes (a triton_op traces its own)
     @torch.library.register_fake("mmvae_fast::mixture_log_density")
     def _(z, loc, scale, family, mask):
         M, K, B, _L = z.shape
@@ -56,34 +93,8 @@ def _register_extension_op():
     def _(grad_lq, grad_a, z, loc, scale, lq, family, mask, output_mask):
         return tuple(t.new_empty(t.shape) if w else t.new_empty((0,)) for t, w in zip((z, loc, scale), output_mask))
 
-    def setup_context(ctx, inputs, output):
-        z, loc, scale, family, mask = inputs
-        lq = output[0] if isinstance(output, (tuple, list)) else output
-        ctx.save_for_backward(z, loc, scale, lq, mask)
-        ctx.family = family
-        # an unused output (a, or lq when only a is used) arrives as None: no zero tensor is made
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_lq, grad_a=None):
-        z, loc, scale, lq, mask = ctx.saved_tensors
-        want = [bool(w) for w in ctx.needs_input_grad[:3]]
-        if not any(want) or (grad_lq is None and grad_a is None):
-            return None, None, None, None, None
-        gz, gl, gs = torch.ops.mmvae_fast.mixture_log_density_backward(
-            grad_lq, grad_a, z, loc, scale, lq, ctx.family, mask, want
-        )
-        return gz if want[0] else None, gl if want[1] else None, gs if want[2] else None, None, None
-
-    for name in ("mixture_log_density", "mixture_log_density_pairwise"):
-        torch.library.register_autograd(f"mmvae_fast::{name}", backward, setup_context=setup_context)
-
-
-def _extension_mixture_log_density(z, loc, scale, family, mask, pairwise):
-    if pairwise:
-        return torch.ops.mmvae_fast.mixture_log_density_pairwise(z, loc, scale, family, mask)
-    return torch.ops.mmvae_fast.mixture_log_density(z, loc, scale, family, mask)
-
 
 if _extension.built("mixture_log_density"):
-    _register_extension_op()
-_extension.register("mixture_log_density", _extension_mixture_log_density)
+    _register_fake()
+    register_autograd("mmvae_fast")
+_extension.register("mixture_log_density", backend("mmvae_fast"))
