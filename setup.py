@@ -16,6 +16,18 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def build_config():
+    """csrc/build.cfg: the sources (globs) and flags that CMakeLists.txt reads too."""
+    cfg = {}
+    with open(os.path.join(ROOT, "csrc", "build.cfg")) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                key, value = (s.strip() for s in line.split("=", 1))
+                cfg[key] = value.split()
+    return cfg
+
+
 def _extensions():
     if os.environ.get("MMVAE_FAST_NO_EXT") == "1":
         return [], {}
@@ -24,25 +36,28 @@ def _extensions():
 
     flag = os.environ.get("MMVAE_FAST_BUILD_CUDA", "auto")
     with_cuda = flag == "1" or (flag == "auto" and torch.version.cuda is not None and CUDA_HOME is not None)
-    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
-    sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
-    # -fno-trapping-math lets GCC vectorise the branch-free exp/log of csrc/include/mmvae_fast/fastmath.h
-    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fno-trapping-math"]
+    cfg = build_config()
+
+    def sources(key):
+        return [os.path.relpath(p, ROOT) for pat in cfg[key] for p in sorted(glob.glob(os.path.join(ROOT, pat)))]
+
+    srcs = sources("cpu_sources")
+    cxx = [f"-std=c++{cfg['cxx_standard'][0]}"] + cfg["cxx_flags"]
     kwargs = dict(
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=cfg["link_flags"],
     )
     if with_cuda:
-        sources += rel("csrc/cuda/*.cu")
+        srcs += sources("cuda_sources")
         ext = CUDAExtension(
             "mmvae_fast._C",
-            sources,
+            srcs,
             define_macros=[("MMVAE_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx, "nvcc": [f"-std=c++{cfg['cxx_standard'][0]}"] + cfg["nvcc_flags"]},
             **kwargs,
         )
     else:
-        ext = CppExtension("mmvae_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        ext = CppExtension("mmvae_fast._C", srcs, extra_compile_args={"cxx": cxx}, **kwargs)
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 

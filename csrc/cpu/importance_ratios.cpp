@@ -82,22 +82,20 @@ MMVAE_ALWAYS_INLINE void fwd_rows(int family, const RatioArgs<T>& p, int64_t beg
   std::vector<T> buf((p.L + p.M) * kTile);
   for (int64_t t = begin; t < end; ++t) {  // t = tile * B + b: neighbouring tasks read neighbouring rows of z
     const int64_t b = t % p.B, j0 = (t / p.B) * kTile, n = std::min(kTile, rows - j0);
-    if (family == kNormal) fwd_tile_t<kNormal>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile);
-    else fwd_tile_t<kLaplace>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile);
+    MMVAE_DISPATCH_FAMILY(family, F, fwd_tile_t<F>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile));
   }
 }
 template <typename T>
 MMVAE_ALWAYS_INLINE void bwd_tasks(int family, const RatioArgs<T>& p, int64_t begin, int64_t end) {
   std::vector<T> scratch((p.L + 1 + 2 * p.M * p.L) * kTile);
   for (int64_t t = begin; t < end; ++t) {  // t = c * B + b
-    if (family == kNormal) bwd_task_t<kNormal>(p, t % p.B, t / p.B, scratch.data());
-    else bwd_task_t<kLaplace>(p, t % p.B, t / p.B, scratch.data());
+    MMVAE_DISPATCH_FAMILY(family, F, bwd_task_t<F>(p, t % p.B, t / p.B, scratch.data()));
   }
 }
-MMVAE_CPU_CLONES void fwd_f32(int f, const RatioArgs<float>& p, int64_t b, int64_t e) { fwd_rows(f, p, b, e); }
-MMVAE_CPU_CLONES void fwd_f64(int f, const RatioArgs<double>& p, int64_t b, int64_t e) { fwd_rows(f, p, b, e); }
-MMVAE_CPU_CLONES void bwd_f32(int f, const RatioArgs<float>& p, int64_t b, int64_t e) { bwd_tasks(f, p, b, e); }
-MMVAE_CPU_CLONES void bwd_f64(int f, const RatioArgs<double>& p, int64_t b, int64_t e) { bwd_tasks(f, p, b, e); }
+MMVAE_CPU_MULTIVERSION void fwd_f32(int f, const RatioArgs<float>& p, int64_t b, int64_t e) { fwd_rows(f, p, b, e); }
+MMVAE_CPU_MULTIVERSION void fwd_f64(int f, const RatioArgs<double>& p, int64_t b, int64_t e) { fwd_rows(f, p, b, e); }
+MMVAE_CPU_MULTIVERSION void bwd_f32(int f, const RatioArgs<float>& p, int64_t b, int64_t e) { bwd_tasks(f, p, b, e); }
+MMVAE_CPU_MULTIVERSION void bwd_f64(int f, const RatioArgs<double>& p, int64_t b, int64_t e) { bwd_tasks(f, p, b, e); }
 void run_fwd(int f, const RatioArgs<float>& p, int64_t b, int64_t e) { fwd_f32(f, p, b, e); }
 void run_fwd(int f, const RatioArgs<double>& p, int64_t b, int64_t e) { fwd_f64(f, p, b, e); }
 void run_bwd(int f, const RatioArgs<float>& p, int64_t b, int64_t e) { bwd_f32(f, p, b, e); }

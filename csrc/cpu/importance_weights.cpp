@@ -21,17 +21,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "mmvae_fast/cpu.h"
 #include "mmvae_fast/fastmath.h"
 #include "mmvae_fast/host.h"
 #include "mmvae_fast/math.h"
-
-#define MMVAE_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace mmvae_fast {
 namespace {
 
 constexpr int64_t kChunk = 256;
-constexpr int64_t kTile = 16;  // columns per tile: one AVX-512 register of float
+constexpr int64_t kTile = kColumnTile;
 
 template <typename T>
 MMVAE_ALWAYS_INLINE T forward_row_impl(const T* x, int64_t n, T* w, T* w2, T* chunk_max, T* chunk_sum) {

@@ -17,12 +17,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "mmvae_fast/cpu.h"
 #include "mmvae_fast/densities.h"
-#include "mmvae_fast/likelihood_args.h"
 #include "mmvae_fast/fastmath.h"
+#include "mmvae_fast/likelihood_args.h"
 #include "mmvae_fast/math.h"
-
-#define MMVAE_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace mmvae_fast {
 namespace {
@@ -99,13 +98,11 @@ MMVAE_ALWAYS_INLINE LseState<T> logit_row_state(const T* l, int64_t V, T* ebuf) 
 #define MMVAE_LIK_ROWS(T)                                                                                      \
   MMVAE_CPU_MULTIVERSION T loc_forward_row(int f, const T* x, const T* mu, const T* inv, const T* logs,       \
                                            int64_t se, int64_t E) {                                            \
-    return f == kNormal ? loc_forward_impl<kNormal>(x, mu, inv, logs, se, E)                                   \
-                        : loc_forward_impl<kLaplace>(x, mu, inv, logs, se, E);                                 \
+    MMVAE_DISPATCH_FAMILY(f, F, return loc_forward_impl<F>(x, mu, inv, logs, se, E));                          \
   }                                                                                                            \
   MMVAE_CPU_MULTIVERSION void loc_backward_row(int f, const T* x, const T* mu, const T* inv, int64_t se,      \
                                                int64_t E, T g, T* gmu, T* gscale) {                            \
-    if (f == kNormal) loc_backward_impl<kNormal>(x, mu, inv, se, E, g, gmu, gscale);                           \
-    else loc_backward_impl<kLaplace>(x, mu, inv, se, E, g, gmu, gscale);                                       \
+    MMVAE_DISPATCH_FAMILY(f, F, loc_backward_impl<F>(x, mu, inv, se, E, g, gmu, gscale));                      \
   }                                                                                                            \
   MMVAE_CPU_MULTIVERSION T bernoulli_forward_row(const T* x, const T* l, int64_t E) {                         \
     return bernoulli_forward_impl(x, l, E);                                                                    \

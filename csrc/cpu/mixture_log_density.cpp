@@ -1,4 +1,4 @@
-// Fused mixture-of-experts log-density on CPU (DESIGN.md section 3), forward and backward.
+// Fused mixture-of-experts log-density on CPU (docs/design.md section 3), forward and backward.
 //   a[r, m, k, b] = sum_l log f(z[r, k, b, l]; loc[m, b, l], scale[m, b, l])
 //   lq[r, k, b]   = logsumexp_{m present in b} a[r, m, k, b] - log(#present in b)
 // One pass over z in tiles of 32 samples of one batch entry (mixture_rows.h): per tile, M expert
@@ -69,8 +69,7 @@ MMVAE_ALWAYS_INLINE void fwd_tasks(int family, const Args<T>& p, int64_t begin, 
   std::vector<T> buf((p.L + p.M) * kTile);
   for (int64_t t = begin; t < end; ++t) {  // t = tile * B + b: neighbouring tasks read neighbouring rows of z
     const int64_t b = t % p.B, j0 = (t / p.B) * kTile, n = std::min(kTile, rows - j0);
-    if (family == kNormal) fwd_tile_t<kNormal>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile);
-    else fwd_tile_t<kLaplace>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile);
+    MMVAE_DISPATCH_FAMILY(family, F, fwd_tile_t<F>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile));
   }
 }
 
@@ -138,22 +137,16 @@ MMVAE_ALWAYS_INLINE void bwd_tasks(int family, const Args<T>& p, int64_t begin, 
   const bool gx = p.gz != nullptr, gp = p.gloc != nullptr;
   for (int64_t t = begin; t < end; ++t) {  // t = c * B + b
     const int64_t b = t % p.B, c = t / p.B;
-#define MMVAE_BWD_CASE(FAM, GX, GP) \
-  if (family == FAM && gx == GX && gp == GP) bwd_task_t<FAM, GX, GP>(p, b, c, scratch.data());
-    MMVAE_BWD_CASE(kNormal, true, true)
-    MMVAE_BWD_CASE(kNormal, true, false)
-    MMVAE_BWD_CASE(kNormal, false, true)
-    MMVAE_BWD_CASE(kLaplace, true, true)
-    MMVAE_BWD_CASE(kLaplace, true, false)
-    MMVAE_BWD_CASE(kLaplace, false, true)
-#undef MMVAE_BWD_CASE
+    if (!gx && !gp) continue;  // nothing wanted
+    MMVAE_DISPATCH_FAMILY(family, F,
+                          MMVAE_DISPATCH_BOOL(gx, GX, MMVAE_DISPATCH_BOOL(gp, GP, bwd_task_t<F, GX, GP>(p, b, c, scratch.data()))));
   }
 }
 
-MMVAE_CPU_CLONES void fwd_f32(int f, const Args<float>& p, int64_t b, int64_t e) { fwd_tasks(f, p, b, e); }
-MMVAE_CPU_CLONES void fwd_f64(int f, const Args<double>& p, int64_t b, int64_t e) { fwd_tasks(f, p, b, e); }
-MMVAE_CPU_CLONES void bwd_f32(int f, const Args<float>& p, int64_t b, int64_t e) { bwd_tasks(f, p, b, e); }
-MMVAE_CPU_CLONES void bwd_f64(int f, const Args<double>& p, int64_t b, int64_t e) { bwd_tasks(f, p, b, e); }
+MMVAE_CPU_MULTIVERSION void fwd_f32(int f, const Args<float>& p, int64_t b, int64_t e) { fwd_tasks(f, p, b, e); }
+MMVAE_CPU_MULTIVERSION void fwd_f64(int f, const Args<double>& p, int64_t b, int64_t e) { fwd_tasks(f, p, b, e); }
+MMVAE_CPU_MULTIVERSION void bwd_f32(int f, const Args<float>& p, int64_t b, int64_t e) { bwd_tasks(f, p, b, e); }
+MMVAE_CPU_MULTIVERSION void bwd_f64(int f, const Args<double>& p, int64_t b, int64_t e) { bwd_tasks(f, p, b, e); }
 void run_fwd(int f, const Args<float>& p, int64_t b, int64_t e) { fwd_f32(f, p, b, e); }
 void run_fwd(int f, const Args<double>& p, int64_t b, int64_t e) { fwd_f64(f, p, b, e); }
 void run_bwd(int f, const Args<float>& p, int64_t b, int64_t e) { bwd_f32(f, p, b, e); }
@@ -207,13 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cpu(
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   const auto acc = e.z.scalar_type();
   const bool gx = output_mask[0], gp = output_mask[1] || output_mask[2];
-  const at::Tensor lqc = lq.to(acc).contiguous();
-  TORCH_CHECK(lqc.sizes() == at::IntArrayRef({M, K, B}), op, ": lq must have shape [M, K, B]");
-  at::Tensor glq, ga;
-  if (grad_lq.has_value() && grad_lq->defined()) glq = grad_lq->to(acc).contiguous();
-  if (grad_a.has_value() && grad_a->defined()) ga = grad_a->to(acc).contiguous();
-  if (glq.defined()) TORCH_CHECK(glq.sizes() == lqc.sizes(), op, ": grad_lq must have shape [M, K, B]");
-  if (ga.defined()) TORCH_CHECK(ga.sizes() == at::IntArrayRef({M, M, K, B}), op, ": grad_a must have shape [M, M, K, B]");
+  const auto [lqc, glq, ga] = prepare_mixture_cotangents(grad_lq, grad_a, lq, e, op);
   const int64_t chunks = tile_chunks(B, num_tiles(M * K));
   const bool run = (gx || gp) && (glq.defined() || ga.defined());
   // every row of grad_z is written by exactly one tile when the kernel runs: no zero fill
@@ -232,11 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cpu(
                        [&](int64_t begin, int64_t end) { run_bwd(fam, p, begin, end); });
     });
   }
-  const auto empty = at::empty({0}, z.options());
-  at::Tensor out_z = gx ? gz.to(z.scalar_type()) : empty;
-  at::Tensor out_loc = output_mask[1] ? gloc.sum(0).to(loc.scalar_type()) : empty;
-  at::Tensor out_scale = output_mask[2] ? gscale.sum(0).to(scale.scalar_type()) : empty;
-  return {out_z, out_loc, out_scale};
+  // the per-chunk partial sums of grad_loc and grad_scale, summed
+  return mixture_gradients(gz, gp ? gloc.sum(0) : gloc, gp ? gscale.sum(0) : gscale, z, loc, scale, output_mask);
 }
 
 }  // namespace cpu

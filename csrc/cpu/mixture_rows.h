@@ -6,18 +6,9 @@
 #include <ATen/Parallel.h>
 
 
+#include "mmvae_fast/cpu.h"
 #include "mmvae_fast/mixture.h"
 #include "mmvae_fast/mixture_args.h"
-
-// The tile loops are vectorised by `omp simd` (no -ffast-math needed: no reordering). x86-64
-// builds compile each kernel three times (AVX-512, AVX2+FMA, baseline) and pick one at load
-// time, so the wheel stays portable and still runs 16-wide where the CPU allows.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MMVAE_FAST_NO_CLONES)
-#define MMVAE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MMVAE_CPU_CLONES
-#endif
-#define MMVAE_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 namespace mmvae_fast {
 namespace cpu {
@@ -26,7 +17,7 @@ namespace cpu {
 // that the loops over L run over whole SIMD registers of samples (loc and 1/scale of one expert
 // are broadcast): no horizontal reductions, no remainder lanes for L = 20, and each tile is
 // loaded once for all M experts. Samples of a tile: rows rk = r * K + k in [j0, j0 + n).
-constexpr int64_t kTile = 32;  // floats: 2 AVX-512 or 4 AVX2 registers per accumulator
+constexpr int64_t kTile = kSampleTile;
 
 template <typename T>
 MMVAE_ALWAYS_INLINE void load_tile(const T* z, int64_t j0, int64_t n, int64_t B, int64_t b, int64_t L, T* zt) {

@@ -129,13 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cuda
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   const auto acc = e.z.scalar_type();
   const bool gx = output_mask[0], gp = output_mask[1] || output_mask[2];
-  const at::Tensor lqc = lq.to(acc).contiguous();
-  TORCH_CHECK(lqc.sizes() == at::IntArrayRef({M, K, B}), op, ": lq must have shape [M, K, B]");
-  at::Tensor glq, ga;
-  if (grad_lq.has_value() && grad_lq->defined()) glq = grad_lq->to(acc).contiguous();
-  if (grad_a.has_value() && grad_a->defined()) ga = grad_a->to(acc).contiguous();
-  if (glq.defined()) TORCH_CHECK(glq.sizes() == lqc.sizes(), op, ": grad_lq must have shape [M, K, B]");
-  if (ga.defined()) TORCH_CHECK(ga.sizes() == at::IntArrayRef({M, M, K, B}), op, ": grad_a must have shape [M, M, K, B]");
+  const auto [lqc, glq, ga] = prepare_mixture_cotangents(grad_lq, grad_a, lq, e, op);
   at::Tensor gz = gx ? at::zeros_like(e.z) : at::Tensor();
   at::Tensor gloc = gp ? at::zeros({M, B, L}, e.z.options()) : at::Tensor();
   at::Tensor gscale = gp ? at::zeros({M, B, L}, e.z.options()) : at::Tensor();
@@ -156,11 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cuda
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const auto empty = at::empty({0}, z.options());
-  at::Tensor out_z = gx ? gz.to(z.scalar_type()) : empty;
-  at::Tensor out_loc = output_mask[1] ? gloc.to(loc.scalar_type()) : empty;
-  at::Tensor out_scale = output_mask[2] ? gscale.to(scale.scalar_type()) : empty;
-  return {out_z, out_loc, out_scale};
+  return mixture_gradients(gz, gloc, gscale, z, loc, scale, output_mask);
 }
 
 }  // namespace cuda

@@ -141,13 +141,3 @@ struct FlushDenormals {
 #endif
 };
 }  // namespace mmvae_fast
-
-// CPU kernels: compile the marked hot function once per x86-64 feature level (AVX-512, AVX2 +
-// FMA, baseline) and pick the best at load time (GCC function multiversioning, needs ifunc:
-// Linux/glibc). Elsewhere the baseline build runs, still vectorised to the default ISA.
-#if !defined(__CUDACC__) && defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && \
-    !defined(__clang__) && __GNUC__ >= 11 && !defined(MMVAE_FAST_NO_MULTIVERSION)
-#define MMVAE_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MMVAE_CPU_MULTIVERSION
-#endif

@@ -1,5 +1,5 @@
 // Mixture-of-experts maths shared by the CPU and CUDA kernels of mixture_log_density and
-// importance_ratios (DESIGN.md section 2):
+// importance_ratios (docs/design.md section 2):
 //   a[r, m, k, b] = sum_l log f(z[r, k, b, l]; loc[m, b, l], scale[m, b, l])
 //   lq[r, k, b]   = logsumexp_{m present} a[r, m, k, b] - log(#present)
 //   ratio[r, d]   = exp(a[d, r] - a[d, d])                       (appendix B, r != d)

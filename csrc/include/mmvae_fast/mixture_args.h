@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "mmvae_fast/densities.h"
@@ -57,6 +59,37 @@ inline std::pair<at::Tensor, at::Tensor> prepare_mask(const c10::optional<at::Te
   TORCH_CHECK(mask->device() == device, op, ": argument 'mask' must be on ", device, ", got ", mask->device());
   const at::Tensor m = mask->to(at::kByte).contiguous();
   return {m, m.sum(0, /*keepdim=*/false, at::kLong).contiguous()};
+}
+
+// The mixture backward's saved lq [M, K, B] and incoming gradients (either may be absent: an
+// undefined tensor), in the accumulation dtype, contiguous and checked.
+struct MixtureCotangents {
+  at::Tensor lq, grad_lq, grad_a;
+};
+
+inline MixtureCotangents prepare_mixture_cotangents(const c10::optional<at::Tensor>& grad_lq,
+                                                    const c10::optional<at::Tensor>& grad_a, const at::Tensor& lq,
+                                                    const Experts& e, const char* op) {
+  const auto acc = e.z.scalar_type();
+  MixtureCotangents c;
+  c.lq = lq.to(acc).contiguous();
+  TORCH_CHECK(c.lq.sizes() == at::IntArrayRef({e.M, e.K, e.B}), op, ": lq must have shape [M, K, B]");
+  if (grad_lq.has_value() && grad_lq->defined()) c.grad_lq = grad_lq->to(acc).contiguous();
+  if (grad_a.has_value() && grad_a->defined()) c.grad_a = grad_a->to(acc).contiguous();
+  if (c.grad_lq.defined()) TORCH_CHECK(c.grad_lq.sizes() == c.lq.sizes(), op, ": grad_lq must have shape [M, K, B]");
+  if (c.grad_a.defined())
+    TORCH_CHECK(c.grad_a.sizes() == at::IntArrayRef({e.M, e.M, e.K, e.B}), op, ": grad_a must have shape [M, M, K, B]");
+  return c;
+}
+
+// The mixture backward's outputs in the inputs' dtypes, an empty tensor where output_mask says no.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_gradients(const at::Tensor& gz, const at::Tensor& gloc,
+                                                                        const at::Tensor& gscale, const at::Tensor& z,
+                                                                        const at::Tensor& loc, const at::Tensor& scale,
+                                                                        std::array<bool, 3> output_mask) {
+  const auto empty = at::empty({0}, z.options());
+  return {output_mask[0] ? gz.to(z.scalar_type()) : empty, output_mask[1] ? gloc.to(loc.scalar_type()) : empty,
+          output_mask[2] ? gscale.to(scale.scalar_type()) : empty};
 }
 
 }  // namespace mmvae_fast
