@@ -4,7 +4,7 @@ PY := .venv/bin/python
 TORCH := torch==2.13.0
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/include/mmvae_fast/*.h)
 
-.PHONY: main poly test clean cuda-check gpu-check
+.PHONY: main poly test lint format clean cuda-check gpu-check
 
 .venv/.deps:
 	python3 -m venv .venv
@@ -46,6 +46,23 @@ poly: .venv/.built
 test: .venv/.built
 	$(PY) -m pytest -q tests -m "not triton"
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests
+
+# ruff (pyproject.toml) over the Python, clang-format (.clang-format) over csrc/; `make format` fixes
+RUFF := ruff==0.8.6
+CLANG_FORMAT := clang-format==19.1.7
+CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
+
+.venv/.lint: .venv/.deps
+	$(PY) -m pip install -q $(RUFF) $(CLANG_FORMAT)
+	touch $@
+
+lint: .venv/.lint
+	.venv/bin/ruff check .
+	.venv/bin/clang-format --dry-run --Werror $(CSRC)
+
+format: .venv/.lint
+	.venv/bin/ruff check --fix .
+	.venv/bin/clang-format -i $(CSRC)
 
 # every csrc/cuda/*.cu through nvcc for sm_80 and sm_90 (no GPU needed; skipped without nvcc)
 cuda-check: .venv/.deps

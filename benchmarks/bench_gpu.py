@@ -173,7 +173,8 @@ def main():
     hdr = f"{'op':<20} {'case':<34} {'backend':<8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd GB/s':>9} {'% peak':>7}"
     print(hdr + "\n" + "-" * len(hdr))
     for r in rows:
-        print(f"{r['op']:<20} {r['case']:<34} {r['backend']:<8} {r['fwd_ms']:>9.4f} {r['fwd_bwd_ms']:>11.4f} {r['fwd_GBs']:>9.1f} {r['pct_peak']:>6.1f}%")
+        print(f"{r['op']:<20} {r['case']:<34} {r['backend']:<8} {r['fwd_ms']:>9.4f} {r['fwd_bwd_ms']:>11.4f} "
+              f"{r['fwd_GBs']:>9.1f} {r['pct_peak']:>6.1f}%")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_gpu.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

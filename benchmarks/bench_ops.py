@@ -31,7 +31,6 @@ Writes benchmarks/out/bench_ops.csv and bench_ops.png, prints a markdown table; 
 import argparse
 import csv
 import gc
-import math
 import os
 import statistics
 import time
@@ -222,7 +221,6 @@ def run(args):
             model = mlp_mmvae()
             x = [torch.rand(B, 784), torch.rand(B, 3072)]
             fn = getattr(objectives, name)
-            leaves = [p for p in model.parameters() if p.requires_grad]
             results = {}
             for label, backend in (("fused where available", None), ("reference eager", "reference")):
                 def step(backend=backend):
@@ -243,7 +241,8 @@ def report(rows, skipped, args):
     header = ["op", "config", "backend", "fwd+bwd ms (median)", "min ms", "peak MB", "speed-up vs eager (median / min)", "peak vs eager"]
     table = []
     for op, config, label, ms, ms_min, peak, (ems, ems_min, epeak) in rows:
-        table.append([op, config, label, f"{ms:.2f}", f"{ms_min:.2f}", f"{peak / 2**20:.2f}", f"{ems / ms:.2f}x / {ems_min / ms_min:.2f}x", f"{peak / epeak:.2f}" if epeak else "-"])
+        speedup = f"{ems / ms:.2f}x / {ems_min / ms_min:.2f}x"
+        table.append([op, config, label, f"{ms:.2f}", f"{ms_min:.2f}", f"{peak / 2**20:.2f}", speedup, f"{peak / epeak:.2f}" if epeak else "-"])
     print(f"\nforward + backward, float32, {torch.get_num_threads()} thread(s), torch {torch.__version__}\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -4,8 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <optional>
 #include <array>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -51,9 +51,11 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(mmvae_fast, m) {
   // ---- begin: importance weights and likelihood sums
-  // lw [P, N, Q] -> (lse [P, Q], wbar [P, N, Q], wbar_sq [P, N, Q]) over the middle dim, in float32 (float64 for float64).
+  // lw [P, N, Q] -> (lse [P, Q], wbar [P, N, Q], wbar_sq [P, N, Q]) over the middle dim, in float32 (float64 for
+  // float64).
   m.def("importance_weights(Tensor lw) -> (Tensor, Tensor, Tensor)");
-  m.def("importance_weights_backward(Tensor lw, Tensor lse, Tensor? g_lse, Tensor? g_wbar, Tensor? g_wbar_sq) -> Tensor");
+  m.def(
+      "importance_weights_backward(Tensor lw, Tensor lse, Tensor? g_lse, Tensor? g_wbar, Tensor? g_wbar_sq) -> Tensor");
   // out[s, b] = sum_e log p(x[b, e] | params[s, b, e(, :)]); family 0 normal, 1 laplace (scale
   // [S|1, B|1, E|1]), 2 bernoulli logits, 3 categorical logits [S, B, E, V] with int64 x.
   m.def("likelihood_sum(Tensor x, Tensor params, Tensor? scale, int family) -> Tensor");
@@ -63,12 +65,15 @@ TORCH_LIBRARY(mmvae_fast, m) {
   // ---- end: importance weights and likelihood sums
   // ---- mixture log-density and importance ratios (family: "normal" | "laplace"; mask: bool [M, B])
   m.def("mixture_log_density(Tensor z, Tensor loc, Tensor scale, str family, Tensor? mask) -> Tensor");
-  m.def("mixture_log_density_pairwise(Tensor z, Tensor loc, Tensor scale, str family, Tensor? mask) -> (Tensor, Tensor)");
-  m.def("mixture_log_density_backward(Tensor? grad_lq, Tensor? grad_a, Tensor z, Tensor loc, Tensor scale, "
-        "Tensor lq, str family, Tensor? mask, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "mixture_log_density_pairwise(Tensor z, Tensor loc, Tensor scale, str family, Tensor? mask) -> (Tensor, Tensor)");
+  m.def(
+      "mixture_log_density_backward(Tensor? grad_lq, Tensor? grad_a, Tensor z, Tensor loc, Tensor scale, "
+      "Tensor lq, str family, Tensor? mask, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("importance_ratios(Tensor z, Tensor loc, Tensor scale, str family) -> Tensor");
-  m.def("importance_ratios_backward(Tensor grad, Tensor ratio, Tensor z, Tensor loc, Tensor scale, str family) "
-        "-> (Tensor, Tensor)");
+  m.def(
+      "importance_ratios_backward(Tensor grad, Tensor ratio, Tensor z, Tensor loc, Tensor scale, str family) "
+      "-> (Tensor, Tensor)");
   // ---- end mixture log-density and importance ratios
 }
 

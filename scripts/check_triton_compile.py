@@ -48,9 +48,12 @@ def variants(W, X, Lk, quick):
             out.append((f"dense_bwd {dt} fam={fam}", Lk._dense_bwd_kernel, dict(
                 x_ptr=P(acc), p_ptr=P(dt), sc_ptr=P(acc), g_ptr=P(acc), dp_ptr=P(dt), dsc_ptr=P(acc), R="i32", B="i32",
                 E="i32", ss_s=0, ss_b=0, ss_e=1, FAM=fam, SCALE_GRAD=fam < 2)))
-        out.append((f"cat_fwd {dt}", Lk._cat_fwd_kernel, dict(x_ptr="*i64", p_ptr=P(dt), out_ptr=P(acc), lse_ptr=P(acc), R="i32", B="i32", E="i32", V="i32")))
-        out.append((f"cat_bwd {dt}", Lk._cat_bwd_kernel, dict(x_ptr="*i64", p_ptr=P(dt), lse_ptr=P(acc), g_ptr=P(acc), dp_ptr=P(dt), RE="i32", B="i32", E="i32", V="i32")))
-    out.append(("cat_fwd E=1", Lk._cat_fwd_kernel, dict(x_ptr="*i64", p_ptr="*fp32", out_ptr="*fp32", lse_ptr="*fp32", R="i32", B="i32", E=1, V="i32")))
+        out.append((f"cat_fwd {dt}", Lk._cat_fwd_kernel, dict(
+            x_ptr="*i64", p_ptr=P(dt), out_ptr=P(acc), lse_ptr=P(acc), R="i32", B="i32", E="i32", V="i32")))
+        out.append((f"cat_bwd {dt}", Lk._cat_bwd_kernel, dict(
+            x_ptr="*i64", p_ptr=P(dt), lse_ptr=P(acc), g_ptr=P(acc), dp_ptr=P(dt), RE="i32", B="i32", E="i32", V="i32")))
+    out.append(("cat_fwd E=1", Lk._cat_fwd_kernel, dict(
+        x_ptr="*i64", p_ptr="*fp32", out_ptr="*fp32", lse_ptr="*fp32", R="i32", B="i32", E=1, V="i32")))
     if quick:
         out = [v for v in out if " fp32" in v[0] or "ones=True" in v[0] or "=1" in v[0]]
     return out

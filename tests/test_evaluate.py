@@ -3,7 +3,6 @@ an exact marginal, and a tiny trained run end to end."""
 import argparse
 import json
 import math
-import os
 
 import pytest
 import torch

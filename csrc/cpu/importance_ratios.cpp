@@ -16,7 +16,7 @@ namespace {
 template <typename T>
 struct RatioArgs {
   const T *z, *loc, *inv, *lss;
-  const T *grad, *ratio;  // backward only
+  const T *grad, *ratio;   // backward only
   T *out, *gloc, *gscale;  // out: forward; gloc/gscale: backward, [chunks, M, B, L]
   int64_t M, K, B, L, chunks;
 };
@@ -111,9 +111,12 @@ at::Tensor importance_ratios_cpu(const at::Tensor& z, const at::Tensor& loc, con
   at::Tensor out = at::empty({M, M, K, B}, e.z.options());
   AT_DISPATCH_FLOATING_TYPES(e.z.scalar_type(), "importance_ratios_cpu", [&] {
     using T = scalar_t;
+    // clang-format off
     const RatioArgs<T> p{e.z.data_ptr<T>(), e.loc.data_ptr<T>(), e.inv.data_ptr<T>(), e.log_scale_sum.data_ptr<T>(),
                          nullptr, nullptr, out.data_ptr<T>(), nullptr, nullptr, M, K, B, L, 1};
-    at::parallel_for(0, B * num_tiles(M * K), task_grain(kTile * M * L), [&](int64_t begin, int64_t end) { run_fwd(fam, p, begin, end); });
+    // clang-format on
+    at::parallel_for(0, B * num_tiles(M * K), task_grain(kTile * M * L),
+                     [&](int64_t begin, int64_t end) { run_fwd(fam, p, begin, end); });
   });
   return out;
 }
@@ -135,9 +138,11 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cpu(const at::Tens
   at::Tensor gscale = at::zeros({chunks, M, B, L}, e.z.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "importance_ratios_backward_cpu", [&] {
     using T = scalar_t;
+    // clang-format off
     const RatioArgs<T> p{e.z.data_ptr<T>(), e.loc.data_ptr<T>(), e.inv.data_ptr<T>(), e.log_scale_sum.data_ptr<T>(),
                          g.data_ptr<T>(), rt.data_ptr<T>(), nullptr, gloc.data_ptr<T>(), gscale.data_ptr<T>(),
                          M, K, B, L, chunks};
+    // clang-format on
     at::parallel_for(0, B * chunks, task_grain(M * M * K * L / chunks),
                      [&](int64_t begin, int64_t end) { run_bwd(fam, p, begin, end); });
   });

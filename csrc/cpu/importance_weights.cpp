@@ -7,8 +7,8 @@
 // exp(x - max) into the wbar buffer, the chunk states merged with the online log-sum-exp of
 // math.h; then a cheap rescale of each chunk by exp(max_c - lse). Q > 1: tiles of kTile adjacent
 // columns, vectorised across the columns: their max, then exp(x - max) and the sums, then the
-// rescale by 1/sum. Either way one exp per element. Only lse is saved for backward. Backward recomputes wbar = exp(lw - lse) and, for incoming
-// gradients gb (bound), gw (wbar) and gw2 (wbar_sq), any of them absent,
+// rescale by 1/sum. Either way one exp per element. Only lse is saved for backward. Backward recomputes wbar = exp(lw -
+// lse) and, for incoming gradients gb (bound), gw (wbar) and gw2 (wbar_sq), any of them absent,
 //   d/dlw_i = w_i (gb + gw_i - A + 2 w_i gw2_i - 2 C),   A = sum_j gw_j w_j,  C = sum_j gw2_j w_j^2.
 // Accumulation in float (double for double input); fp16 / bf16 lw is widened first.
 #include <ATen/ATen.h>
@@ -194,16 +194,16 @@ MMVAE_CPU_MULTIVERSION double forward_row(const double* x, int64_t n, double* w,
   return forward_row_impl(x, n, w, w2, cm, cs);
 }
 
-#define MMVAE_COLS(T)                                                                                         \
-  MMVAE_CPU_MULTIVERSION void forward_cols(const T* x, int64_t n, int64_t stride, int64_t width, T* w, T* w2,  \
-                                           T* lse) {                                                          \
-    if (width == kTile) forward_cols_impl(x, n, stride, kTile, w, w2, lse);                                   \
-    else forward_cols_impl(x, n, stride, width, w, w2, lse);                                                  \
-  }                                                                                                           \
+#define MMVAE_COLS(T)                                                                                           \
+  MMVAE_CPU_MULTIVERSION void forward_cols(const T* x, int64_t n, int64_t stride, int64_t width, T* w, T* w2,   \
+                                           T* lse) {                                                            \
+    if (width == kTile) forward_cols_impl(x, n, stride, kTile, w, w2, lse);                                     \
+    else forward_cols_impl(x, n, stride, width, w, w2, lse);                                                    \
+  }                                                                                                             \
   MMVAE_CPU_MULTIVERSION void backward_cols(const T* x, int64_t n, int64_t stride, int64_t width, const T* lse, \
-                                            const T* gb, const T* gw, const T* gw2, T* gx) {                  \
-    if (width == kTile) backward_cols_dispatch(x, n, stride, kTile, lse, gb, gw, gw2, gx);                    \
-    else backward_cols_dispatch(x, n, stride, width, lse, gb, gw, gw2, gx);                                   \
+                                            const T* gb, const T* gw, const T* gw2, T* gx) {                    \
+    if (width == kTile) backward_cols_dispatch(x, n, stride, kTile, lse, gb, gw, gw2, gx);                      \
+    else backward_cols_dispatch(x, n, stride, width, lse, gb, gw, gw2, gx);                                     \
   }
 MMVAE_COLS(float)
 MMVAE_COLS(double)
@@ -216,10 +216,12 @@ MMVAE_ALWAYS_INLINE void backward_row_dispatch(const T* x, int64_t n, T lse, T g
   else if (gw2) backward_row_impl<T, false, true>(x, n, lse, gb, gw, gw2, gx);
   else backward_row_impl<T, false, false>(x, n, lse, gb, gw, gw2, gx);
 }
-MMVAE_CPU_MULTIVERSION void backward_row(const float* x, int64_t n, float lse, float gb, const float* gw, const float* gw2, float* gx) {
+MMVAE_CPU_MULTIVERSION void backward_row(const float* x, int64_t n, float lse, float gb, const float* gw,
+                                         const float* gw2, float* gx) {
   backward_row_dispatch(x, n, lse, gb, gw, gw2, gx);
 }
-MMVAE_CPU_MULTIVERSION void backward_row(const double* x, int64_t n, double lse, double gb, const double* gw, const double* gw2, double* gx) {
+MMVAE_CPU_MULTIVERSION void backward_row(const double* x, int64_t n, double lse, double gb, const double* gw,
+                                         const double* gw2, double* gx) {
   backward_row_dispatch(x, n, lse, gb, gw, gw2, gx);
 }
 
@@ -282,11 +284,13 @@ at::Tensor importance_weights_backward_cpu(const at::Tensor& lw_in, const at::Te
   const at::Tensor lw = lw_in.to(acc).contiguous();
   const Items it(lw.size(0), lw.size(1), lw.size(2));
   const int64_t N = it.N, Q = it.Q;
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({it.P, Q}), "importance_weights_backward: 'lse' must have shape [", it.P, ", ", Q, "]");
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({it.P, Q}), "importance_weights_backward: 'lse' must have shape [",
+              it.P, ", ", Q, "]");
   const at::Tensor lse = lse_in.to(acc).contiguous();
   auto prep = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name) -> at::Tensor {
     if (!g.has_value() || !g->defined()) return at::Tensor();
-    TORCH_CHECK(g->sizes() == shape, "importance_weights_backward: '", name, "' must have shape ", shape, ", got ", g->sizes());
+    TORCH_CHECK(g->sizes() == shape, "importance_weights_backward: '", name, "' must have shape ", shape, ", got ",
+                g->sizes());
     return g->to(acc).contiguous();
   };
   const at::Tensor gb = prep(g_lse, {it.P, Q}, "g_lse");

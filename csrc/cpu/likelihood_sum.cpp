@@ -95,30 +95,30 @@ MMVAE_ALWAYS_INLINE LseState<T> logit_row_state(const T* l, int64_t V, T* ebuf) 
 }
 
 // The multiversioned entry points: one clone per x86-64 ISA level, chosen at load time.
-#define MMVAE_LIK_ROWS(T)                                                                                      \
-  MMVAE_CPU_MULTIVERSION T loc_forward_row(int f, const T* x, const T* mu, const T* inv, const T* logs,       \
-                                           int64_t se, int64_t E) {                                            \
-    MMVAE_DISPATCH_FAMILY(f, F, return loc_forward_impl<F>(x, mu, inv, logs, se, E));                          \
-  }                                                                                                            \
-  MMVAE_CPU_MULTIVERSION void loc_backward_row(int f, const T* x, const T* mu, const T* inv, int64_t se,      \
-                                               int64_t E, T g, T* gmu, T* gscale) {                            \
-    MMVAE_DISPATCH_FAMILY(f, F, loc_backward_impl<F>(x, mu, inv, se, E, g, gmu, gscale));                      \
-  }                                                                                                            \
-  MMVAE_CPU_MULTIVERSION T bernoulli_forward_row(const T* x, const T* l, int64_t E) {                         \
-    return bernoulli_forward_impl(x, l, E);                                                                    \
-  }                                                                                                            \
-  MMVAE_CPU_MULTIVERSION void bernoulli_backward_row(const T* x, const T* l, int64_t E, T g, T* gl) {         \
-    bernoulli_backward_impl(x, l, E, g, gl);                                                                   \
-  }                                                                                                            \
-  MMVAE_CPU_MULTIVERSION T categorical_forward_row(const T* l, int64_t V, int64_t xi) {                       \
-    return categorical_log_prob(l[xi], lse_value(logit_row_state<T>(l, V, nullptr)));                          \
-  }                                                                                                            \
-  /* gl[v] = g ([v == x] - softmax(l)[v]), softmax from the stored exp(l - max) / sum: one exp each */         \
-  MMVAE_CPU_MULTIVERSION void categorical_backward_row(const T* l, int64_t V, int64_t xi, T g, T* gl) {       \
-    const LseState<T> st = logit_row_state<T>(l, V, gl);                                                       \
-    const T c = -g / st.s;                                                                                     \
-    _Pragma("omp simd") for (int64_t v = 0; v < V; ++v) gl[v] *= c;                                           \
-    gl[xi] += g;                                                                                               \
+#define MMVAE_LIK_ROWS(T)                                                                                           \
+  MMVAE_CPU_MULTIVERSION T loc_forward_row(int f, const T* x, const T* mu, const T* inv, const T* logs, int64_t se, \
+                                           int64_t E) {                                                             \
+    MMVAE_DISPATCH_FAMILY(f, F, return loc_forward_impl<F>(x, mu, inv, logs, se, E));                               \
+  }                                                                                                                 \
+  MMVAE_CPU_MULTIVERSION void loc_backward_row(int f, const T* x, const T* mu, const T* inv, int64_t se, int64_t E, \
+                                               T g, T* gmu, T* gscale) {                                            \
+    MMVAE_DISPATCH_FAMILY(f, F, loc_backward_impl<F>(x, mu, inv, se, E, g, gmu, gscale));                           \
+  }                                                                                                                 \
+  MMVAE_CPU_MULTIVERSION T bernoulli_forward_row(const T* x, const T* l, int64_t E) {                               \
+    return bernoulli_forward_impl(x, l, E);                                                                         \
+  }                                                                                                                 \
+  MMVAE_CPU_MULTIVERSION void bernoulli_backward_row(const T* x, const T* l, int64_t E, T g, T* gl) {               \
+    bernoulli_backward_impl(x, l, E, g, gl);                                                                        \
+  }                                                                                                                 \
+  MMVAE_CPU_MULTIVERSION T categorical_forward_row(const T* l, int64_t V, int64_t xi) {                             \
+    return categorical_log_prob(l[xi], lse_value(logit_row_state<T>(l, V, nullptr)));                               \
+  }                                                                                                                 \
+  /* gl[v] = g ([v == x] - softmax(l)[v]), softmax from the stored exp(l - max) / sum: one exp each */              \
+  MMVAE_CPU_MULTIVERSION void categorical_backward_row(const T* l, int64_t V, int64_t xi, T g, T* gl) {             \
+    const LseState<T> st = logit_row_state<T>(l, V, gl);                                                            \
+    const T c = -g / st.s;                                                                                          \
+    _Pragma("omp simd") for (int64_t v = 0; v < V; ++v) gl[v] *= c;                                                 \
+    gl[xi] += g;                                                                                                    \
   }
 
 MMVAE_LIK_ROWS(float)
@@ -153,16 +153,14 @@ MMVAE_ALWAYS_INLINE void narrow_row(scalar_t* p, int64_t n, const std::vector<ac
   }
 }
 
-
-
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
 
 }  // namespace
 
 // ------------------------------------------------------------------------------------ forward
 
-at::Tensor likelihood_sum_cpu(const at::Tensor& x_in, const at::Tensor& params_in, const std::optional<at::Tensor>& scale,
-                              int64_t family) {
+at::Tensor likelihood_sum_cpu(const at::Tensor& x_in, const at::Tensor& params_in,
+                              const std::optional<at::Tensor>& scale, int64_t family) {
   const lik::Dims d = lik::check_args(x_in, params_in, scale, family, "likelihood_sum", c10::DeviceType::CPU);
   const at::Tensor x = x_in.contiguous(), params = params_in.contiguous();
   const auto acc = acc_type(params);
@@ -189,7 +187,7 @@ at::Tensor likelihood_sum_cpu(const at::Tensor& x_in, const at::Tensor& params_i
       at::Tensor partial = at::zeros({n_threads, SB}, out.options());
       acc_t* ppart = partial.data_ptr<acc_t>();
       at::parallel_for(0, SB * E, grain_for(V), [&](int64_t begin, int64_t end) {
-      const FlushDenormals ftz;
+        const FlushDenormals ftz;
         acc_t* mine = ppart + at::get_thread_num() * SB;
         std::vector<acc_t> buf(kWide ? 0 : V);
         for (int64_t i = begin; i < end; ++i) {
@@ -235,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
   scale_grad = scale_grad && loc_family;
   const at::Tensor x = x_in.contiguous(), params = params_in.contiguous(), grad = grad_in.to(acc).contiguous();
   at::Tensor gparams = params_grad ? at::empty_like(params, at::MemoryFormat::Contiguous) : params.new_empty({0});
-  at::Tensor gscale = scale_grad ? at::zeros_like(*scale, at::MemoryFormat::Contiguous) : params.new_empty({0}, params.options().dtype(acc));
+  at::Tensor gscale = scale_grad ? at::zeros_like(*scale, at::MemoryFormat::Contiguous)
+                                 : params.new_empty({0}, params.options().dtype(acc));
   const int64_t SB = d.S * d.B, E = d.E, V = d.V;
   if (SB == 0 || !(params_grad || scale_grad)) return {gparams, gscale};
   if (family == kLikCategorical) lik::check_indices(x, V);
@@ -257,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
     if (family == kLikCategorical) {
       const int64_t* px = x.const_data_ptr<int64_t>();
       at::parallel_for(0, SB * E, grain_for(V), [&](int64_t begin, int64_t end) {
-      const FlushDenormals ftz;
+        const FlushDenormals ftz;
         std::vector<acc_t> buf(kWide ? 0 : V), gbuf(kWide ? 0 : V);
         for (int64_t i = begin; i < end; ++i) {
           const int64_t row = i / E, b = row % d.B, e = i % E;

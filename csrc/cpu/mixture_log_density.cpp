@@ -138,8 +138,9 @@ MMVAE_ALWAYS_INLINE void bwd_tasks(int family, const Args<T>& p, int64_t begin, 
   for (int64_t t = begin; t < end; ++t) {  // t = c * B + b
     const int64_t b = t % p.B, c = t / p.B;
     if (!gx && !gp) continue;  // nothing wanted
-    MMVAE_DISPATCH_FAMILY(family, F,
-                          MMVAE_DISPATCH_BOOL(gx, GX, MMVAE_DISPATCH_BOOL(gp, GP, bwd_task_t<F, GX, GP>(p, b, c, scratch.data()))));
+    MMVAE_DISPATCH_FAMILY(
+        family, F,
+        MMVAE_DISPATCH_BOOL(gx, GX, MMVAE_DISPATCH_BOOL(gp, GP, bwd_task_t<F, GX, GP>(p, b, c, scratch.data()))));
   }
 }
 
@@ -164,10 +165,24 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
   at::Tensor a = pairwise ? at::empty({M, M, K, B}, e.z.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(e.z.scalar_type(), "mixture_log_density_cpu", [&] {
     using T = scalar_t;
-    const Args<T> p{e.z.data_ptr<T>(), e.loc.data_ptr<T>(), e.inv.data_ptr<T>(), e.log_scale_sum.data_ptr<T>(),
-                    present.data_ptr<uint8_t>(), count.data_ptr<int64_t>(), lq.data_ptr<T>(),
-                    pairwise ? a.data_ptr<T>() : nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                    M, K, B, L, 1};
+    const Args<T> p{e.z.data_ptr<T>(),
+                    e.loc.data_ptr<T>(),
+                    e.inv.data_ptr<T>(),
+                    e.log_scale_sum.data_ptr<T>(),
+                    present.data_ptr<uint8_t>(),
+                    count.data_ptr<int64_t>(),
+                    lq.data_ptr<T>(),
+                    pairwise ? a.data_ptr<T>() : nullptr,
+                    nullptr,
+                    nullptr,
+                    nullptr,
+                    nullptr,
+                    nullptr,
+                    M,
+                    K,
+                    B,
+                    L,
+                    1};
     at::parallel_for(0, B * num_tiles(M * K), task_grain(kTile * M * L),
                      [&](int64_t begin, int64_t end) { run_fwd(fam, p, begin, end); });
   });
@@ -210,11 +225,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cpu(
   if (run) {
     AT_DISPATCH_FLOATING_TYPES(acc, "mixture_log_density_backward_cpu", [&] {
       using T = scalar_t;
-      const Args<T> p{e.z.data_ptr<T>(), e.loc.data_ptr<T>(), e.inv.data_ptr<T>(), e.log_scale_sum.data_ptr<T>(),
-                      present.data_ptr<uint8_t>(), count.data_ptr<int64_t>(), const_cast<T*>(lqc.data_ptr<T>()),
-                      nullptr, glq.defined() ? glq.data_ptr<T>() : nullptr, ga.defined() ? ga.data_ptr<T>() : nullptr,
-                      gx ? gz.data_ptr<T>() : nullptr, gp ? gloc.data_ptr<T>() : nullptr,
-                      gp ? gscale.data_ptr<T>() : nullptr, M, K, B, L, chunks};
+      const Args<T> p{e.z.data_ptr<T>(),
+                      e.loc.data_ptr<T>(),
+                      e.inv.data_ptr<T>(),
+                      e.log_scale_sum.data_ptr<T>(),
+                      present.data_ptr<uint8_t>(),
+                      count.data_ptr<int64_t>(),
+                      const_cast<T*>(lqc.data_ptr<T>()),
+                      nullptr,
+                      glq.defined() ? glq.data_ptr<T>() : nullptr,
+                      ga.defined() ? ga.data_ptr<T>() : nullptr,
+                      gx ? gz.data_ptr<T>() : nullptr,
+                      gp ? gloc.data_ptr<T>() : nullptr,
+                      gp ? gscale.data_ptr<T>() : nullptr,
+                      M,
+                      K,
+                      B,
+                      L,
+                      chunks};
       at::parallel_for(0, B * chunks, task_grain(M * M * K * L / chunks),
                        [&](int64_t begin, int64_t end) { run_bwd(fam, p, begin, end); });
     });

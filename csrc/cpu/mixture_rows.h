@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-
 #include "mmvae_fast/cpu.h"
 #include "mmvae_fast/mixture.h"
 #include "mmvae_fast/mixture_args.h"

@@ -62,7 +62,7 @@ __global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ lse, T* 
   __shared__ T sm[kBlockThreads / kWarp], ss[kBlockThreads / kWarp];
   const RowIter<G> it;
   for (int64_t r = it.first; r < P * Q; r += it.stride) {  // r = p * Q + q
-    const int64_t base = (r / Q) * N * Q + r % Q;         // element n at base + n * Q
+    const int64_t base = (r / Q) * N * Q + r % Q;          // element n at base + n * Q
     LseState<T> st = lse_init<T>();
     for (int64_t n = it.rank; n < N; n += it.size) st = lse_push(st, x[base + n * Q]);
     st = group_lse<G>(st, sm, ss);
@@ -158,11 +158,13 @@ at::Tensor importance_weights_backward_cuda(const at::Tensor& lw_in, const at::T
   const auto acc = acc_type(lw_in);
   const at::Tensor lw = lw_in.to(acc).contiguous();
   const int64_t P = lw.size(0), N = lw.size(1), Q = lw.size(2);
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({P, Q}), "importance_weights_backward: 'lse' must have shape [", P, ", ", Q, "]");
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({P, Q}), "importance_weights_backward: 'lse' must have shape [", P,
+              ", ", Q, "]");
   const at::Tensor lse = lse_in.to(acc).contiguous();
   auto prep = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name) -> at::Tensor {
     if (!g.has_value() || !g->defined()) return at::Tensor();
-    TORCH_CHECK(g->sizes() == shape, "importance_weights_backward: '", name, "' must have shape ", shape, ", got ", g->sizes());
+    TORCH_CHECK(g->sizes() == shape, "importance_weights_backward: '", name, "' must have shape ", shape, ", got ",
+                g->sizes());
     return g->to(acc).contiguous();
   };
   const at::Tensor gb = prep(g_lse, {P, Q}, "g_lse");

@@ -20,7 +20,6 @@ namespace {
 constexpr int kBlock = 256;
 constexpr int kRowsPerBlock = kBlock / kWarp;
 
-
 template <typename scalar_t, typename acc_t>
 __global__ void dense_forward_kernel(const acc_t* __restrict__ x, const scalar_t* __restrict__ p,
                                      const acc_t* __restrict__ inv, const acc_t* __restrict__ logs,
@@ -102,15 +101,15 @@ __global__ void categorical_backward_kernel(const int64_t* __restrict__ x, const
     const int64_t xi = x[b * d.E + e];
     const acc_t gr = g[row];
     for (int64_t v = lane; v < d.V; v += kWarp)
-      gp[i * d.V + v] = static_cast<scalar_t>(gr * categorical_log_prob_grad<acc_t>(static_cast<acc_t>(l[v]), lse, v == xi));
+      gp[i * d.V + v] =
+          static_cast<scalar_t>(gr * categorical_log_prob_grad<acc_t>(static_cast<acc_t>(l[v]), lse, v == xi));
   }
 }
 
-
 }  // namespace
 
-at::Tensor likelihood_sum_cuda(const at::Tensor& x_in, const at::Tensor& params_in, const std::optional<at::Tensor>& scale,
-                               int64_t family) {
+at::Tensor likelihood_sum_cuda(const at::Tensor& x_in, const at::Tensor& params_in,
+                               const std::optional<at::Tensor>& scale, int64_t family) {
   const lik::Dims d = lik::check_args(x_in, params_in, scale, family, "likelihood_sum", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(params_in.device());
   const at::Tensor x = x_in.contiguous(), params = params_in.contiguous();
@@ -134,7 +133,8 @@ at::Tensor likelihood_sum_cuda(const at::Tensor& x_in, const at::Tensor& params_
           x.const_data_ptr<int64_t>(), params.const_data_ptr<scalar_t>(), out.data_ptr<acc_t>(), d);
     } else {
       dense_forward_kernel<scalar_t, acc_t><<<grid, kBlock, 0, stream>>>(
-          x.const_data_ptr<acc_t>(), params.const_data_ptr<scalar_t>(), inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr,
+          x.const_data_ptr<acc_t>(), params.const_data_ptr<scalar_t>(),
+          inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr,
           logs.defined() ? logs.const_data_ptr<acc_t>() : nullptr, out.data_ptr<acc_t>(), d, int(family));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -153,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cuda(const at::Tensor
   scale_grad = scale_grad && loc_family;
   const at::Tensor x = x_in.contiguous(), params = params_in.contiguous(), grad = grad_in.to(acc).contiguous();
   at::Tensor gparams = params_grad ? at::empty_like(params, at::MemoryFormat::Contiguous) : params.new_empty({0});
-  at::Tensor gscale = scale_grad ? at::zeros_like(*scale, at::MemoryFormat::Contiguous) : params.new_empty({0}, params.options().dtype(acc));
+  at::Tensor gscale = scale_grad ? at::zeros_like(*scale, at::MemoryFormat::Contiguous)
+                                 : params.new_empty({0}, params.options().dtype(acc));
   const int64_t SB = d.S * d.B;
   if (SB == 0 || d.E == 0 || !(params_grad || scale_grad)) return {gparams, gscale};
   if (family == kLikCategorical) lik::check_indices(x, d.V);
@@ -169,8 +170,9 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cuda(const at::Tensor
           x.const_data_ptr<int64_t>(), params.const_data_ptr<scalar_t>(), grad.const_data_ptr<acc_t>(), pgp, d);
     } else {
       dense_backward_kernel<scalar_t, acc_t><<<grid_for(SB * d.E, kBlock), kBlock, 0, stream>>>(
-          x.const_data_ptr<acc_t>(), params.const_data_ptr<scalar_t>(), inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr,
-          grad.const_data_ptr<acc_t>(), pgp, scale_grad ? gscale.data_ptr<acc_t>() : nullptr, d, int(family));
+          x.const_data_ptr<acc_t>(), params.const_data_ptr<scalar_t>(),
+          inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr, grad.const_data_ptr<acc_t>(), pgp,
+          scale_grad ? gscale.data_ptr<acc_t>() : nullptr, d, int(family));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

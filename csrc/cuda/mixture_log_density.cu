@@ -140,10 +140,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cuda
       auto launch = [&](auto kernel) {
         kernel<<<grid_for(M * K * B, kSamplesPerBlock), kMixBlock, 0, stream>>>(
             e.z.const_data_ptr<T>(), e.loc.const_data_ptr<T>(), e.inv.const_data_ptr<T>(),
-            e.log_scale_sum.const_data_ptr<T>(), lqc.const_data_ptr<T>(), glq.defined() ? glq.const_data_ptr<T>() : nullptr,
-            ga.defined() ? ga.const_data_ptr<T>() : nullptr, present.const_data_ptr<uint8_t>(),
-            count.const_data_ptr<int64_t>(), gx ? gz.data_ptr<T>() : nullptr, gp ? gloc.data_ptr<T>() : nullptr,
-            gp ? gscale.data_ptr<T>() : nullptr, M, K, B, L);
+            e.log_scale_sum.const_data_ptr<T>(), lqc.const_data_ptr<T>(),
+            glq.defined() ? glq.const_data_ptr<T>() : nullptr, ga.defined() ? ga.const_data_ptr<T>() : nullptr,
+            present.const_data_ptr<uint8_t>(), count.const_data_ptr<int64_t>(), gx ? gz.data_ptr<T>() : nullptr,
+            gp ? gloc.data_ptr<T>() : nullptr, gp ? gscale.data_ptr<T>() : nullptr, M, K, B, L);
       };
       if (fam == kNormal) launch(backward_kernel<kNormal, T>);
       else launch(backward_kernel<kLaplace, T>);

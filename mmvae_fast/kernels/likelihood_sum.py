@@ -4,8 +4,8 @@
     likelihood_sum_backward(grad, x, params, scale?, family, params_grad, scale_grad)
         -> (dparams, dscale)
 
-out[s, b] = sum_e log p(x[b, e] | params[s, b, e]). Each program reads x[b, :] for its rows directly, so x is never expanded over the S samples, and the
-per-element log-probabilities are summed in registers (never stored).
+out[s, b] = sum_e log p(x[b, e] | params[s, b, e]). Each program reads x[b, :] for its rows
+directly, so x is never expanded over the S samples, and the per-element log-probabilities are summed in registers (never stored).
 Families: 0 normal, 1 laplace (params = location, fixed scale), 2 bernoulli (logits),
 3 categorical (logits; online log-sum-exp over the vocabulary; backward recomputes it).
 """

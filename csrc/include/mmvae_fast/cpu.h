@@ -27,15 +27,15 @@ constexpr int64_t kSampleTile = 32;  // mixture rows: samples, 2 AVX-512 or 4 AV
 }  // namespace mmvae_fast
 
 // `body` once with the constant F = kNormal or kLaplace, whichever `family` is.
-#define MMVAE_DISPATCH_FAMILY(family, F, ...)        \
-  do {                                               \
-    if ((family) == ::mmvae_fast::kNormal) {         \
-      constexpr int F = ::mmvae_fast::kNormal;       \
-      __VA_ARGS__;                                   \
-    } else {                                         \
-      constexpr int F = ::mmvae_fast::kLaplace;      \
-      __VA_ARGS__;                                   \
-    }                                                \
+#define MMVAE_DISPATCH_FAMILY(family, F, ...)   \
+  do {                                          \
+    if ((family) == ::mmvae_fast::kNormal) {    \
+      constexpr int F = ::mmvae_fast::kNormal;  \
+      __VA_ARGS__;                              \
+    } else {                                    \
+      constexpr int F = ::mmvae_fast::kLaplace; \
+      __VA_ARGS__;                              \
+    }                                           \
   } while (0)
 
 // `body` once with the constant B = true or false, whichever `flag` is.

@@ -30,8 +30,8 @@ template <typename T>
 MMVAE_HD DensityGrad<T> log_density_grad(int family, T x, T loc, T inv_scale) {
   const T u = (x - loc) * inv_scale;
   if (family == kNormal) {
-    const T dx = -u * inv_scale;                      // -(x - loc) / scale^2
-    return {dx, -dx, (u * u - T(1)) * inv_scale};     // ((x-loc)^2/scale^2 - 1) / scale
+    const T dx = -u * inv_scale;                   // -(x - loc) / scale^2
+    return {dx, -dx, (u * u - T(1)) * inv_scale};  // ((x-loc)^2/scale^2 - 1) / scale
   }
   // Laplace: the subgradient sign(0) = 0 at x == loc, as torch's abs backward.
   const T s = T((u > T(0)) - (u < T(0)));

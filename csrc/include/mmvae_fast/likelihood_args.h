@@ -24,15 +24,18 @@ struct Dims {
 // all on one device of type `device`.
 inline Dims check_args(const at::Tensor& x, const at::Tensor& params, const std::optional<at::Tensor>& scale,
                        int64_t family, const char* op, c10::DeviceType device) {
-  TORCH_CHECK(family >= 0 && family <= 3, op, ": family must be 0 (normal), 1 (laplace), 2 (bernoulli) or 3 (categorical), got ", family);
-  TORCH_CHECK(params.device().type() == device && x.device() == params.device(), op, ": expected 'x' and 'params' on one ",
-              c10::DeviceTypeName(device), " device");
+  TORCH_CHECK(family >= 0 && family <= 3, op,
+              ": family must be 0 (normal), 1 (laplace), 2 (bernoulli) or 3 (categorical), got ", family);
+  TORCH_CHECK(params.device().type() == device && x.device() == params.device(), op,
+              ": expected 'x' and 'params' on one ", c10::DeviceTypeName(device), " device");
   TORCH_CHECK(params.is_floating_point(), op, ": 'params' must be floating point, got ", params.scalar_type());
   const auto acc = acc_type(params);
   const bool cat = family == kLikCategorical;
-  TORCH_CHECK(params.dim() == (cat ? 4 : 3), op, ": 'params' must be ", cat ? "[S, B, E, V]" : "[S, B, E]", ", got ", params.sizes());
+  TORCH_CHECK(params.dim() == (cat ? 4 : 3), op, ": 'params' must be ", cat ? "[S, B, E, V]" : "[S, B, E]", ", got ",
+              params.sizes());
   Dims d{params.size(0), params.size(1), params.size(2), cat ? params.size(3) : 1, 1, 1, 1};
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == d.B && x.size(1) == d.E, op, ": 'x' must be [B, E] = [", d.B, ", ", d.E, "], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == d.B && x.size(1) == d.E, op, ": 'x' must be [B, E] = [", d.B, ", ", d.E,
+              "], got ", x.sizes());
   if (cat) {
     TORCH_CHECK(x.scalar_type() == at::kLong, op, ": 'x' must hold int64 class indices, got ", x.scalar_type());
     TORCH_CHECK(d.V > 0, op, ": the vocabulary (last dim of 'params') is empty");
@@ -42,11 +45,13 @@ inline Dims check_args(const at::Tensor& x, const at::Tensor& params, const std:
   if (family == kLikNormal || family == kLikLaplace) {
     TORCH_CHECK(scale.has_value() && scale->defined(), op, ": 'scale' is required for normal / laplace");
     const at::Tensor& sc = *scale;
-    TORCH_CHECK(sc.dim() == 3 && sc.scalar_type() == acc && sc.device() == params.device(), op, ": 'scale' must be a 3-D ",
-                acc, " tensor [S|1, B|1, E|1] on the device of 'params', got ", sc.sizes(), " ", sc.scalar_type());
+    TORCH_CHECK(sc.dim() == 3 && sc.scalar_type() == acc && sc.device() == params.device(), op,
+                ": 'scale' must be a 3-D ", acc, " tensor [S|1, B|1, E|1] on the device of 'params', got ", sc.sizes(),
+                " ", sc.scalar_type());
     d.sS = sc.size(0), d.sB = sc.size(1), d.sE = sc.size(2);
     TORCH_CHECK((d.sS == 1 || d.sS == d.S) && (d.sB == 1 || d.sB == d.B) && (d.sE == 1 || d.sE == d.E), op,
-                ": 'scale' of shape ", sc.sizes(), " must be [S|1, B|1, E|1] with [S, B, E] = [", d.S, ", ", d.B, ", ", d.E, "]");
+                ": 'scale' of shape ", sc.sizes(), " must be [S|1, B|1, E|1] with [S, B, E] = [", d.S, ", ", d.B, ", ",
+                d.E, "]");
   }
   return d;
 }

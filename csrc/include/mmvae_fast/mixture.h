@@ -26,7 +26,6 @@ MMVAE_HD T log_expert_count(int64_t n) {
   return n > 0 ? std::log(T(n)) : T(0);
 }
 
-
 // The log-sum-exp over experts in two passes (max, then sum of exp) for kernels that hold all M
 // values of a sample at once, vectorised across samples. NaN-propagating max: once a NaN is
 // seen it stays.

@@ -31,8 +31,8 @@ inline Experts prepare_experts(const at::Tensor& z, const at::Tensor& loc, const
                                c10::DeviceType device) {
   TORCH_CHECK(z.dim() == 4, op, ": argument 'z' must have shape [M, K, B, L], got ", z.sizes());
   const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
-  TORCH_CHECK(loc.sizes() == at::IntArrayRef({M, B, L}), op, ": argument 'loc' must have shape [M, B, L] = ",
-              at::IntArrayRef({M, B, L}), ", got ", loc.sizes());
+  TORCH_CHECK(loc.sizes() == at::IntArrayRef({M, B, L}), op,
+              ": argument 'loc' must have shape [M, B, L] = ", at::IntArrayRef({M, B, L}), ", got ", loc.sizes());
   TORCH_CHECK(scale.sizes() == loc.sizes(), op, ": argument 'scale' must have shape ", loc.sizes(), ", got ",
               scale.sizes());
   TORCH_CHECK(z.device().type() == device && loc.device() == z.device() && scale.device() == z.device(), op,
@@ -42,8 +42,14 @@ inline Experts prepare_experts(const at::Tensor& z, const at::Tensor& loc, const
               op, ": z, loc and scale must share one floating dtype");
   const auto acc = acc_type(z);
   const at::Tensor s = scale.to(acc);
-  return {z.to(acc).contiguous(), loc.to(acc).contiguous(), s.reciprocal().contiguous(),
-          s.log().sum(-1).contiguous(), M, K, B, L};
+  return {z.to(acc).contiguous(),
+          loc.to(acc).contiguous(),
+          s.reciprocal().contiguous(),
+          s.log().sum(-1).contiguous(),
+          M,
+          K,
+          B,
+          L};
 }
 
 // Present-expert mask as uint8 [M, B] (all ones when absent) and the count per batch entry, on device.
@@ -54,8 +60,8 @@ inline std::pair<at::Tensor, at::Tensor> prepare_mask(const c10::optional<at::Te
     return {at::ones({M, B}, opts.dtype(at::kByte)), at::full({B}, M, opts.dtype(at::kLong))};
   }
   TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": argument 'mask' must be a bool tensor");
-  TORCH_CHECK(mask->sizes() == at::IntArrayRef({M, B}), op, ": argument 'mask' must have shape [M, B] = ",
-              at::IntArrayRef({M, B}), ", got ", mask->sizes());
+  TORCH_CHECK(mask->sizes() == at::IntArrayRef({M, B}), op,
+              ": argument 'mask' must have shape [M, B] = ", at::IntArrayRef({M, B}), ", got ", mask->sizes());
   TORCH_CHECK(mask->device() == device, op, ": argument 'mask' must be on ", device, ", got ", mask->device());
   const at::Tensor m = mask->to(at::kByte).contiguous();
   return {m, m.sum(0, /*keepdim=*/false, at::kLong).contiguous()};
