@@ -32,7 +32,7 @@ main: .venv/.built
 # `make poly POLY_MISSING=0.5` trains on data with half the modalities missing at random.
 POLY_MISSING ?= 0
 POLY_RUN := runs/poly-missing$(POLY_MISSING)
-POLY_TRAIN := --experiment polydigits --obj dreg --looser --K 10 --epochs 6 --batch-size 64 --limit 1920 --test-n 256 \
+POLY_TRAIN := --experiment polydigits --obj dreg --looser --K 10 --epochs 6 --batch-size 64 --limit 2560 --test-n 256 \
 	--missing-ratio $(POLY_MISSING)
 POLY_EVAL := --classifiers runs/classifiers --ll-K 100 --ll-n 50 --n-joint 2000 --limit 500
 

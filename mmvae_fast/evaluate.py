@@ -35,6 +35,8 @@ from . import objectives as O
 from .train import subset as _subset
 
 DIGIT_EXPERIMENTS = ("digits", "mnist-svhn", "polydigits", "polymnist")  # digit labels: coherence is defined
+# Classifier epochs: 4, or more where the train split is small (polydigits: 1,437 handwriting instances)
+CLASSIFIER_EPOCHS = {"polydigits": 12}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ def classifier_path(directory, experiment):
 
 
 
-def train_classifiers(experiment, out, data_dir=None, epochs=4, max_train=8000, batch_size=128, lr=1e-3,
+def train_classifiers(experiment, out, data_dir=None, epochs=None, max_train=8000, batch_size=128, lr=1e-3,
                       seed=0, device="cpu", verbose=True):
     """Train one digit classifier per modality on the experiment's train split; save them to
     out/classifiers-<experiment>.pt and return (classifiers, test accuracies)."""
@@ -85,6 +87,7 @@ def train_classifiers(experiment, out, data_dir=None, epochs=4, max_train=8000, 
     from .data import get_datasets
 
     _check_digits(experiment)
+    epochs = CLASSIFIER_EPOCHS.get(experiment, 4) if epochs is None else epochs
     torch.manual_seed(seed)
     train_set, test_set = get_datasets(experiment, data_dir=data_dir)
     (xs, _), = [train_set[0]]
@@ -378,7 +381,7 @@ def add_classifier_arguments(p):
     p.add_argument("--experiment", choices=EXPERIMENTS, default="digits")
     p.add_argument("--out", default=None, help="directory for classifiers-<experiment>.pt (default: the cache dir)")
     p.add_argument("--data-dir")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=None, help="default 4 (polydigits 12)")
     p.add_argument("--max-train", type=int, default=8000, help="train on a fixed random subset of this many items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")

@@ -47,7 +47,7 @@ EXPERIMENT_DEFAULTS = {
     "cub-features": dict(_PAPER, K=50, epochs=50, batch_size=64, latent_dim=64),
     "cub-images-sentences": dict(_PAPER, K=50, epochs=50, batch_size=64, latent_dim=64),
     # five modalities: M*K samples per item, so a smaller K keeps the offline default CPU-sized
-    "polydigits": dict(_PAPER, K=10, epochs=10, batch_size=64),
+    "polydigits": dict(_PAPER, K=10, epochs=10, batch_size=64, lr=2e-3),
     "polymnist": dict(_PAPER),
 }
 GLOBAL_DEFAULTS = dict(dreg_grad=None, llik_scaling=None, seed=1, device=None, data_dir=None, workers=0, limit=None,
