@@ -427,8 +427,10 @@ def train(ns: argparse.Namespace):
             xs = _to(xs, device)
             if mask is not None:
                 mask = mask.to(device)
-                # a modality absent from the whole batch costs the model nothing (x[m] None)
-                xs = [x if bool(mask[m].any()) else None for m, x in enumerate(xs)]
+                # a modality absent from the whole batch costs the model nothing (x[m] None); not
+                # under DDP, where a rank without it would leave its parameters out of the reduction
+                if world == 1:
+                    xs = [x if bool(mask[m].any()) else None for m, x in enumerate(xs)]
             bound = step(xs, mask)
             # The bound is a sum over the batch; DDP averages gradients over ranks, so scale by
             # the world size to train on the sum over the global batch, as one process would.
