@@ -13,9 +13,12 @@
 - joint coherence: prior samples decoded in every modality get the same predicted label;
 - latent accuracy: logistic regression on each expert's posterior means (train split -> test);
 - log-likelihood: the stratified importance-sampled estimate of log p(x_1:M) with the MoE
-  posterior as proposal, K samples per expert (M*K in all), unscaled likelihoods, per datum.
+  posterior as proposal, K samples per expert (M*K in all), unscaled likelihoods, per datum; on a
+  fixed random subset of --ll-n (500) test items by default (`--ll-n all` for the whole test set:
+  it decodes M*K samples per item in every modality, the one evaluation cost that grows with K).
 
-Results go to RUN_DIR/eval.json; a markdown table is printed.
+Results go to RUN_DIR/eval.json; a markdown table is printed. Every loop over data shows a
+progress bar (on stderr) unless verbose=False.
 """
 import argparse
 import itertools
@@ -37,6 +40,13 @@ from .train import subset as _subset
 DIGIT_EXPERIMENTS = ("digits", "mnist-svhn", "polydigits", "polymnist")  # digit labels: coherence is defined
 # Classifier epochs: 4, or more where the train split is small (polydigits: 1,437 handwriting instances)
 CLASSIFIER_EPOCHS = {"polydigits": 12}
+LL_N = 500  # default test items of the log-likelihood: minutes on a CPU at K = 1000
+
+
+def _bar(iterable, desc, verbose, total=None):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=not verbose)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,14 +54,20 @@ CLASSIFIER_EPOCHS = {"polydigits": 12}
 # ----------------------------------------------------------------------------------------------
 
 
+CLASSIFIER_ARCH = 2  # saved with the classifiers; a file of another architecture is retrained
+
+
 class DigitClassifier(nn.Module):
-    """A small CNN on [C, H, W] images in [0, 1]: two conv-pool blocks and an MLP head."""
+    """A small CNN on [C, H, W] images in [0, 1]: per-image channel standardisation (random
+    background and digit colours otherwise take many steps to ignore), two conv-pool blocks and
+    an MLP head."""
 
     def __init__(self, shape, n_classes=10):
         super().__init__()
         C, H, W = shape
         self.shape = tuple(shape)
         self.net = nn.Sequential(
+            nn.InstanceNorm2d(C),
             nn.Conv2d(C, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Dropout(0.25), nn.Linear(32 * (H // 4) * (W // 4), 128), nn.ReLU(),
@@ -114,7 +130,7 @@ def train_classifiers(experiment, out, data_dir=None, epochs=None, max_train=800
     path = classifier_path(out, experiment)
     from .train import atomic_save
 
-    atomic_save(dict(experiment=experiment, shapes=[c.shape for c in clfs], state_dicts=[c.state_dict() for c in clfs],
+    atomic_save(dict(experiment=experiment, arch=CLASSIFIER_ARCH, shapes=[c.shape for c in clfs], state_dicts=[c.state_dict() for c in clfs],
                      test_acc=accs, seed=seed, epochs=epochs), path)
     if verbose:
         print(f"classifiers for {experiment}: test accuracy {', '.join(f'm{m + 1} {a:.4f}' for m, a in enumerate(accs))}"
@@ -130,6 +146,12 @@ def load_classifiers(path, device="cpu"):
         c.load_state_dict(sd)
         clfs.append(c.eval())
     return clfs, ck
+
+
+def classifiers_current(path, shapes):
+    """Whether the saved classifiers have this code's architecture and the data's shapes."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return ck.get("arch") == CLASSIFIER_ARCH and [tuple(s) for s in ck["shapes"]] == [tuple(s) for s in shapes]
 
 
 @torch.no_grad()
@@ -149,13 +171,13 @@ def classifier_accuracy(clfs, loader, device="cpu"):
 
 
 @torch.no_grad()
-def cross_coherence(model, loader, clfs, device="cpu"):
+def cross_coherence(model, loader, clfs, device="cpu", verbose=False):
     """acc[r][d] (r != d): fraction of the data whose modality d generated from modality r alone
     (model.reconstruct(x)[r][d]) is classified as the source's label; the diagonal is the
     same for reconstructions. Returns an M x M list."""
     M = len(clfs)
     correct, n = torch.zeros(M, M), 0
-    for xs, y in loader:
+    for xs, y in _bar(loader, "cross coherence", verbose):
         rec = model.reconstruct([x.to(device) for x in xs])
         for r in range(M):
             for d in range(M):
@@ -165,7 +187,7 @@ def cross_coherence(model, loader, clfs, device="cpu"):
 
 
 @torch.no_grad()
-def subset_coherence(model, loader, clfs, device="cpu", seed=0):
+def subset_coherence(model, loader, clfs, device="cpu", seed=0, verbose=False):
     """acc[S][d]: for every non-empty subset S of the modalities (a tuple, increasing), the fraction
     of the data whose modality d generated from S (`model.generate_from`, experts drawn with a
     generator seeded by `seed`) is classified as the source's label. Returns {S: [acc_d for d]}."""
@@ -173,7 +195,7 @@ def subset_coherence(model, loader, clfs, device="cpu", seed=0):
     subsets = [S for k in range(1, M + 1) for S in itertools.combinations(range(M), k)]
     correct, n = torch.zeros(len(subsets), M), 0
     g = torch.Generator().manual_seed(seed)
-    for xs, y, *_ in loader:
+    for xs, y, *_ in _bar(loader, "subset coherence", verbose):
         xs = [x.to(device) for x in xs]
         for i, S in enumerate(subsets):
             gens = model.generate_from(xs, S, generator=g)
@@ -197,10 +219,10 @@ def coherence_by_size(acc):
 
 
 @torch.no_grad()
-def joint_coherence(model, clfs, n=10000, batch=1000):
+def joint_coherence(model, clfs, n=10000, batch=1000, verbose=False):
     """Fraction of prior samples whose decodings in all modalities get the same predicted label."""
     agree = 0
-    for i in range(0, n, batch):
+    for i in _bar(range(0, n, batch), "joint coherence", verbose):
         gens = model.generate(min(batch, n - i))
         preds = torch.stack([c.predict(g).cpu() for c, g in zip(clfs, gens)])
         agree += (preds == preds[:1]).all(0).sum().item()
@@ -213,22 +235,22 @@ def joint_coherence(model, clfs, n=10000, batch=1000):
 
 
 @torch.no_grad()
-def _latents(model, loader, device):
+def _latents(model, loader, device, verbose=False):
     zs, ys = [], []
-    for xs, y in loader:
+    for xs, y in _bar(loader, "latents", verbose):
         zs.append(model.latents([x.to(device) for x in xs]).float().cpu())
         ys.append(y)
     return torch.cat(zs, 1).numpy(), torch.cat(ys).numpy()
 
 
-def latent_accuracy(model, train_loader, test_loader, device="cpu"):
+def latent_accuracy(model, train_loader, test_loader, device="cpu", verbose=False):
     """Per modality: test accuracy of a logistic regression fit on the train posterior means."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    ztr, ytr = _latents(model, train_loader, device)
-    zte, yte = _latents(model, test_loader, device)
+    ztr, ytr = _latents(model, train_loader, device, verbose)
+    zte, yte = _latents(model, test_loader, device, verbose)
     accs = []
     for m in range(ztr.shape[0]):
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
@@ -280,9 +302,12 @@ def default_classifier_dir():
     return os.environ.get("MMVAE_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmvae_fast"))
 
 
-def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=None, n_joint=10000, latent_n=10000, limit=None,
+def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=LL_N, n_joint=10000, latent_n=10000, limit=None,
              batch_size=256, device=None, data_dir=None, verbose=True):
-    """Evaluate the run in run_dir; writes run_dir/eval.json and returns the results dict."""
+    """Evaluate the run in run_dir; writes run_dir/eval.json and returns the results dict.
+
+    ll_n: test items of the log-likelihood (a fixed random subset of the evaluated test set; None:
+    all of it); ll_K = 0 skips it. limit: evaluate everything on a fixed random subset of the test set."""
     from .data import get_datasets
     from .train import load_model
 
@@ -298,31 +323,35 @@ def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=None, n_joint=10000, lat
     if a.experiment in DIGIT_EXPERIMENTS:
         cdir = classifiers or default_classifier_dir()
         path = classifier_path(cdir, a.experiment)
-        if os.path.exists(path):
+        stale = os.path.exists(path) and not classifiers_current(path, [x.shape for x in test_set[0][0]])
+        if stale and verbose:
+            print(f"classifiers at {path} are of another architecture or data shape: retraining them")
+        if os.path.exists(path) and not stale:
             clfs, ck = load_classifiers(path, device)
             clf_acc = classifier_accuracy(clfs, test_loader, device)
         else:
-            if verbose:
+            if verbose and not stale:
                 print(f"no classifiers at {path}: training them")
             clfs, clf_acc = train_classifiers(a.experiment, cdir, data_dir=data_dir or a.data_dir, device=device,
                                               verbose=verbose)
-        cc = cross_coherence(model, test_loader, clfs, device)
+        cc = cross_coherence(model, test_loader, clfs, device, verbose)
         M = len(clfs)
         res["classifier_acc"] = clf_acc
         res["cross_coherence"] = {f"m{r + 1}->m{d + 1}": cc[r][d] for r in range(M) for d in range(M) if r != d}
         res["self_coherence"] = {f"m{d + 1}->m{d + 1}": cc[d][d] for d in range(M)}
-        res["joint_coherence"] = joint_coherence(model, clfs, n_joint)
+        res["joint_coherence"] = joint_coherence(model, clfs, n_joint, verbose=verbose)
         if M > 2:
-            acc = subset_coherence(model, test_loader, clfs, device, seed=a.seed)
+            acc = subset_coherence(model, test_loader, clfs, device, seed=a.seed, verbose=verbose)
             res["subset_coherence"] = {",".join(f"m{m}" for m in S): v for S, v in acc.items()}
             res["coherence_by_size"] = {str(k): dict(missing=miss, every=every)
                                         for k, (miss, every) in coherence_by_size(acc).items()}
         res["latent_acc"] = latent_accuracy(model, DataLoader(_subset(train_set, latent_n), batch_size=batch_size),
-                                            test_loader, device)
+                                            test_loader, device, verbose)
     if ll_K:
         ll_set = _subset(test_set, ll_n)
+        loader = DataLoader(ll_set, batch_size=min(batch_size, 64))
         ll = torch.cat([iwae_log_likelihood(model, [x.to(device) for x in xs], ll_K).cpu()
-                        for xs, _ in DataLoader(ll_set, batch_size=min(batch_size, 64))])
+                        for xs, _ in _bar(loader, f"log-likelihood (K={ll_K}, {len(ll_set)} items)", verbose)])
         res["log_likelihood"] = dict(K=ll_K, n=len(ll_set), mean=ll.mean().item(),
                                      stderr=(ll.std() / math.sqrt(len(ll))).item() if len(ll) > 1 else float("nan"))
     res["time_s"] = round(time.time() - t0, 1)
@@ -398,12 +427,23 @@ def add_evaluate_arguments(p):
     p.add_argument("--classifiers", help="directory of classifiers-<experiment>.pt (trained there if absent; "
                                          "default $MMVAE_FAST_CACHE or ~/.cache/mmvae_fast)")
     p.add_argument("--ll-K", type=int, default=1000, help="samples per expert of the log-likelihood estimate (0: skip)")
-    p.add_argument("--ll-n", type=int, default=None, help="test items for the log-likelihood (default all)")
+    p.add_argument("--ll-n", type=_count_or_all, default=LL_N,
+                   help=f"test items for the log-likelihood, a fixed random subset (default {LL_N}; 'all': the whole test set)")
     p.add_argument("--n-joint", type=int, default=10000, help="prior samples for joint coherence")
     p.add_argument("--latent-n", type=int, default=10000, help="train items for the latent classifier")
     p.add_argument("--limit", type=int, default=None, help="evaluate on a fixed random subset of N test items (default all)")
     p.add_argument("--data-dir")
     p.add_argument("--device")
+
+
+def _count_or_all(v):
+    """--ll-n: a positive count, or 'all' (None: no subset)."""
+    if v == "all":
+        return None
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive count or 'all', got {v!r}")
+    return n
 
 
 def run_evaluate(a):

@@ -19,7 +19,7 @@ from mmvae_fast.data import get_datasets
 def classifiers(tmp_path_factory):
     """Digit classifiers trained briefly (saved, then reloaded as evaluate does)."""
     d = str(tmp_path_factory.mktemp("clf"))
-    clfs, accs = E.train_classifiers("digits", d, epochs=1, max_train=768, verbose=False)
+    clfs, accs = E.train_classifiers("digits", d, epochs=2, max_train=2048, verbose=False)
     loaded, ck = E.load_classifiers(E.classifier_path(d, "digits"))
     x = torch.rand(8, *clfs[1].shape)
     assert torch.equal(clfs[1].predict(x), loaded[1].predict(x))  # saved and reused as trained
@@ -141,3 +141,38 @@ def test_evaluate_needs_a_run(tmp_path):
 def test_classifiers_need_digit_labels(tmp_path):
     with pytest.raises(ValueError, match="cub-features"):
         E.train_classifiers("cub-features", str(tmp_path))
+
+
+def test_evaluate_defaults_finish_in_minutes():
+    """The log-likelihood runs on a fixed subset of LL_N test items unless asked for all of them."""
+    import inspect
+
+    p = argparse.ArgumentParser()
+    E.add_evaluate_arguments(p)
+    assert p.parse_args(["run"]).ll_n == E.LL_N == 500
+    assert inspect.signature(E.evaluate).parameters["ll_n"].default == E.LL_N
+    assert p.parse_args(["run", "--ll-n", "all"]).ll_n is None
+    assert p.parse_args(["run", "--ll-n", "20"]).ll_n == 20
+    for bad in ("0", "-3", "some"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["run", "--ll-n", bad])
+
+
+def test_evaluation_loops_show_progress(classifiers, test_loader, capsys):
+    _, clfs = classifiers
+    E.cross_coherence(PairedStandIn(None), test_loader, clfs, verbose=True)
+    assert "cross coherence" in capsys.readouterr().err
+    E.cross_coherence(PairedStandIn(None), test_loader, clfs)
+    assert capsys.readouterr().err == ""
+
+
+def test_classifiers_of_another_architecture_or_shape_are_not_reused(classifiers, tmp_path):
+    cdir, clfs = classifiers
+    path = E.classifier_path(cdir, "digits")
+    shapes = [c.shape for c in clfs]
+    assert E.classifiers_current(path, shapes)
+    assert not E.classifiers_current(path, [(1, 28, 28), (3, 32, 32)])
+    old = torch.load(path, weights_only=False)
+    old.pop("arch")
+    torch.save(old, tmp_path / "old.pt")
+    assert not E.classifiers_current(str(tmp_path / "old.pt"), shapes)
