@@ -120,7 +120,7 @@ def table(rows):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experiment", default="digits")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -143,7 +143,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each a process; e.g. several on one GPU)")
     ap.add_argument("--only", nargs="+", default=None, help="estimators to run (iwae eq8 mixture ...)")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "estimator_study"))
-    a = ap.parse_args()
+    ap.add_argument("--title", default="Estimator study", help="heading of the printed table")
+    a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     classifiers = a.classifiers or os.path.join(a.out, "classifiers")
     if not os.path.isdir(classifiers):
@@ -160,9 +161,9 @@ def main():
             ress = [r for r in (futures[c, s].result() for s in a.seeds) if r is not None]
             everything += ress
             rows.append((c, [metrics(r) for r in ress]))
-    cmd = " ".join(["python benchmarks/estimator_study.py", *sys.argv[1:]])
+    cmd = " ".join([f"python benchmarks/{os.path.basename(sys.argv[0])}", *sys.argv[1:]])
     text = "\n".join([
-        f"# Estimator study: {a.experiment}, {a.epochs} epochs, K = {a.K}, seeds {a.seeds}",
+        f"# {a.title}: {a.experiment}, {a.epochs} epochs, K = {a.K}, seeds {a.seeds}",
         "",
         "Coherences and latent accuracy in percent, log p(x) per datum (IWAE estimate, "
         f"K = {a.ll_K} per expert); mean ± std over seeds.",
