@@ -7,6 +7,7 @@ import torch.distributions as D
 
 from mmvae_fast import objectives as O
 from mmvae_fast.models import (
+    DIGITS_LIK_SCALE,
     EXPERIMENTS,
     MMVAE,
     VAE,
@@ -20,7 +21,7 @@ from mmvae_fast.models import (
 )
 
 SHAPES = {
-    "digits": [(1, 28, 28), (3, 32, 32)],
+    "digits": [(1, 16, 16), (3, 16, 16)],
     "mnist-svhn": [(1, 28, 28), (3, 32, 32)],
     "cub-features": [(2048,), (32,)],
     "cub-images-sentences": [(3, 64, 64), (32,)],
@@ -167,13 +168,14 @@ def test_scales_follow_the_paper_parameterisation():
     assert cub.pz is D.Normal and cub.vaes[0].qz_x is D.Normal and model.pz is D.Laplace
 
 
-def test_image_likelihoods_and_means():
-    model = build_model("digits", latent_dim=4)
-    _, px_zs, _ = model(batch("digits", 2), K=1)
+@pytest.mark.parametrize("experiment,scale", [("mnist-svhn", 0.75), ("digits", DIGITS_LIK_SCALE)])
+def test_image_likelihoods_and_means(experiment, scale):
+    model = build_model(experiment, latent_dim=4)
+    _, px_zs, _ = model(batch(experiment, 2), K=1)
     for d in range(2):
         px = px_zs[0][d]
         assert type(px) is D.Laplace
-        assert bool((px.scale == 0.75).all())
+        assert bool((px.scale == scale).all())
         assert bool(((px.loc > 0) & (px.loc < 1)).all())  # sigmoid means
 
 
@@ -196,10 +198,27 @@ def test_llik_scaling_defaults_and_override():
     assert m.vaes[0].llik_scaling == pytest.approx(3072 / 784) and m.vaes[1].llik_scaling == 1.0
     assert build_model("cub-features", vocab_size=VOCAB).vaes[0].llik_scaling == pytest.approx(32 / 2048)
     assert default_llik_scaling("cub-images-sentences") == pytest.approx(32 / (3 * 64 * 64))
+    assert build_model("digits").vaes[0].llik_scaling == pytest.approx(768 / 256)
     m = build_model("digits", llik_scaling=2.5)
     assert m.vaes[0].llik_scaling == 2.5 and m.vaes[1].llik_scaling == 1.0
     with pytest.raises(ValueError, match="llik_scaling"):
         build_model("digits", llik_scaling=-1)
+
+
+def test_digits_model_fits_the_offline_data_and_keeps_table6_for_mnist_svhn():
+    """The offline digits model uses MLPs sized to the data's shapes (models do not import data, so
+    the two constants are checked here); MNIST-SVHN keeps Table 6's MLP + conv networks."""
+    from mmvae_fast.data import digits as digits_data
+    from mmvae_fast.models import DIGITS_SHAPES, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+
+    assert tuple(DIGITS_SHAPES) == tuple(digits_data.SHAPES)
+    m = build_model("digits", latent_dim=5)
+    for vae, shape in zip(m.vaes, DIGITS_SHAPES):
+        assert isinstance(vae.enc, MLPEncoder) and isinstance(vae.dec, MLPDecoder)
+        assert vae.enc.body[0].in_features == math.prod(shape) and vae.dec(torch.zeros(2, 3, 5)).shape == (2, 3, *shape)
+    s = build_model("mnist-svhn")
+    assert isinstance(s.vaes[0].dec, MLPDecoder) and isinstance(s.vaes[1].enc, ConvEncoder)
+    assert isinstance(s.vaes[1].dec, ConvDecoder)
 
 
 def test_default_caption_vocabulary_and_tied_embedding():
@@ -215,9 +234,9 @@ def test_helpers_generate_reconstruct_latents(models):
     model.train()
     x = batch("digits", 5)
     gens = model.generate(7)
-    assert [tuple(g.shape) for g in gens] == [(7, 1, 28, 28), (7, 3, 32, 32)]
+    assert [tuple(g.shape) for g in gens] == [(7, 1, 16, 16), (7, 3, 16, 16)]
     rec = model.reconstruct(x)
-    assert [[tuple(t.shape) for t in row] for row in rec] == [[(5, 1, 28, 28), (5, 3, 32, 32)]] * 2
+    assert [[tuple(t.shape) for t in row] for row in rec] == [[(5, 1, 16, 16), (5, 3, 16, 16)]] * 2
     z = model.latents(x)
     assert z.shape == (2, 5, 6)
     # reconstructions decode the posterior means

@@ -159,4 +159,9 @@ def test_option_combinations_are_checked():
     a = T.resolve_args(_ns(experiment="mnist-svhn"))  # the paper's defaults
     assert (a.obj, a.looser, a.K, a.epochs, a.batch_size, a.latent_dim, a.lr) == ("dreg", True, 30, 30, 128, 20, 1e-3)
     assert a.dreg_grad == O.DEFAULT_GRAD == "mixture"
+    # the offline default keeps the paper's objective, latent size and optimiser at a CPU budget
+    d = T.resolve_args(_ns())
+    assert (d.experiment, d.obj, d.looser, d.dreg_grad, d.latent_dim, d.lr, d.learn_prior) == \
+        ("digits", "dreg", True, "mixture", 20, 1e-3, True)
+    assert (d.K, d.epochs, d.batch_size) == (10, 3, 64)
     assert T.resolve_args(_ns(no_looser=None, looser=False)).looser is False
