@@ -18,7 +18,6 @@ random permutations, each matched to a cyclic shift of itself, so the two images
 always different instances). Everything follows `seed`; the built tensors are cached in memory.
 """
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
