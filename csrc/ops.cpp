@@ -11,8 +11,8 @@
 
 namespace mmvae_fast {
 // ---- begin: importance weights and likelihood sums (csrc/cpu/importance_weights.cpp, likelihood_sum.cpp)
-std::tuple<at::Tensor, at::Tensor, at::Tensor> importance_weights_cpu(const at::Tensor& lw);
-at::Tensor importance_weights_backward_cpu(const at::Tensor& lw, const at::Tensor& lse,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> importance_weights_cpu(const at::Tensor& lw);
+at::Tensor importance_weights_backward_cpu(const at::Tensor& lw, const at::Tensor& lse, const at::Tensor& lse_lo,
                                            const std::optional<at::Tensor>& g_lse,
                                            const std::optional<at::Tensor>& g_wbar,
                                            const std::optional<at::Tensor>& g_wbar_sq);
@@ -52,10 +52,11 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(mmvae_fast, m) {
   // ---- begin: importance weights and likelihood sums
   // lw [P, N, Q] -> (lse [P, Q], wbar [P, N, Q], wbar_sq [P, N, Q]) over the middle dim, in float32 (float64 for
-  // float64).
-  m.def("importance_weights(Tensor lw) -> (Tensor, Tensor, Tensor)");
+  // float64). outputs: lse, wbar, wbar_sq, and lse_lo, the rounding residual of lse (math.h lse_split)
+  m.def("importance_weights(Tensor lw) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "importance_weights_backward(Tensor lw, Tensor lse, Tensor? g_lse, Tensor? g_wbar, Tensor? g_wbar_sq) -> Tensor");
+      "importance_weights_backward(Tensor lw, Tensor lse, Tensor lse_lo, Tensor? g_lse, Tensor? g_wbar, Tensor? "
+      "g_wbar_sq) -> Tensor");
   // out[s, b] = sum_e log p(x[b, e] | params[s, b, e(, :)]); family 0 normal, 1 laplace (scale
   // [S|1, B|1, E|1]), 2 bernoulli logits, 3 categorical logits [S, B, E, V] with int64 x.
   m.def("likelihood_sum(Tensor x, Tensor params, Tensor? scale, int family) -> Tensor");
@@ -100,8 +101,8 @@ TORCH_LIBRARY_IMPL(mmvae_fast, CPU, m) {
 #include <tuple>
 
 namespace mmvae_fast::cuda {
-std::tuple<at::Tensor, at::Tensor, at::Tensor> importance_weights_cuda(const at::Tensor& lw);
-at::Tensor importance_weights_backward_cuda(const at::Tensor& lw, const at::Tensor& lse,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> importance_weights_cuda(const at::Tensor& lw);
+at::Tensor importance_weights_backward_cuda(const at::Tensor& lw, const at::Tensor& lse, const at::Tensor& lse_lo,
                                             const std::optional<at::Tensor>& g_lse,
                                             const std::optional<at::Tensor>& g_wbar,
                                             const std::optional<at::Tensor>& g_wbar_sq);

@@ -21,6 +21,8 @@ from helpers import (
 from mmvae_fast import ops
 from mmvae_fast import reference as ref
 
+import numerics
+
 # ------------------------------------------------------------------ every backend
 
 
@@ -93,3 +95,9 @@ def test_triton_ratios_half_inputs_and_nan():
     zn[1, 0, 1, 2] = math.nan
     r = ops.importance_ratios(zn, loc.detach().double(), scale.detach().double(), **T)
     assert torch.isnan(r[0, 1, 0, 1]) and r[1, 1, 0, 1] == 1 and torch.isfinite(r[:, 0]).all()
+
+
+# issue 16: second-order gradients (the reference gives them, the fused backends refuse clearly)
+# and DESIGN.md section 2's NaN / inf policy at extreme inputs, on every backend
+def test_importance_ratios_second_order(backend):
+    numerics.check_second_order("importance_ratios", backend)

@@ -11,7 +11,19 @@ from helpers import NAMESPACES, library, opcheck, T, assert_grads, check_close, 
 from mmvae_fast import ops
 from mmvae_fast import reference as ref
 
+import numerics
+
 # ------------------------------------------------------------------ every backend
+
+
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("offset", numerics.LW_OFFSETS)
+def test_importance_weights_backward_large_offsets_grid(backend, offset, layout):
+    numerics.check_weights_at_offset(backend, offset, layout)
+
+
+def test_importance_weights_second_order(backend):
+    numerics.check_second_order("importance_weights", backend)
 
 
 def direct_iw(lw, dims):
@@ -138,7 +150,7 @@ def test_opcheck_importance_weights(ns):
         opcheck(lib.importance_weights.default, (lw,))
         lse = torch.logsumexp(lw.detach(), 1)
         gb, gw = torch.randn(lse.shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
-        opcheck(lib.importance_weights_backward.default, (lw.detach(), lse, gb, None, gw))
+        opcheck(lib.importance_weights_backward.default, (lw.detach(), lse, torch.zeros_like(lse), gb, None, gw))
     lw32 = torch.randn(3, 5, 2, generator=g).requires_grad_()
     opcheck(lib.importance_weights.default, (lw32,))
 

@@ -28,6 +28,8 @@ from helpers import (
 from mmvae_fast import ops
 from mmvae_fast import reference as ref
 
+import numerics
+
 # ------------------------------------------------------------------ every backend
 
 
@@ -249,3 +251,13 @@ def test_triton_likelihood_gradcheck_float64():
     x, params = triton_lik_inputs("normal", (2,), 3, (3,), g)
     scale = (0.5 + torch.rand(3, generator=g, dtype=F64)).requires_grad_()
     assert torch.autograd.gradcheck(lambda p, s: ops.likelihood_sum(x, p, family="normal", scale=s, **T), (params, scale), fast_mode=True)
+
+
+# issue 16: second-order gradients (the reference gives them, the fused backends refuse clearly)
+# and DESIGN.md section 2's NaN / inf policy at extreme inputs, on every backend
+def test_likelihood_sum_second_order(backend):
+    numerics.check_second_order("likelihood_sum", backend)
+
+
+def test_likelihood_sum_bernoulli_infinite_logits(backend):
+    numerics.check_bernoulli_infinite_logits(backend)

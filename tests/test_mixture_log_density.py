@@ -29,6 +29,8 @@ from helpers import (
 from mmvae_fast import ops
 from mmvae_fast import reference as ref
 
+import numerics
+
 # ------------------------------------------------------------------ every backend
 
 
@@ -275,3 +277,14 @@ def test_triton_mixture_gradcheck_float64():
     mask = torch.tensor([[True, False, True], [True, True, False]])
     f = lambda *t: ops.mixture_log_density(*t, family="laplace", mask=mask, return_pairwise=True, **T)  # noqa: E731
     assert torch.autograd.gradcheck(f, (z, loc, scale), fast_mode=True)
+
+
+# issue 16: second-order gradients (the reference gives them, the fused backends refuse clearly)
+# and DESIGN.md section 2's NaN / inf policy at extreme inputs, on every backend
+def test_mixture_log_density_second_order(backend):
+    numerics.check_second_order("mixture_log_density", backend)
+
+
+@pytest.mark.parametrize("case", numerics.MIXTURE_EXTREME_CASES)
+def test_mixture_log_density_extreme_inputs_follow_the_nan_policy(backend, case):
+    numerics.check_mixture_extreme(case, backend)

@@ -7,8 +7,10 @@
 // exp(x - max) into the wbar buffer, the chunk states merged with the online log-sum-exp of
 // math.h; then a cheap rescale of each chunk by exp(max_c - lse). Q > 1: tiles of kTile adjacent
 // columns, vectorised across the columns: their max, then exp(x - max) and the sums, then the
-// rescale by 1/sum. Either way one exp per element. Only lse is saved for backward. Backward recomputes wbar = exp(lw -
-// lse) and, for incoming gradients gb (bound), gw (wbar) and gw2 (wbar_sq), any of them absent,
+// rescale by 1/sum. Either way one exp per element. lse comes with its rounding residual lse_lo
+// (math.h's lse_split): the weights are exp((lw - lse) - lse_lo), right to float precision however
+// large |lw| is. Only lse and lse_lo are saved for backward. Backward recomputes wbar that way and, for incoming
+// gradients gb (bound), gw (wbar) and gw2 (wbar_sq), any of them absent,
 //   d/dlw_i = w_i (gb + gw_i - A + 2 w_i gw2_i - 2 C),   A = sum_j gw_j w_j,  C = sum_j gw2_j w_j^2.
 // Accumulation in float (double for double input); fp16 / bf16 lw is widened first.
 #include <ATen/ATen.h>
@@ -33,7 +35,7 @@ constexpr int64_t kChunk = 256;
 constexpr int64_t kTile = kColumnTile;
 
 template <typename T>
-MMVAE_ALWAYS_INLINE T forward_row_impl(const T* x, int64_t n, T* w, T* w2, T* chunk_max, T* chunk_sum) {
+MMVAE_ALWAYS_INLINE LseSplit<T> forward_row_impl(const T* x, int64_t n, T* w, T* w2, T* chunk_max, T* chunk_sum) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   LseState<T> st = lse_init<T>();
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
@@ -57,11 +59,11 @@ MMVAE_ALWAYS_INLINE T forward_row_impl(const T* x, int64_t n, T* w, T* w2, T* ch
     chunk_sum[c] = s;
     if (s != T(0)) st = lse_merge(st, LseState<T>{m, s});  // empty chunks must not move the max
   }
-  const T lse = lse_value(st);
-  const bool nan_row = lse != lse;
+  const LseSplit<T> lse = lse_split(st);
+  const bool nan_row = lse.hi != lse.hi;
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t lo = c * kChunk, len = std::min(kChunk, n - lo);
-    const T f = (chunk_sum[c] == T(0) && !nan_row) ? T(0) : std::exp(chunk_max[c] - lse);
+    const T f = (chunk_sum[c] == T(0) && !nan_row) ? T(0) : std::exp((chunk_max[c] - lse.hi) - lse.lo);
     T* wc = w + lo;
     T* w2c = w2 + lo;
 #pragma omp simd
@@ -75,20 +77,21 @@ MMVAE_ALWAYS_INLINE T forward_row_impl(const T* x, int64_t n, T* w, T* w2, T* ch
 }
 
 template <typename T, bool kHasW, bool kHasW2>
-MMVAE_ALWAYS_INLINE void backward_row_impl(const T* x, int64_t n, T lse, T gb, const T* gw, const T* gw2, T* gx) {
+MMVAE_ALWAYS_INLINE void backward_row_impl(const T* x, int64_t n, T lse, T lse_lo, T gb, const T* gw, const T* gw2,
+                                           T* gx) {
   if (lse == -std::numeric_limits<T>::infinity()) {  // all -inf row: zero gradient
     std::fill(gx, gx + n, T(0));
     return;
   }
   if (!kHasW && !kHasW2) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) gx[j] = gb * fast_exp(x[j] - lse);
+    for (int64_t j = 0; j < n; ++j) gx[j] = gb * fast_exp((x[j] - lse) - lse_lo);
     return;
   }
   T A = 0, C = 0;
 #pragma omp simd reduction(+ : A, C)
   for (int64_t j = 0; j < n; ++j) {
-    const T w = fast_exp(x[j] - lse);
+    const T w = fast_exp((x[j] - lse) - lse_lo);
     gx[j] = w;
     if (kHasW) A += gw[j] * w;
     if (kHasW2) C += gw2[j] * w * w;
@@ -104,9 +107,10 @@ MMVAE_ALWAYS_INLINE void backward_row_impl(const T* x, int64_t n, T lse, T gb, c
   }
 }
 
-// Columns: x[j * stride + t] for j < n, t < width <= kTile; lse[t] out.
+// Columns: x[j * stride + t] for j < n, t < width <= kTile; lse[t], lse_lo[t] out.
 template <typename T>
-MMVAE_ALWAYS_INLINE void forward_cols_impl(const T* x, int64_t n, int64_t stride, int64_t width, T* w, T* w2, T* lse) {
+MMVAE_ALWAYS_INLINE void forward_cols_impl(const T* x, int64_t n, int64_t stride, int64_t width, T* w, T* w2, T* lse,
+                                           T* lse_lo) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   T m[kTile], s[kTile], inv[kTile];
   for (int64_t t = 0; t < kTile; ++t) m[t] = kNegInf, s[t] = T(0);
@@ -127,7 +131,8 @@ MMVAE_ALWAYS_INLINE void forward_cols_impl(const T* x, int64_t n, int64_t stride
     }
   }
   for (int64_t t = 0; t < width; ++t) {
-    lse[t] = lse_value(LseState<T>{m[t], s[t]});
+    const LseSplit<T> l = lse_split(LseState<T>{m[t], s[t]});
+    lse[t] = l.hi, lse_lo[t] = l.lo;
     inv[t] = s[t] == T(0) ? T(0) : T(1) / s[t];  // NaN sums stay NaN
   }
   for (int64_t j = 0; j < n; ++j) {
@@ -144,11 +149,13 @@ MMVAE_ALWAYS_INLINE void forward_cols_impl(const T* x, int64_t n, int64_t stride
 
 template <typename T, bool kHasW, bool kHasW2>
 MMVAE_ALWAYS_INLINE void backward_cols_impl(const T* x, int64_t n, int64_t stride, int64_t width, const T* lse,
-                                            const T* gb, const T* gw, const T* gw2, T* gx) {
-  T L[kTile], A[kTile], C[kTile], base[kTile];
+                                            const T* lse_lo, const T* gb, const T* gw, const T* gw2, T* gx) {
+  T L[kTile], Lo[kTile], A[kTile], C[kTile], base[kTile];
   for (int64_t t = 0; t < kTile; ++t) {
     // An all -inf column (lse = -inf) has x = -inf everywhere: exp(x - 0) = 0 gives zero gradients.
-    L[t] = t < width && lse[t] != -std::numeric_limits<T>::infinity() ? lse[t] : T(0);
+    const bool live = t < width && lse[t] != -std::numeric_limits<T>::infinity();
+    L[t] = live ? lse[t] : T(0);
+    Lo[t] = live ? lse_lo[t] : T(0);
     A[t] = C[t] = T(0);
   }
   for (int64_t j = 0; j < n; ++j) {
@@ -156,7 +163,7 @@ MMVAE_ALWAYS_INLINE void backward_cols_impl(const T* x, int64_t n, int64_t strid
     T* gr = gx + j * stride;
 #pragma omp simd
     for (int64_t t = 0; t < width; ++t) {
-      const T w = fast_exp(xr[t] - L[t]);
+      const T w = fast_exp((xr[t] - L[t]) - Lo[t]);
       gr[t] = w;
       if (kHasW) A[t] += gw[j * stride + t] * w;
       if (kHasW2) C[t] += gw2[j * stride + t] * w * w;
@@ -178,51 +185,54 @@ MMVAE_ALWAYS_INLINE void backward_cols_impl(const T* x, int64_t n, int64_t strid
 
 template <typename T>
 MMVAE_ALWAYS_INLINE void backward_cols_dispatch(const T* x, int64_t n, int64_t stride, int64_t width, const T* lse,
-                                                const T* gb, const T* gw, const T* gw2, T* gx) {
-  if (gw && gw2) backward_cols_impl<T, true, true>(x, n, stride, width, lse, gb, gw, gw2, gx);
-  else if (gw) backward_cols_impl<T, true, false>(x, n, stride, width, lse, gb, gw, gw2, gx);
-  else if (gw2) backward_cols_impl<T, false, true>(x, n, stride, width, lse, gb, gw, gw2, gx);
-  else backward_cols_impl<T, false, false>(x, n, stride, width, lse, gb, gw, gw2, gx);
+                                                const T* lo, const T* gb, const T* gw, const T* gw2, T* gx) {
+  if (gw && gw2) backward_cols_impl<T, true, true>(x, n, stride, width, lse, lo, gb, gw, gw2, gx);
+  else if (gw) backward_cols_impl<T, true, false>(x, n, stride, width, lse, lo, gb, gw, gw2, gx);
+  else if (gw2) backward_cols_impl<T, false, true>(x, n, stride, width, lse, lo, gb, gw, gw2, gx);
+  else backward_cols_impl<T, false, false>(x, n, stride, width, lse, lo, gb, gw, gw2, gx);
 }
 
 // The multiversioned entry points (one clone per ISA level, chosen at load time). A full tile
 // passes the constant kTile so its inner loops compile to whole vectors.
-MMVAE_CPU_MULTIVERSION float forward_row(const float* x, int64_t n, float* w, float* w2, float* cm, float* cs) {
+MMVAE_CPU_MULTIVERSION LseSplit<float> forward_row(const float* x, int64_t n, float* w, float* w2, float* cm,
+                                                   float* cs) {
   return forward_row_impl(x, n, w, w2, cm, cs);
 }
-MMVAE_CPU_MULTIVERSION double forward_row(const double* x, int64_t n, double* w, double* w2, double* cm, double* cs) {
+MMVAE_CPU_MULTIVERSION LseSplit<double> forward_row(const double* x, int64_t n, double* w, double* w2, double* cm,
+                                                    double* cs) {
   return forward_row_impl(x, n, w, w2, cm, cs);
 }
 
-#define MMVAE_COLS(T)                                                                                           \
-  MMVAE_CPU_MULTIVERSION void forward_cols(const T* x, int64_t n, int64_t stride, int64_t width, T* w, T* w2,   \
-                                           T* lse) {                                                            \
-    if (width == kTile) forward_cols_impl(x, n, stride, kTile, w, w2, lse);                                     \
-    else forward_cols_impl(x, n, stride, width, w, w2, lse);                                                    \
-  }                                                                                                             \
-  MMVAE_CPU_MULTIVERSION void backward_cols(const T* x, int64_t n, int64_t stride, int64_t width, const T* lse, \
-                                            const T* gb, const T* gw, const T* gw2, T* gx) {                    \
-    if (width == kTile) backward_cols_dispatch(x, n, stride, kTile, lse, gb, gw, gw2, gx);                      \
-    else backward_cols_dispatch(x, n, stride, width, lse, gb, gw, gw2, gx);                                     \
+#define MMVAE_COLS(T)                                                                                                 \
+  MMVAE_CPU_MULTIVERSION void forward_cols(const T* x, int64_t n, int64_t stride, int64_t width, T* w, T* w2, T* lse, \
+                                           T* lo) {                                                                   \
+    if (width == kTile) forward_cols_impl(x, n, stride, kTile, w, w2, lse, lo);                                       \
+    else forward_cols_impl(x, n, stride, width, w, w2, lse, lo);                                                      \
+  }                                                                                                                   \
+  MMVAE_CPU_MULTIVERSION void backward_cols(const T* x, int64_t n, int64_t stride, int64_t width, const T* lse,       \
+                                            const T* lo, const T* gb, const T* gw, const T* gw2, T* gx) {             \
+    if (width == kTile) backward_cols_dispatch(x, n, stride, kTile, lse, lo, gb, gw, gw2, gx);                        \
+    else backward_cols_dispatch(x, n, stride, width, lse, lo, gb, gw, gw2, gx);                                       \
   }
 MMVAE_COLS(float)
 MMVAE_COLS(double)
 #undef MMVAE_COLS
 
 template <typename T>
-MMVAE_ALWAYS_INLINE void backward_row_dispatch(const T* x, int64_t n, T lse, T gb, const T* gw, const T* gw2, T* gx) {
-  if (gw && gw2) backward_row_impl<T, true, true>(x, n, lse, gb, gw, gw2, gx);
-  else if (gw) backward_row_impl<T, true, false>(x, n, lse, gb, gw, gw2, gx);
-  else if (gw2) backward_row_impl<T, false, true>(x, n, lse, gb, gw, gw2, gx);
-  else backward_row_impl<T, false, false>(x, n, lse, gb, gw, gw2, gx);
+MMVAE_ALWAYS_INLINE void backward_row_dispatch(const T* x, int64_t n, T lse, T lo, T gb, const T* gw, const T* gw2,
+                                               T* gx) {
+  if (gw && gw2) backward_row_impl<T, true, true>(x, n, lse, lo, gb, gw, gw2, gx);
+  else if (gw) backward_row_impl<T, true, false>(x, n, lse, lo, gb, gw, gw2, gx);
+  else if (gw2) backward_row_impl<T, false, true>(x, n, lse, lo, gb, gw, gw2, gx);
+  else backward_row_impl<T, false, false>(x, n, lse, lo, gb, gw, gw2, gx);
 }
-MMVAE_CPU_MULTIVERSION void backward_row(const float* x, int64_t n, float lse, float gb, const float* gw,
+MMVAE_CPU_MULTIVERSION void backward_row(const float* x, int64_t n, float lse, float lo, float gb, const float* gw,
                                          const float* gw2, float* gx) {
-  backward_row_dispatch(x, n, lse, gb, gw, gw2, gx);
+  backward_row_dispatch(x, n, lse, lo, gb, gw, gw2, gx);
 }
-MMVAE_CPU_MULTIVERSION void backward_row(const double* x, int64_t n, double lse, double gb, const double* gw,
+MMVAE_CPU_MULTIVERSION void backward_row(const double* x, int64_t n, double lse, double lo, double gb, const double* gw,
                                          const double* gw2, double* gx) {
-  backward_row_dispatch(x, n, lse, gb, gw, gw2, gx);
+  backward_row_dispatch(x, n, lse, lo, gb, gw, gw2, gx);
 }
 
 void check_lw(const at::Tensor& lw, const char* op) {
@@ -244,17 +254,18 @@ struct Items {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> importance_weights_cpu(const at::Tensor& lw_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> importance_weights_cpu(const at::Tensor& lw_in) {
   check_lw(lw_in, "importance_weights");
   // fp16 / bf16 lw is widened once to float (log weights are small next to what made them).
   const at::Tensor lw = lw_in.to(acc_type(lw_in)).contiguous();
   const Items it(lw.size(0), lw.size(1), lw.size(2));
   const int64_t N = it.N, Q = it.Q;
-  at::Tensor lse = at::empty({it.P, Q}, lw.options()), w = at::empty(lw.sizes(), lw.options()),
-             w2 = at::empty(lw.sizes(), lw.options());
+  at::Tensor lse = at::empty({it.P, Q}, lw.options()), lse_lo = at::empty({it.P, Q}, lw.options()),
+             w = at::empty(lw.sizes(), lw.options()), w2 = at::empty(lw.sizes(), lw.options());
   AT_DISPATCH_FLOATING_TYPES(lw.scalar_type(), "importance_weights_cpu", [&] {
     const scalar_t* px = lw.const_data_ptr<scalar_t>();
     scalar_t* plse = lse.data_ptr<scalar_t>();
+    scalar_t* plo = lse_lo.data_ptr<scalar_t>();
     scalar_t* pw = w.data_ptr<scalar_t>();
     scalar_t* pw2 = w2.data_ptr<scalar_t>();
     at::parallel_for(0, it.count, it.grain, [&](int64_t begin, int64_t end) {
@@ -263,20 +274,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> importance_weights_cpu(const at::
       std::vector<scalar_t> cm(n_chunks), cs(n_chunks);
       for (int64_t i = begin; i < end; ++i) {
         if (Q == 1) {
-          plse[i] = forward_row(px + i * N, N, pw + i * N, pw2 + i * N, cm.data(), cs.data());
+          const auto l = forward_row(px + i * N, N, pw + i * N, pw2 + i * N, cm.data(), cs.data());
+          plse[i] = l.hi, plo[i] = l.lo;
           continue;
         }
         const int64_t p = i / it.tiles, q0 = (i % it.tiles) * kTile, width = std::min(kTile, Q - q0);
         const int64_t off = p * N * Q + q0;
-        forward_cols(px + off, N, Q, width, pw + off, pw2 + off, plse + p * Q + q0);
+        forward_cols(px + off, N, Q, width, pw + off, pw2 + off, plse + p * Q + q0, plo + p * Q + q0);
       }
     });
   });
-  return {lse, w, w2};
+  return {lse, w, w2, lse_lo};
 }
 
 at::Tensor importance_weights_backward_cpu(const at::Tensor& lw_in, const at::Tensor& lse_in,
-                                           const std::optional<at::Tensor>& g_lse,
+                                           const at::Tensor& lse_lo_in, const std::optional<at::Tensor>& g_lse,
                                            const std::optional<at::Tensor>& g_wbar,
                                            const std::optional<at::Tensor>& g_wbar_sq) {
   check_lw(lw_in, "importance_weights_backward");
@@ -286,7 +298,9 @@ at::Tensor importance_weights_backward_cpu(const at::Tensor& lw_in, const at::Te
   const int64_t N = it.N, Q = it.Q;
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({it.P, Q}), "importance_weights_backward: 'lse' must have shape [",
               it.P, ", ", Q, "]");
-  const at::Tensor lse = lse_in.to(acc).contiguous();
+  TORCH_CHECK(lse_lo_in.sizes() == lse_in.sizes(),
+              "importance_weights_backward: 'lse_lo' must have the shape of 'lse'");
+  const at::Tensor lse = lse_in.to(acc).contiguous(), lse_lo = lse_lo_in.to(acc).contiguous();
   auto prep = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name) -> at::Tensor {
     if (!g.has_value() || !g->defined()) return at::Tensor();
     TORCH_CHECK(g->sizes() == shape, "importance_weights_backward: '", name, "' must have shape ", shape, ", got ",
@@ -300,6 +314,7 @@ at::Tensor importance_weights_backward_cpu(const at::Tensor& lw_in, const at::Te
   AT_DISPATCH_FLOATING_TYPES(lw.scalar_type(), "importance_weights_backward_cpu", [&] {
     const scalar_t* px = lw.const_data_ptr<scalar_t>();
     const scalar_t* plse = lse.const_data_ptr<scalar_t>();
+    const scalar_t* plo = lse_lo.const_data_ptr<scalar_t>();
     const scalar_t* pgb = gb.defined() ? gb.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pgw = gw.defined() ? gw.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pgw2 = gw2.defined() ? gw2.const_data_ptr<scalar_t>() : nullptr;
@@ -308,13 +323,13 @@ at::Tensor importance_weights_backward_cpu(const at::Tensor& lw_in, const at::Te
       const FlushDenormals ftz;
       for (int64_t i = begin; i < end; ++i) {
         if (Q == 1) {
-          backward_row(px + i * N, N, plse[i], pgb ? pgb[i] : scalar_t(0), pgw ? pgw + i * N : nullptr,
+          backward_row(px + i * N, N, plse[i], plo[i], pgb ? pgb[i] : scalar_t(0), pgw ? pgw + i * N : nullptr,
                        pgw2 ? pgw2 + i * N : nullptr, pgx + i * N);
           continue;
         }
         const int64_t p = i / it.tiles, q0 = (i % it.tiles) * kTile, width = std::min(kTile, Q - q0);
         const int64_t off = p * N * Q + q0;
-        backward_cols(px + off, N, Q, width, plse + p * Q + q0, pgb ? pgb + p * Q + q0 : nullptr,
+        backward_cols(px + off, N, Q, width, plse + p * Q + q0, plo + p * Q + q0, pgb ? pgb + p * Q + q0 : nullptr,
                       pgw ? pgw + off : nullptr, pgw2 ? pgw2 + off : nullptr, pgx + off);
       }
     });

@@ -43,17 +43,17 @@ MMVAE_ALWAYS_INLINE void loc_backward_impl(const T* x, const T* mu, const T* inv
                                            T* gscale) {
   if (gmu) {
 #pragma omp simd
-    for (int64_t e = 0; e < E; ++e) gmu[e] = g * log_density_grad<T>(F, x[e], mu[e], inv[e * se]).dloc;
+    for (int64_t e = 0; e < E; ++e) gmu[e] = weighted_grad(g, log_density_grad<T>(F, x[e], mu[e], inv[e * se]).dloc);
   }
   if (!gscale) return;
   if (se == 0) {
     T s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t e = 0; e < E; ++e) s += log_density_grad<T>(F, x[e], mu[e], inv[0]).dscale;
-    gscale[0] += g * s;
+    gscale[0] += weighted_grad(g, s);
   } else {
 #pragma omp simd
-    for (int64_t e = 0; e < E; ++e) gscale[e] += g * log_density_grad<T>(F, x[e], mu[e], inv[e]).dscale;
+    for (int64_t e = 0; e < E; ++e) gscale[e] += weighted_grad(g, log_density_grad<T>(F, x[e], mu[e], inv[e]).dscale);
   }
 }
 

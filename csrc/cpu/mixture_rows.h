@@ -77,10 +77,10 @@ MMVAE_ALWAYS_INLINE void tile_grad(const T* G, const T* zt, const T* loc, const 
 #pragma omp simd
     for (int64_t j = 0; j < kTile; ++j) {
       const DensityGrad<T> d = log_density_grad<T>(F, zl[j], lo, iv);
-      if (GX) gzt[l * kTile + j] += G[j] * d.dx;
+      if (GX) gzt[l * kTile + j] += weighted_grad(G[j], d.dx);
       if (GP) {
-        glt[l * kTile + j] += G[j] * d.dloc;
-        gst[l * kTile + j] += G[j] * d.dscale;
+        glt[l * kTile + j] += weighted_grad(G[j], d.dloc);
+        gst[l * kTile + j] += weighted_grad(G[j], d.dscale);
       }
     }
   }

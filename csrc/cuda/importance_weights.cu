@@ -5,8 +5,9 @@
 //   kThread: one thread per row, adjacent threads on adjacent q (coalesced), for Q >= 32;
 //   kWarp:   a warp per row, lanes over n, for N up to kWarpRowMax;
 //   kBlock:  a 256-thread block per longer row.
-// Groups merge their states with shuffles (reduce.cuh); a second sweep writes the weights. Only
-// lse is saved. Backward recomputes wbar and, for the incoming gb, gw, gw2 (any absent),
+// Groups merge their states with shuffles (reduce.cuh); a second sweep writes the weights
+// exp((lw - lse) - lse_lo), lse_lo the rounding residual of lse (math.h lse_split: right however large
+// |lw| is). Only lse and lse_lo are saved. Backward recomputes wbar so and, for the incoming gb, gw, gw2 (any absent),
 //   d/dlw_i = w_i (gb + gw_i - A + 2 w_i gw2_i - 2 C),   A = sum_j gw_j w_j,  C = sum_j gw2_j w_j^2.
 // As on the CPU, fp16 / bf16 lw is widened to float once; outputs and gradient are float (double
 // for double).
@@ -57,8 +58,8 @@ __device__ __forceinline__ T group_sum(T v, T* scratch) {
 }
 
 template <int G, typename T>
-__global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ lse, T* __restrict__ w, T* __restrict__ w2,
-                               int64_t P, int64_t N, int64_t Q) {
+__global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ lse, T* __restrict__ lse_lo, T* __restrict__ w,
+                               T* __restrict__ w2, int64_t P, int64_t N, int64_t Q) {
   __shared__ T sm[kBlockThreads / kWarp], ss[kBlockThreads / kWarp];
   const RowIter<G> it;
   for (int64_t r = it.first; r < P * Q; r += it.stride) {  // r = p * Q + q
@@ -66,12 +67,11 @@ __global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ lse, T* 
     LseState<T> st = lse_init<T>();
     for (int64_t n = it.rank; n < N; n += it.size) st = lse_push(st, x[base + n * Q]);
     st = group_lse<G>(st, sm, ss);
-    const T l = lse_value(st);
-    if (it.rank == 0) lse[r] = l;
-    // an all -inf row has weights exp(-inf - 0) = 0; NaN propagates through l
-    const T shift = l == -std::numeric_limits<T>::infinity() ? T(0) : l;
+    const LseSplit<T> l = lse_split(st);
+    if (it.rank == 0) lse[r] = l.hi, lse_lo[r] = l.lo;
+    // an all -inf row has weights 0; NaN propagates through l.hi
     for (int64_t n = it.rank; n < N; n += it.size) {
-      const T v = std::exp(x[base + n * Q] - shift);
+      const T v = weight_from_split(x[base + n * Q], l.hi, l.lo);
       w[base + n * Q] = v;
       w2[base + n * Q] = v * v;
     }
@@ -79,20 +79,19 @@ __global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ lse, T* 
 }
 
 template <int G, typename T>
-__global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ lse, const T* __restrict__ gb,
-                                const T* __restrict__ gw, const T* __restrict__ gw2, T* __restrict__ gx, int64_t P,
-                                int64_t N, int64_t Q) {
+__global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ lse, const T* __restrict__ lse_lo,
+                                const T* __restrict__ gb, const T* __restrict__ gw, const T* __restrict__ gw2,
+                                T* __restrict__ gx, int64_t P, int64_t N, int64_t Q) {
   __shared__ T sa[kBlockThreads / kWarp], sc[kBlockThreads / kWarp];
   const RowIter<G> it;
   for (int64_t r = it.first; r < P * Q; r += it.stride) {
     const int64_t base = (r / Q) * N * Q + r % Q;
-    const T l = lse[r];
-    const bool empty = l == -std::numeric_limits<T>::infinity();  // all -inf row: zero gradient
+    const T l = lse[r], lo = lse_lo[r];  // an all -inf row (l = -inf) has w = 0: zero gradient
     T A = 0, C = 0;
     if (gw || gw2) {
       for (int64_t n = it.rank; n < N; n += it.size) {
         const int64_t j = base + n * Q;
-        const T wj = empty ? T(0) : std::exp(x[j] - l);
+        const T wj = weight_from_split(x[j], l, lo);
         if (gw) A += gw[j] * wj;
         if (gw2) C += gw2[j] * wj * wj;
       }
@@ -102,7 +101,7 @@ __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ l
     const T b0 = (gb ? gb[r] : T(0)) - A - T(2) * C;
     for (int64_t n = it.rank; n < N; n += it.size) {
       const int64_t j = base + n * Q;
-      const T wj = empty ? T(0) : std::exp(x[j] - l);
+      const T wj = weight_from_split(x[j], l, lo);
       T g = b0;
       if (gw) g += gw[j];
       if (gw2) g += T(2) * wj * gw2[j];
@@ -129,28 +128,28 @@ void by_shape(int64_t P, int64_t N, int64_t Q, Launch&& launch) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> importance_weights_cuda(const at::Tensor& lw_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> importance_weights_cuda(const at::Tensor& lw_in) {
   check_lw(lw_in, "importance_weights");
   const c10::cuda::CUDAGuard guard(lw_in.device());
   const at::Tensor lw = lw_in.to(acc_type(lw_in)).contiguous();
   const int64_t P = lw.size(0), N = lw.size(1), Q = lw.size(2);
-  at::Tensor lse = at::empty({P, Q}, lw.options()), w = at::empty(lw.sizes(), lw.options()),
-             w2 = at::empty(lw.sizes(), lw.options());
-  if (P * Q == 0) return {lse, w, w2};
+  at::Tensor lse = at::empty({P, Q}, lw.options()), lse_lo = at::empty({P, Q}, lw.options()),
+             w = at::empty(lw.sizes(), lw.options()), w2 = at::empty(lw.sizes(), lw.options());
+  if (P * Q == 0) return {lse, w, w2, lse_lo};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(lw.scalar_type(), "importance_weights_cuda", [&] {
     using T = scalar_t;
     by_shape(P, N, Q, [&](auto group, unsigned grid) {
       forward_kernel<decltype(group)::value, T><<<grid, kBlockThreads, 0, stream>>>(
-          lw.const_data_ptr<T>(), lse.data_ptr<T>(), w.data_ptr<T>(), w2.data_ptr<T>(), P, N, Q);
+          lw.const_data_ptr<T>(), lse.data_ptr<T>(), lse_lo.data_ptr<T>(), w.data_ptr<T>(), w2.data_ptr<T>(), P, N, Q);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {lse, w, w2};
+  return {lse, w, w2, lse_lo};
 }
 
 at::Tensor importance_weights_backward_cuda(const at::Tensor& lw_in, const at::Tensor& lse_in,
-                                            const std::optional<at::Tensor>& g_lse,
+                                            const at::Tensor& lse_lo_in, const std::optional<at::Tensor>& g_lse,
                                             const std::optional<at::Tensor>& g_wbar,
                                             const std::optional<at::Tensor>& g_wbar_sq) {
   check_lw(lw_in, "importance_weights_backward");
@@ -160,7 +159,9 @@ at::Tensor importance_weights_backward_cuda(const at::Tensor& lw_in, const at::T
   const int64_t P = lw.size(0), N = lw.size(1), Q = lw.size(2);
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({P, Q}), "importance_weights_backward: 'lse' must have shape [", P,
               ", ", Q, "]");
-  const at::Tensor lse = lse_in.to(acc).contiguous();
+  TORCH_CHECK(lse_lo_in.sizes() == lse_in.sizes(),
+              "importance_weights_backward: 'lse_lo' must have the shape of 'lse'");
+  const at::Tensor lse = lse_in.to(acc).contiguous(), lse_lo = lse_lo_in.to(acc).contiguous();
   auto prep = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name) -> at::Tensor {
     if (!g.has_value() || !g->defined()) return at::Tensor();
     TORCH_CHECK(g->sizes() == shape, "importance_weights_backward: '", name, "' must have shape ", shape, ", got ",
@@ -177,9 +178,9 @@ at::Tensor importance_weights_backward_cuda(const at::Tensor& lw_in, const at::T
     using T = scalar_t;
     by_shape(P, N, Q, [&](auto group, unsigned grid) {
       backward_kernel<decltype(group)::value, T><<<grid, kBlockThreads, 0, stream>>>(
-          lw.const_data_ptr<T>(), lse.const_data_ptr<T>(), gb.defined() ? gb.const_data_ptr<T>() : nullptr,
-          gw.defined() ? gw.const_data_ptr<T>() : nullptr, gw2.defined() ? gw2.const_data_ptr<T>() : nullptr,
-          gx.data_ptr<T>(), P, N, Q);
+          lw.const_data_ptr<T>(), lse.const_data_ptr<T>(), lse_lo.const_data_ptr<T>(),
+          gb.defined() ? gb.const_data_ptr<T>() : nullptr, gw.defined() ? gw.const_data_ptr<T>() : nullptr,
+          gw2.defined() ? gw2.const_data_ptr<T>() : nullptr, gx.data_ptr<T>(), P, N, Q);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

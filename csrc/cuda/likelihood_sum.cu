@@ -82,8 +82,8 @@ __global__ void dense_backward_kernel(const acc_t* __restrict__ x, const scalar_
     } else {
       const int64_t so = d.scale_row(s, b) + e * se;
       const DensityGrad<acc_t> dg = log_density_grad<acc_t>(family, xv, pv, inv[so]);
-      if (gp) gp[i] = static_cast<scalar_t>(gr * dg.dloc);
-      if (gscale) atomicAdd(gscale + so, gr * dg.dscale);  // rows that share a scale entry
+      if (gp) gp[i] = static_cast<scalar_t>(weighted_grad(gr, dg.dloc));
+      if (gscale) atomicAdd(gscale + so, weighted_grad(gr, dg.dscale));  // rows that share a scale entry
     }
   }
 }

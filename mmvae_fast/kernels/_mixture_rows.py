@@ -171,13 +171,16 @@ def _pairwise_bwd_kernel(
                 if HAS_GA:
                     G += tl.load(ga_ptr + ((r * M + mm) * K + k).to(tl.int64) * B + offs_b, mask=bmask, other=0.0).to(acc)
             G2 = G[:, None]
-            dloc += G2 * dl
-            dscale += G2 * ds
+            zero = G2 == 0.0  # a term of zero weight contributes 0, not 0 * inf = NaN (DESIGN.md section 2)
+            dl = tl.where(zero, 0.0, G2 * dl)
+            ds = tl.where(zero, 0.0, G2 * ds)
+            dloc += dl
+            dscale += ds
             if not RATIOS:
                 # this program alone writes dz[r, k, tile]: the first expert stores, the rest add, so
                 # a relaunch on the same buffer (autotuning, inductor's benchmarking) gives the same dz
                 dzp = dz_ptr + rk * B * L + bl
-                tl.store(dzp, tl.load(dzp, mask=tmask & (mm > 0), other=0.0) - G2 * dl, mask=tmask)
+                tl.store(dzp, tl.load(dzp, mask=tmask & (mm > 0), other=0.0) - dl, mask=tmask)
         out = ((tl.program_id(0) * M + mm) * B).to(tl.int64) * L + bl
         tl.store(ploc_ptr + out, dloc, mask=tmask)
         tl.store(pscale_ptr + out, dscale, mask=tmask)

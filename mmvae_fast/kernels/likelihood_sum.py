@@ -27,8 +27,10 @@ _CAT_I = triton.Config({"BLOCK_R": 4, "BLOCK_V": 128})
 def _dense_terms(x, p, sc, FAM: tl.constexpr):
     """(log p, d/dparam, d/dscale) elementwise for the dense families (one return: the compiler
     wants a single exit)."""
-    if FAM == 2:  # bernoulli logits: x l - softplus(l)
-        lp = x * p - (tl.maximum(p, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(p))))
+    if FAM == 2:  # bernoulli logits: -(1 - x) softplus(l) - x softplus(-l), a 0-weight term dropped (l = +-inf)
+        lp1 = tl.log(1.0 + tl.exp(-tl.abs(p)))
+        lp = -(tl.where(x < 1.0, (1.0 - x) * (tl.maximum(p, 0.0) + lp1), 0.0)
+               + tl.where(x > 0.0, x * (tl.maximum(-p, 0.0) + lp1), 0.0))
         dp = x - 1.0 / (1.0 + tl.exp(-p))
         ds = tl.zeros_like(p)
     else:  # normal (0) / laplace (1), params = location
@@ -85,9 +87,10 @@ def _dense_bwd_kernel(
         if FAM < 2:
             sc = tl.load(sc_ptr + s_idx[:, None] * ss_s + b_idx[:, None] * ss_b + e[None, :] * ss_e, mask=msk, other=1.0).to(acc)
         _lp, dp, ds = _dense_terms(x, p, sc, FAM)
-        tl.store(dp_ptr + off, (g * dp).to(dp_ptr.dtype.element_ty), mask=msk)
+        # a zero cotangent contributes 0, not 0 * inf = NaN (a log density that overflowed to -inf)
+        tl.store(dp_ptr + off, tl.where(g == 0.0, 0.0, g * dp).to(dp_ptr.dtype.element_ty), mask=msk)
         if SCALE_GRAD:
-            tl.store(dsc_ptr + off, g * ds, mask=msk)
+            tl.store(dsc_ptr + off, tl.where(g == 0.0, 0.0, g * ds), mask=msk)
 
 
 @autotune(_CAT, key=["V"], interpret_config=_CAT_I)

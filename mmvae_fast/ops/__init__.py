@@ -4,6 +4,7 @@ depends on which one runs. Plain helpers with no fused kernel (`log_density_sum`
 live here too, so objectives import only from this package."""
 from . import _reference  # noqa: F401  (registers the always-available backend)
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends
+from ._autograd import DoubleBackwardError
 from .importance_weights import ImportanceWeights, importance_weights
 from .mixture_log_density import mixture_log_density
 from .importance_ratios import importance_ratios
@@ -16,6 +17,7 @@ from ..reference.importance_ratios import ratios_from_pairwise
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "DoubleBackwardError",
     "available_backends",
     "ImportanceWeights",
     "importance_weights",

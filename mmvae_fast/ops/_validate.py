@@ -4,9 +4,10 @@ import torch
 from .._numerics import FAMILIES, LIKELIHOODS
 
 
-def _checks_enabled() -> bool:
-    # Value checks (e.g. scale > 0) read the data: skip them while torch.compile traces.
-    return not torch.compiler.is_compiling()
+def _checks_enabled(t=None) -> bool:
+    # Value checks (e.g. scale > 0) read the data: skip them while torch.compile traces, and for
+    # meta tensors, which have no data (the op then runs the reference for shapes and dtypes).
+    return not torch.compiler.is_compiling() and not (t is not None and t.is_meta)
 
 
 def tensor(name: str, t, floating: bool = True) -> None:
@@ -38,7 +39,7 @@ def shape(name: str, t, expected, what: str) -> None:
 
 
 def positive(name: str, t) -> None:
-    if _checks_enabled() and bool((t <= 0).any()):
+    if _checks_enabled(t) and bool((t <= 0).any()):
         raise ValueError(f"argument '{name}' must be strictly positive (it is a scale)")
 
 

@@ -8,6 +8,7 @@ backward op recomputes the pairwise log-densities a row at a time.
 import torch
 
 from . import _dispatch, _extension, _validate
+from ._autograd import first_order_only
 from .._numerics import acc_dtype
 
 
@@ -42,6 +43,7 @@ def register_autograd(ns: str) -> None:
         return None, gl if ctx.needs_input_grad[1] else None, gs if ctx.needs_input_grad[2] else None, None
 
     torch.library.register_autograd(f"{ns}::importance_ratios", backward, setup_context=setup_context)
+    first_order_only(f"{ns}::importance_ratios_backward", "importance_ratios")
 
 
 def backend(ns: str):

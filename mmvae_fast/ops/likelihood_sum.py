@@ -11,6 +11,7 @@ import math
 import torch
 
 from . import _dispatch, _extension, _validate
+from ._autograd import first_order_only
 from .._numerics import LIKELIHOOD_CODES, acc_dtype
 
 
@@ -75,6 +76,7 @@ def register_autograd(ns: str) -> None:
         return None, gp if need_p else None, gs if need_s else None, None
 
     torch.library.register_autograd(f"{ns}::likelihood_sum", backward, setup_context=setup_context)
+    first_order_only(f"{ns}::likelihood_sum_backward", "likelihood_sum")
 
 
 def _compact_scale(scale, params_shape, n_sample, n_event, dtype):

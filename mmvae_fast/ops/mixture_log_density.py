@@ -9,6 +9,7 @@ a time, so neither direction keeps anything of size M*M*K*B*L.
 import torch
 
 from . import _dispatch, _extension, _validate
+from ._autograd import first_order_only
 from .._numerics import acc_dtype
 
 
@@ -64,6 +65,7 @@ def register_autograd(ns: str) -> None:
 
     for name in ("mixture_log_density", "mixture_log_density_pairwise"):
         torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup_context)
+    first_order_only(f"{ns}::mixture_log_density_backward", "mixture_log_density")
 
 
 def backend(ns: str):

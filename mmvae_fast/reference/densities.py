@@ -10,15 +10,26 @@ _LOG_2 = math.log(2.0)
 
 
 def log_density(x, loc, scale, family: str):
-    """Elementwise log f(x; loc, scale) for f Normal or Laplace, in the accumulation dtype."""
+    """Elementwise log f(x; loc, scale) for f Normal or Laplace, in the accumulation dtype.
+
+    Where |x - loc| / scale overflows (its square, for the Normal) the density is -inf with zero
+    gradients (DESIGN.md section 2), not the 0 * inf = NaN that autograd would give: those entries
+    are computed from a harmless stand-in (u = 0) and then set to -inf. NaN still propagates."""
     dt = acc_dtype(torch.promote_types(torch.promote_types(x.dtype, loc.dtype), scale.dtype))
     x, loc, scale = x.to(dt), loc.to(dt), scale.to(dt)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    d = x - loc
+    with torch.no_grad():
+        u0 = d / scale
+        overflow = torch.isinf(u0 * u0 if family == "normal" else u0)
+    d, scale = torch.where(overflow, 0.0, d), torch.where(overflow, 1.0, scale)  # no branch: no host sync
+    u = d / scale
     if family == "normal":
-        u = (x - loc) / scale
-        return -0.5 * u * u - torch.log(scale) - _HALF_LOG_2PI
-    if family == "laplace":
-        return -torch.abs(x - loc) / scale - torch.log(scale) - _LOG_2
-    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        out = -0.5 * u * u - torch.log(scale) - _HALF_LOG_2PI
+    else:
+        out = -torch.abs(u) - torch.log(scale) - _LOG_2
+    return torch.where(overflow, -math.inf, out)
 
 
 def log_density_sum(x, loc, scale, family: str):

@@ -8,12 +8,20 @@ from .._numerics import acc_dtype
 
 def normalize_dims(dim, ndim: int) -> tuple:
     """A sorted tuple of distinct non-negative dims from an int or a sequence of ints."""
-    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        dims = (dim,)
+    elif isinstance(dim, (tuple, list, torch.Size)):
+        dims = tuple(dim)
+    else:
+        raise TypeError(f"argument 'dim' must be an int or a tuple of ints (the dims to reduce over), "
+                        f"got {type(dim).__name__} {dim!r}")
     if len(dims) == 0:
         raise ValueError("dim must name at least one dimension to reduce over")
     out = []
     for d in dims:
-        if not isinstance(d, int) or not -ndim <= d < ndim:
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise TypeError(f"argument 'dim' must hold ints, got {type(d).__name__} {d!r} in {dim!r}")
+        if not -ndim <= d < ndim:
             raise ValueError(f"dim {d!r} is out of range for a tensor with {ndim} dims")
         out.append(d % ndim)
     if len(set(out)) != len(out):

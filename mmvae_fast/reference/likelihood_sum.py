@@ -19,8 +19,10 @@ def likelihood_sum(x, params, family: str, scale=None):
     if family in ("laplace", "normal"):
         lp = log_density(x.to(dt), params.to(dt), torch.as_tensor(scale).to(dt), family)
     elif family == "bernoulli":
-        logits = params.to(dt)
-        lp = -F.binary_cross_entropy_with_logits(logits, x.to(dt).expand_as(logits), reduction="none")
+        # -(1 - x) softplus(l) - x softplus(-l) (= x l - softplus(l)), a term of weight 0 dropped so
+        # that infinite logits give the limits (0 or -inf), never inf - inf = NaN
+        logits, xx = params.to(dt), x.to(dt)
+        lp = -(torch.where(xx < 1, (1 - xx) * F.softplus(logits), 0.0) + torch.where(xx > 0, xx * F.softplus(-logits), 0.0))
     elif family == "categorical":
         logp = torch.log_softmax(params.to(dt), dim=-1)
         idx = x.long().expand(logp.shape[:-1]).unsqueeze(-1)

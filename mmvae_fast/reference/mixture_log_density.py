@@ -25,15 +25,19 @@ def mixture_log_density(z, loc, scale, family: str, mask=None, return_pairwise: 
     mask: bool [M, B] (True = present) or None for all present. A batch entry with no expert
     present has lq = -inf. With return_pairwise, also returns the raw table a (mask not applied).
     """
-    a = pairwise_log_density(z, loc, scale, family)
-    M = a.shape[1]
+    M = loc.shape[0]
+    a = pairwise_log_density(z, loc, scale, family) if mask is None or return_pairwise else None
     if mask is None:
         lse, _ = safe_logsumexp(a, (1,))
         lq = lse.squeeze(1) - math.log(M)
     else:
         present = mask[None, :, None, :]
-        lse, _ = safe_logsumexp(a.masked_fill(~present, -math.inf), (1,))
-        n = mask.sum(0).to(a.dtype)  # [B]
+        # an absent expert is no part of lq, whatever its parameters hold (NaN, say): its table entries
+        # come from stand-in parameters, so not even a zero gradient times NaN reaches z
+        keep = mask[:, :, None]
+        a_present = pairwise_log_density(z, torch.where(keep, loc, 0.0), torch.where(keep, scale, 1.0), family)
+        lse, _ = safe_logsumexp(a_present.masked_fill(~present, -math.inf), (1,))
+        n = mask.sum(0).to(a_present.dtype)  # [B]
         log_n = torch.where(n > 0, torch.log(n.clamp_min(1)), torch.zeros_like(n))
         lq = lse.squeeze(1) - log_n
     return (lq, a) if return_pairwise else lq

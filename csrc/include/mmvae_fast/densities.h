@@ -18,6 +18,15 @@ MMVAE_HD T log_density(int family, T x, T loc, T inv_scale, T log_scale) {
   return -std::abs(u) - log_scale - T(kLog2);
 }
 
+// G * d for a cotangent G and a local derivative d, with G == 0 contributing exactly 0: a term of
+// zero weight (an expert whose density underflowed to -inf, say) can have an infinite derivative,
+// and 0 * inf would be NaN (DESIGN.md section 2: -inf is legal, with zero gradients). A NaN G
+// still propagates.
+template <typename T>
+MMVAE_HD T weighted_grad(T G, T d) {
+  return G == T(0) ? T(0) : G * d;
+}
+
 // Gradients of log f(x; loc, scale) with respect to x, loc and scale.
 template <typename T>
 struct DensityGrad {
@@ -51,12 +60,15 @@ namespace mmvae_fast {
 enum Likelihood : int { kLikNormal = kNormal, kLikLaplace = kLaplace, kLikBernoulli = 2, kLikCategorical = 3 };
 
 // Bernoulli on logits l, x in [0, 1] (soft targets allowed):
-//   log p(x | l) = x l - softplus(l),  softplus(l) = max(l, 0) + log1p(exp(-|l|)),
-// the stable form of torch's binary_cross_entropy_with_logits.
+//   log p(x | l) = -(1 - x) softplus(l) - x softplus(-l),  softplus(l) = max(l, 0) + log1p(exp(-|l|)),
+// (= x l - softplus(l)) with a term whose weight is 0 dropped, so infinite logits give the limits:
+// l = +inf gives 0 at x = 1 and -inf below, l = -inf gives 0 at x = 0 and -inf above, never
+// inf - inf = NaN.
 template <typename T>
 MMVAE_HD T bernoulli_log_prob(T x, T l) {
-  const T e = fast_exp(-std::abs(l));
-  return x * l - (l > T(0) ? l : T(0)) - fast_log1p(e);
+  const T lp = fast_log1p(fast_exp(-std::abs(l)));
+  const T sp_pos = (l > T(0) ? l : T(0)) + lp, sp_neg = (l < T(0) ? -l : T(0)) + lp;
+  return -((x < T(1) ? (T(1) - x) * sp_pos : T(0)) + (x > T(0) ? x * sp_neg : T(0)));
 }
 
 // d/dl log p(x | l) = x - sigmoid(l), sigmoid from the same exp(-|l|) (no overflow either side).

@@ -59,4 +59,36 @@ MMVAE_HD T lse_value(LseState<T> a) {
   return a.m + std::log(a.s);
 }
 
+// The rounding error of s = fl(a + b): a + b - s exactly (Knuth's TwoSum; needs IEEE arithmetic,
+// no -ffast-math), or 0 when s is not finite.
+template <typename T>
+MMVAE_HD T two_sum_err(T a, T b, T s) {
+  if (!(s - s == T(0))) return T(0);  // inf or NaN
+  const T bb = s - a;
+  return (a - (s - bb)) + (b - bb);
+}
+
+// logsumexp as hi + lo: hi = lse_value (rounded to T), lo its rounding residual. With |lse| large
+// (log weights near -1e7, say) hi alone is off by up to half an ulp of |lse| (0.5 at 1e7, 2e31 at
+// 3e38), and exp(x - hi) would be off by that factor; exp((x - hi) - lo) is right to T's precision:
+// x - hi is exact for the x that matter (Sterbenz), lo is small.
+template <typename T>
+struct LseSplit {
+  T hi;
+  T lo;
+};
+
+template <typename T>
+MMVAE_HD LseSplit<T> lse_split(LseState<T> a) {
+  const T hi = lse_value(a);
+  if (!(hi - hi == T(0))) return {hi, T(0)};  // -inf (empty), +inf, NaN: no residual
+  return {hi, two_sum_err(a.m, std::log(a.s), hi)};
+}
+
+// exp(x - (hi + lo)) with hi = -inf (an all -inf slice, whose x are all -inf) giving 0, not NaN.
+template <typename T>
+MMVAE_HD T weight_from_split(T x, T hi, T lo) {
+  return hi == -std::numeric_limits<T>::infinity() ? T(0) : std::exp((x - hi) - lo);
+}
+
 }  // namespace mmvae_fast
