@@ -5,7 +5,18 @@
     mmvae-fast evaluate runs/digits --classifiers runs/classifiers
 """
 import argparse
+import importlib.util
 import sys
+
+# What each command imports beyond torch and numpy: pyproject.toml's `train` extra.
+NEEDS = {"train": ("tqdm", "sklearn", "matplotlib"), "train-classifiers": ("tqdm", "sklearn"),
+         "evaluate": ("tqdm", "sklearn")}
+PIP_NAMES = {"sklearn": "scikit-learn"}
+
+
+def missing_packages(command: str) -> list:
+    """The pip names of the packages `command` needs that are not installed."""
+    return [PIP_NAMES.get(m, m) for m in NEEDS.get(command, ()) if importlib.util.find_spec(m) is None]
 
 
 def main(argv=None):
@@ -26,9 +37,17 @@ def main(argv=None):
     evaluate.add_evaluate_arguments(e)
     e.set_defaults(func=evaluate.run_evaluate)
     a = p.parse_args(argv)
+    missing = missing_packages(a.command)
+    if missing:  # before any work: a missing package must not end a run after its first epoch
+        print(f"mmvae-fast {a.command}: error: needs {', '.join(missing)}, not installed. Install the training "
+              f"dependencies with: pip install {' '.join(missing)}  (or pip install -e \".[train]\" in a source checkout)",
+              file=sys.stderr)
+        return 2
+    from .rundir import RunDirError
+
     try:
         a.func(a)
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, RunDirError) as err:  # user errors: one clear line, no traceback
         print(f"mmvae-fast {a.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -7,8 +7,11 @@
     mmvae-fast train --K 1000 --k-chunk 100 ...                # large K in the memory of K = 100
 
 A run directory holds `checkpoint.pt` (model, optimiser, epoch, every rank's RNG states, args;
-written atomically at the end of each epoch), `args.json`, `metrics.jsonl` (one line per epoch:
-train/test objective per datum and what produced it) and `images/` (PNG grids per epoch).
+checksummed, written atomically at the end of each epoch, the previous one kept as
+`checkpoint.prev.pt`), `args.json`, `metrics.jsonl` (one line per epoch: train/test objective per
+datum and what produced it, written before the checkpoint) and `images/` (PNG grids per epoch).
+One training at a time owns it (`.lock`); a new run on a directory that holds one is refused
+unless --overwrite (or --resume to continue it). See rundir.py for what survives a kill.
 
 The data (pairing, offline default, splits) always use the data module's fixed seed, so every run
 and the evaluation classifiers see the same train/test split; --seed sets parameters, data order
@@ -35,6 +38,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import objectives as O
+from . import rundir
 
 OBJECTIVES = ("elbo", "iwae", "dreg")
 
@@ -94,6 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="iwae/dreg: compute the K samples in chunks of N (same value and gradient, memory of K=N)")
     p.add_argument("--out", help="run directory to write (default runs/<experiment>-<obj>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="start a new run in --out even if it holds one (its checkpoints, metrics and images are deleted)")
 
 
 def resolve_args(ns: argparse.Namespace, stored: dict = None) -> argparse.Namespace:
@@ -104,6 +110,8 @@ def resolve_args(ns: argparse.Namespace, stored: dict = None) -> argparse.Namesp
             if k in stored and k not in RESUMABLE + ("out", "resume") and stored[k] != v:
                 raise ValueError(f"--{k.replace('_', '-')} {v!r} differs from the resumed run's {stored[k]!r}; "
                                  f"a resumed run may only change {', '.join('--' + r.replace('_', '-') for r in RESUMABLE)}")
+        if given.get("epochs") is not None and given["epochs"] < 1:
+            raise ValueError(f"--epochs must be >= 1, got {given['epochs']}")
         merged = dict(GLOBAL_DEFAULTS, **stored)  # runs from before an option existed get its default
         merged.update({k: v for k, v in given.items() if k in RESUMABLE})
         merged["resume"] = ns.resume
@@ -229,10 +237,8 @@ def _atomic_write_text(text: str, path: str) -> None:
 
 
 def load_checkpoint(run_dir: str, map_location="cpu") -> dict:
-    path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint.pt in run directory {run_dir!r}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """The run's newest checkpoint that verifies (see rundir.load_latest)."""
+    return rundir.load_latest(run_dir, map_location)
 
 
 def load_model(run_dir: str, device="cpu"):
@@ -271,7 +277,9 @@ def _distributed(device_arg):
         device_arg = "cuda" if cuda else "cpu"
     device = torch.device(device_arg)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device_arg} asked for CUDA, but this torch has no CUDA device")
+        raise ValueError(f"--device {device_arg} asks for CUDA, but this torch has no CUDA device "
+                         f"(torch {torch.__version__}, CUDA {'built in' if torch.backends.cuda.is_built() else 'not built in'}); "
+                         f"use --device cpu, or install a CUDA build of torch on a machine with a GPU")
     return 0, 1, device
 
 
@@ -357,13 +365,39 @@ def test_objective(model, loader, value_fn, K, device, progress=False):
 
 def train(ns: argparse.Namespace):
     """Train (or resume) a run; returns the trained model and the resolved args (a.out: the run dir)."""
+    held = []  # the run directory's lock, once taken (by rank 0 only)
+    try:
+        return _train(ns, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _lock(run_dir: str, held: list) -> None:
+    held.append(rundir.RunLock(run_dir).acquire())
+    rundir.remove_temporaries(run_dir)  # a killed writer's leftovers
+
+
+def _train(ns: argparse.Namespace, held: list):
     from tqdm.auto import tqdm
 
     from .data import get_datasets, split_batch
     from .models import build_model
 
-    ck = load_checkpoint(ns.resume) if ns.resume else None
+    lead = int(os.environ.get("RANK", "0")) == 0
+    ck = None
+    if ns.resume:
+        if lead and os.path.isdir(ns.resume):
+            _lock(ns.resume, held)  # before reading: no other training writes it meanwhile
+        ck = load_checkpoint(ns.resume)
     a = resolve_args(ns, ck["args"] if ck else None)
+    overwrite = bool(getattr(ns, "overwrite", None))
+    if ck is not None and a.epochs <= ck["epoch"]:
+        raise ValueError(f"run {ns.resume!r} is already trained to epoch {ck['epoch']}: nothing to do for --epochs "
+                         f"{a.epochs}; pass --epochs N with N > {ck['epoch']} to train it further")
+    if ck is None and not overwrite and rundir.holds_a_run(a.out):
+        raise ValueError(f"run directory {a.out!r} already holds a run; continue it with --resume {a.out}, "
+                         f"start over with --overwrite, or pick another --out")
     rank, world, device = _distributed(a.device)
     lead = rank == 0
     if a.batch_size % world:
@@ -407,12 +441,18 @@ def train(ns: argparse.Namespace):
     metrics_path = os.path.join(out, "metrics.jsonl")
     if lead:
         os.makedirs(out, exist_ok=True)
+        if not any(lock.path == os.path.join(out, rundir.LOCK) for lock in held):
+            _lock(out, held)
+        if ck is None and rundir.holds_a_run(out):  # checked again under the lock
+            if not overwrite:
+                raise ValueError(f"run directory {out!r} already holds a run; continue it with --resume {out}, "
+                                 f"start over with --overwrite, or pick another --out")
+            rundir.clear_run(out)
         _atomic_write_text(json.dumps(vars(a), indent=1, sort_keys=True) + "\n", os.path.join(out, "args.json"))
-        keep = []
-        if ck is not None and os.path.exists(metrics_path):  # drop epochs the checkpoint does not have
-            with open(metrics_path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] < start]
-        _atomic_write_text("".join(keep), metrics_path)  # a fresh run starts a fresh file
+        if ck is not None:  # drop epochs past the checkpoint's (and a torn last line)
+            rundir.reconcile_metrics(out, ck["epoch"])
+        else:
+            _atomic_write_text("", metrics_path)  # a fresh run starts a fresh file
         what = f"{a.obj}{' looser' if a.looser else ''}{f' grad={a.dreg_grad}' if a.obj == 'dreg' else ''}"
         what += f"{f', k_chunk={a.k_chunk}' if a.k_chunk else ''}{f', {a.missing_ratio:.0%} missing' if a.missing_ratio else ''}"
         print(f"mmvae-fast train: {a.experiment}, {what}, K={a.K}, {len(train_set)} train / {len(test_set)} test, "
@@ -440,6 +480,7 @@ def train(ns: argparse.Namespace):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            rundir.fault_point(f"step:{epoch}:{i + 1}")
             b = bound.item()
             if not math.isfinite(b):
                 raise FloatingPointError(f"the {a.obj} objective became {b} at epoch {epoch}, step {i + 1}")
@@ -462,11 +503,12 @@ def train(ns: argparse.Namespace):
         if world > 1:
             states = [None] * world
             dist.all_gather_object(states, rng_state())
-        if lead:
-            atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, rng=states,
-                             args=vars(a)), os.path.join(out, "checkpoint.pt"))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        if lead:  # the metrics line first: a kill after it is undone by resume's reconcile_metrics
+            rundir.append_metrics(rec, out)
+            rundir.fault_point(f"metrics:{epoch}")
+            rundir.write_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, rng=states,
+                                         args=vars(a)), out, fault=f"checkpoint-write:{epoch}")
+            rundir.fault_point(f"checkpoint:{epoch}")
             tqdm.write(f"epoch {epoch:3d}  train {train_obj:10.2f}  test {test_obj:10.2f}  "
                        f"({rec['time_s']:.0f}s)  {', '.join(images.values())}")
         if world > 1:

@@ -100,7 +100,8 @@ def _missing_error(what, data_dir, names, subs, reason):
     where = ", ".join(_dirs(data_dir, *subs))
     return DataNotFoundError(
         f"{what} files not found: {', '.join(names)} (looked in {where}); {reason}. "
-        f"Download them (see docs/models-data.md) into {data_dir} or pass download=True with network access."
+        f"Put them into {data_dir} (see docs/models-data.md for the files and where to get them); with network "
+        f"access, `mmvae-fast train` and get_datasets (download=True, its default) fetch missing files themselves."
     )
 
 
@@ -174,10 +175,30 @@ def get_mnist_svhn(data_dir, seed=0, dm=30, max_per_class=10000, download=True):
     if data_dir is None:
         raise ValueError("experiment 'mnist-svhn' needs argument 'data_dir': a directory with (or for) the MNIST and SVHN files")
     data_dir = os.fspath(data_dir)
+    made = None  # the topmost directory this call creates: removed again if nothing could be fetched
     if not os.path.isdir(data_dir):
         if not download:
             raise DataNotFoundError(f"data directory {data_dir!r} does not exist (MNIST-SVHN needs the MNIST and SVHN files there)")
+        made = os.path.abspath(data_dir)
+        while not os.path.isdir(os.path.dirname(made)):
+            made = os.path.dirname(made)
         os.makedirs(data_dir, exist_ok=True)
+    try:
+        return _load_pairs(data_dir, seed, dm, max_per_class, download)
+    except DataNotFoundError:
+        if made is not None:
+            _remove_empty_dirs(made)
+        raise
+
+
+def _remove_empty_dirs(top):
+    """Delete top and the directories below it, as long as they hold no files."""
+    for d, _, files in os.walk(top, topdown=False):
+        if not files and not os.listdir(d):
+            os.rmdir(d)
+
+
+def _load_pairs(data_dir, seed, dm, max_per_class, download):
     out = []
     for train in (True, False):
         key = (os.path.abspath(data_dir), train, int(seed), int(dm), int(max_per_class))

@@ -1,0 +1,283 @@
+"""Run directories that survive faults: one training at a time, checksummed checkpoints with the
+previous good one kept, and a metrics history that always agrees with the checkpoint.
+
+    out/.lock               pid and host of the training that owns the directory (removed at exit;
+                            a lock of a dead pid is stale and taken over)
+    out/checkpoint.pt       the newest checkpoint: a header with the SHA-256 of the torch.save payload
+    out/checkpoint.prev.pt  the one before it, the fall-back if the newest does not verify
+    out/metrics.jsonl       one line per epoch, appended (and fsynced) before that epoch's checkpoint
+
+Order of an epoch's end: metrics line (fsync), checkpoint to a temporary file (fsync), the old
+checkpoint renamed to checkpoint.prev.pt, the temporary file renamed to checkpoint.pt. A kill at any
+point leaves a checkpoint of epoch e or e - 1 and a metrics file with at most one line past it; on
+resume, `reconcile_metrics` drops lines past the checkpoint's epoch (and a torn last line).
+
+Fault injection for the tests: MMVAE_FAST_KILL_AT=<point> SIGKILLs the process when it reaches
+the point named by `fault_point` (e.g. "step:2:1", "metrics:2", "checkpoint-write:2").
+"""
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import tempfile
+import warnings
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+METRICS = "metrics.jsonl"
+LOCK = ".lock"
+TMP_PREFIX = ".tmp-"
+_MAGIC = b"MMVAE-FAST-CKPT1\n"  # then 64 hex digits of SHA-256 and a newline, then the payload
+_KILL_ENV = "MMVAE_FAST_KILL_AT"
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked (in use, already holds a run, corrupted)."""
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here if MMVAE_FAST_KILL_AT names this point (fault-injection tests)."""
+    if os.environ.get(_KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------- the lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive use of a run directory by one training (a context manager)."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK)
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        me = f"{os.getpid()} {socket.gethostname()}\n"
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._clear_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return self
+        raise RunDirError(f"could not lock the run directory ({self.path} keeps reappearing)")
+
+    def _clear_if_stale(self) -> None:
+        try:
+            with open(self.path) as f:
+                parts = f.read().split()
+        except FileNotFoundError:
+            return
+        pid, host = (int(parts[0]) if parts and parts[0].isdigit() else None), (parts[1] if len(parts) > 1 else None)
+        if pid is not None and host not in (None, socket.gethostname()):
+            raise RunDirError(f"run directory {os.path.dirname(self.path)!r} is locked by pid {pid} on host {host} "
+                              f"({self.path}); if that training is gone, delete the lock file")
+        if pid is not None and _alive(pid):
+            raise RunDirError(f"run directory {os.path.dirname(self.path)!r} is in use by another training (pid {pid}, "
+                              f"lock file {self.path}); wait for it to finish or pick another --out (if no training runs "
+                              f"there, delete the lock file)")
+        warnings.warn(f"removing the stale lock {self.path} of a training that is gone (pid {pid})", stacklevel=3)
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def remove_temporaries(run_dir: str) -> list:
+    """Delete the temporary files a killed writer left behind (call with the lock held)."""
+    gone = []
+    for name in os.listdir(run_dir):
+        if name.startswith(TMP_PREFIX):
+            os.remove(os.path.join(run_dir, name))
+            gone.append(name)
+    return gone
+
+
+def holds_a_run(run_dir: str) -> bool:
+    """True if run_dir has a checkpoint or a non-empty metrics history."""
+    if any(os.path.exists(os.path.join(run_dir, n)) for n in (CHECKPOINT, PREVIOUS)):
+        return True
+    m = os.path.join(run_dir, METRICS)
+    return os.path.isfile(m) and os.path.getsize(m) > 0
+
+
+def clear_run(run_dir: str) -> None:
+    """--overwrite: remove a previous run's checkpoints, metrics and images."""
+    import shutil
+
+    for n in (CHECKPOINT, PREVIOUS, METRICS, "args.json"):
+        p = os.path.join(run_dir, n)
+        if os.path.exists(p):
+            os.remove(p)
+    shutil.rmtree(os.path.join(run_dir, "images"), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def write_checkpoint(obj, run_dir: str, fault: str = None) -> str:
+    """Checksummed, atomic: the payload to a temporary file (fsync), the current checkpoint kept as
+    checkpoint.prev.pt, then the temporary file renamed to checkpoint.pt."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    header = _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    path = os.path.join(run_dir, CHECKPOINT)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=TMP_PREFIX, suffix=CHECKPOINT)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            f.write(payload[: len(payload) // 2])
+            if fault:
+                f.flush()
+                fault_point(fault)  # a kill in the middle of the write
+            f.write(payload[len(payload) // 2:])
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            os.replace(path, os.path.join(run_dir, PREVIOUS))
+        os.replace(tmp, path)
+        _fsync_dir(run_dir)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint that verifies, else RunDirError saying what is wrong with the file.
+    Files without the header (written before checksums) load unverified."""
+    if not os.path.isfile(path):
+        raise RunDirError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise RunDirError(f"checkpoint {path} is empty (0 bytes): the write was cut short")
+    if data.startswith(_MAGIC):
+        head = len(_MAGIC) + 65
+        digest, payload = data[len(_MAGIC): head - 1].decode("ascii", "replace"), data[head:]
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise RunDirError(f"checkpoint {path} is corrupted or truncated: its SHA-256 does not match the one it "
+                              f"was written with ({len(data)} bytes)")
+    else:
+        payload = data
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    except Exception as e:  # an unverified legacy file that does not unpickle
+        raise RunDirError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def load_latest(run_dir: str, map_location="cpu") -> dict:
+    """checkpoint.pt, or if it does not verify, checkpoint.prev.pt with a warning naming both;
+    RunDirError when neither does."""
+    path, prev = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, PREVIOUS)
+    if not os.path.exists(path) and not os.path.exists(prev):
+        raise FileNotFoundError(f"no {CHECKPOINT} in run directory {run_dir!r}")
+    try:
+        return read_checkpoint(path, map_location)
+    except RunDirError as newest:
+        if not os.path.exists(prev):
+            raise
+        try:
+            ck = read_checkpoint(prev, map_location)
+        except RunDirError as older:
+            raise RunDirError(f"no usable checkpoint in {run_dir!r}: {newest}; {older}") from None
+        warnings.warn(f"{newest}; falling back to the previous good checkpoint {prev} (epoch {ck.get('epoch')})",
+                      stacklevel=2)
+        return ck
+
+
+# --------------------------------------------------------------------------------------- metrics
+
+
+def append_metrics(record: dict, run_dir: str) -> None:
+    """One epoch's line, on disk (fsync) before the checkpoint of that epoch is written."""
+    with open(os.path.join(run_dir, METRICS), "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def reconcile_metrics(run_dir: str, last_epoch: int) -> list:
+    """Keep the lines of epochs <= last_epoch (the checkpoint's), drop the rest and any torn line
+    (a kill in the middle of an append) with a warning naming the file; rewrite atomically.
+    Returns the kept records."""
+    path = os.path.join(run_dir, METRICS)
+    keep, dropped = [], []
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.read().split("\n")
+        for i, ln in enumerate(lines, 1):
+            if not ln.strip():
+                continue
+            try:
+                rec = json.loads(ln)
+                epoch = int(rec["epoch"])
+            except (ValueError, KeyError, TypeError):
+                warnings.warn(f"{path}: dropping unreadable line {i} (a write cut short): {ln[:60]!r}", stacklevel=2)
+                continue
+            (keep if epoch <= last_epoch else dropped).append(ln)
+        if dropped:
+            warnings.warn(f"{path}: dropping {len(dropped)} line(s) past the checkpoint's epoch {last_epoch}",
+                          stacklevel=2)
+    write_text_atomic("".join(ln + "\n" for ln in keep), path)
+    return [json.loads(ln) for ln in keep]
+
+
+def write_text_atomic(text: str, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=TMP_PREFIX)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
