@@ -1,8 +1,6 @@
 """Inputs that used to give raw tracebacks or silently wrong results now give clear errors (issue 16):
 dims that are not ints, meta tensors, multimodal batches that do not fit the model, a CUDA device on
 a CPU-only torch, missing training packages, mnist-svhn's missing files."""
-import os
-
 import pytest
 import torch
 

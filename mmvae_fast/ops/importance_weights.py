@@ -5,9 +5,10 @@ csrc/cpu and csrc/cuda, and the Triton op of mmvae_fast/kernels, one schema): th
 kernel, the autograd formula and the adapter that views lw as [P, N, Q]. The op reduces the
 middle dim of lw [P, N, Q] -> (lse [P, Q], wbar, wbar_sq [P, N, Q], lse_lo [P, Q]), lse_lo the
 rounding residual of lse, so that exp((lw - lse) - lse_lo) stays exact when |lw| is large (a
-float32 lse near -1e7 is off by up to 0.5, which would scale the weights by e^0.5). Reduced dims that are adjacent (the objectives' (0, 1) or 1 of lw [M, K, B]) are
-viewed as N in place, so nothing is transposed and the outputs keep lw's layout; other dims sets
-are moved last (Q = 1). bound = lse - log N.
+float32 lse near -1e7 is off by up to 0.5, which would scale the weights by e^0.5). Reduced dims
+that are adjacent (the objectives' (0, 1) or 1 of lw [M, K, B]) are viewed as N in place, so
+nothing is transposed and the outputs keep lw's layout; other dims sets are moved last (Q = 1).
+bound = lse - log N.
 """
 import math
 from typing import NamedTuple
