@@ -25,7 +25,7 @@ MAIN_TRAIN := --experiment digits --obj dreg --looser
 MAIN_EVAL := --classifiers runs/classifiers
 
 main: .venv/.built
-	$(PY) -m mmvae_fast.cli train $(MAIN_TRAIN) --out $(MAIN_RUN)
+	$(PY) -m mmvae_fast.cli train $(MAIN_TRAIN) --out $(MAIN_RUN) --overwrite
 	$(PY) -m mmvae_fast.cli evaluate $(MAIN_RUN) $(MAIN_EVAL)
 
 # The five-modality default (polydigits: five PolyMNIST-style styled digits, 3x12x12 each), DReG
@@ -38,7 +38,7 @@ POLY_TRAIN := --experiment polydigits --obj dreg --looser --K 10 --epochs 6 --ba
 POLY_EVAL := --classifiers runs/classifiers --ll-K 100 --ll-n 50 --n-joint 2000 --limit 500
 
 poly: .venv/.built
-	$(PY) -m mmvae_fast.cli train $(POLY_TRAIN) --out $(POLY_RUN)
+	$(PY) -m mmvae_fast.cli train $(POLY_TRAIN) --out $(POLY_RUN) --overwrite
 	$(PY) -m mmvae_fast.cli evaluate $(POLY_RUN) $(POLY_EVAL)
 
 # The Triton kernels run under Triton's interpreter in a process of their own (the `triton`-marked

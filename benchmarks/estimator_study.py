@@ -59,7 +59,7 @@ def train_and_evaluate(a, obj, grad, looser, seed, classifiers):
     if a.no_train:
         return None
     args = ["train", "--experiment", a.experiment, "--obj", obj, "--looser" if looser else "--no-looser",
-            "--K", a.K, "--epochs", a.epochs, "--seed", seed, "--out", run_dir]
+            "--K", a.K, "--epochs", a.epochs, "--seed", seed, "--out", run_dir, "--overwrite"]
     if grad:
         args += ["--dreg-grad", grad]
     for flag, v in (("--limit", a.limit), ("--test-n", a.test_n), ("--batch-size", a.batch_size), ("--device", a.device),
