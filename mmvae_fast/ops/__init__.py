@@ -13,6 +13,7 @@ from . import _triton  # noqa: F401,E402  (registers Triton for CUDA tensors if 
 from .._numerics import acc_dtype
 from ..reference.densities import log_density_sum, kl_divergence
 from ..reference.importance_ratios import ratios_from_pairwise
+from .moe_estimator import MoEEstimate, moe_estimator, apply_z_weight
 
 __all__ = [
     "BACKENDS",
@@ -24,6 +25,9 @@ __all__ = [
     "mixture_log_density",
     "importance_ratios",
     "likelihood_sum",
+    "MoEEstimate",
+    "moe_estimator",
+    "apply_z_weight",
     "log_density_sum",
     "kl_divergence",
     "acc_dtype",

@@ -10,3 +10,11 @@ _dispatch.register(
 )
 _dispatch.register("importance_ratios", "reference", ref.importance_ratios)
 _dispatch.register("likelihood_sum", "reference", ref.likelihood_sum)
+_dispatch.register(
+    "moe_estimator",
+    "reference",
+    lambda z, loc, scale, ploc, pscale, lpx, family, prior_family, bound, estimator, mask, lse, num_samples: tuple(
+        ref.moe_estimator(z, loc, scale, ploc, pscale, lpx, family=family, prior_family=prior_family, bound=bound,
+                          estimator=estimator, mask=mask, lse=lse, num_samples=num_samples)
+    ),
+)

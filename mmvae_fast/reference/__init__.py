@@ -9,6 +9,7 @@ from .importance_weights import importance_weights
 from .mixture_log_density import mixture_log_density, pairwise_log_density
 from .importance_ratios import importance_ratios, ratios_from_pairwise
 from .likelihood_sum import likelihood_sum
+from .moe_estimator import moe_estimator
 
 __all__ = [
     "acc_dtype",
@@ -21,4 +22,5 @@ __all__ = [
     "importance_ratios",
     "ratios_from_pairwise",
     "likelihood_sum",
+    "moe_estimator",
 ]

@@ -1,0 +1,96 @@
+r"""Public op: the MoE bound and its gradient estimators in one pass over the K x M samples.
+
+    est = moe_estimator(z, loc, scale, prior_loc, prior_scale, lpx, family="laplace",
+                        bound="looser", estimator="mixture")
+    est.bound      [B]        the bound per item; its gradient is the estimator's
+    est.lw         [M, K, B]  log weights (no gradient)
+    est.z_weight   [M, K, B]  the z path's per-sample weight, or None (iwae, released)
+
+The maths and the meaning of every argument: `mmvae_fast.reference.moe_estimator` (the oracle).
+The fused backends compute the mixture and prior log-densities, lw, the bound, wbar and the
+responsibilities in one pass, save O(M K B) numbers, and write the gradients of z, loc, scale,
+the prior's loc and scale and lpx directly: never an M*M*K*B*L table, never a second [M, K, B, L]
+tensor. The z path's weight multiplies everything that reaches the model's samples, the decoders'
+share included, so the caller applies it where the samples are made (`apply_z_weight`).
+"""
+import torch
+
+from . import _dispatch, _validate
+from ..reference.densities import acc_dtype
+from ..reference.moe_estimator import BOUNDS, ESTIMATORS, MoEEstimate
+
+__all__ = ["BOUNDS", "ESTIMATORS", "MoEEstimate", "moe_estimator", "apply_z_weight"]
+
+
+def moe_estimator(
+    z, loc, scale, prior_loc, prior_scale, lpx, *, family="normal", prior_family=None, bound="looser",
+    estimator="mixture", mask=None, lse=None, num_samples=None, backend=None,
+) -> MoEEstimate:
+    """The MoE bound [B] with the gradient of `estimator` (see the module docstring).
+
+    z [M, K, B, L]: samples, z[r] ~ expert r. loc, scale [M, B, L]: the experts (`family` Normal or
+    Laplace). prior_loc, prior_scale: broadcastable to [B, L] (`prior_family`, default `family`).
+    lpx [M, K, B]: the summed, scaled log-likelihoods at z. bound: "looser" (eq. 3) or "stratified"
+    (eq. 5). estimator: one of ESTIMATORS. mask: bool [M, B], True where expert m of item b is present.
+    lse, num_samples: the chunked large-K path's normalisers ([M, B] looser, [B] stratified) and
+    its K per expert.
+    """
+    for name, t in (("z", z), ("loc", loc), ("scale", scale), ("prior_loc", prior_loc),
+                    ("prior_scale", prior_scale), ("lpx", lpx)):
+        _validate.tensor(name, t)
+    _validate.same_device(z=z, loc=loc, scale=scale, prior_loc=prior_loc, prior_scale=prior_scale, lpx=lpx)
+    _validate.same_dtype(z=z, loc=loc, scale=scale)
+    _validate.family("family", family)
+    prior_family = _validate.family("prior_family", prior_family or family)
+    _validate.family("bound", bound, BOUNDS)
+    _validate.family("estimator", estimator, ESTIMATORS)
+    if z.dim() != 4 or min(z.shape) < 1:
+        raise ValueError(f"argument 'z' must have non-empty shape [M, K, B, L] (groups, samples, batch, latent), "
+                         f"got {tuple(z.shape)}")
+    M, K, B, L = z.shape
+    _validate.shape("loc", loc, (M, B, L), "experts, batch, latent: one expert per group of z")
+    _validate.shape("scale", scale, (M, B, L), "experts, batch, latent")
+    _validate.shape("lpx", lpx, (M, K, B), "the summed log-likelihoods at z, without L")
+    try:
+        prior_loc, prior_scale = (t.to(z.dtype).broadcast_to(B, L) for t in (prior_loc, prior_scale))
+    except RuntimeError:
+        raise ValueError(f"arguments 'prior_loc' and 'prior_scale' must broadcast to [B, L] = [{B}, {L}], got "
+                         f"{tuple(prior_loc.shape)} and {tuple(prior_scale.shape)}") from None
+    if mask is not None:
+        _validate.tensor("mask", mask, floating=False)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"argument 'mask' must be a bool tensor [M, B], got {mask.dtype}")
+        _validate.same_device(z=z, mask=mask)
+        _validate.shape("mask", mask, (M, B), "True where expert m of item b is present")
+    if lse is not None:
+        _validate.tensor("lse", lse)
+        _validate.shape("lse", lse, (M, B) if bound == "looser" else (B,), "one log-normaliser per softmax")
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        raise ValueError(f"argument 'num_samples' must be an integer >= 1 (K per expert), got {num_samples!r}")
+    _validate.positive("scale", scale)
+    _validate.positive("prior_scale", prior_scale)
+    lpx = lpx.to(acc_dtype(z.dtype))
+    b = _dispatch.resolve("moe_estimator", backend, z.device.type)
+    return MoEEstimate(*_dispatch.impl("moe_estimator", b)(
+        z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse, num_samples
+    ))
+
+
+def _scale_hook(w):
+    return lambda g: g * w.to(g.dtype)
+
+
+def apply_z_weight(zs, z_weight):
+    """Multiply the gradient reaching each sample of zs (a tensor [M, K, B, L] or M tensors [K, B, L])
+    by z_weight [M, K, B]: the z path of the DReG estimators. No-op for z_weight None."""
+    if z_weight is None:
+        return
+    w = z_weight.detach().unsqueeze(-1)
+    if isinstance(zs, torch.Tensor):
+        if zs.requires_grad:
+            zs.register_hook(_scale_hook(w))
+        return
+    for r, z in enumerate(zs):
+        if z.requires_grad:
+            z.register_hook(_scale_hook(w[r]))
+

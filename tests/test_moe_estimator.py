@@ -1,0 +1,246 @@
+"""moe_estimator: the MoE bound and every gradient estimator in one op, on every backend.
+
+Oracles: (1) the tensor-level estimators of `objectives` (iwae by autograd, `dreg_estimator`,
+`mixture_dreg_estimator`), built from the other ops, for every estimator, both bounds, M = 1..5;
+(2) the reference face of the op, for every backend, values and gradients in float64, masks and
+-inf rows included; (3) with a mask, the op on the present experts alone, item by item.
+"""
+import math
+
+import pytest
+import torch
+
+from mmvae_fast import ops
+from mmvae_fast import objectives as O
+from mmvae_fast.ops import _dispatch
+
+ESTIMATORS = ops.moe_estimator.__globals__["ESTIMATORS"]
+BOUNDS = ("looser", "stratified")
+CPU_BACKENDS = [b for b in ("reference", "cpu") if _dispatch.available("moe_estimator", b, "cpu")]
+
+
+class Problem:
+    """A small MoE model with every kind of parameter: experts (loc, scale), prior, decoder."""
+
+    def __init__(self, M=2, K=3, B=4, L=5, family="laplace", seed=0, dtype=torch.float64, prior_shape=None):
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+        self.M, self.K, self.B, self.L, self.family = M, K, B, L, family
+        self.loc = (0.7 * r(M, B, L)).requires_grad_()
+        self.log_scale = (0.3 * r(M, B, L)).requires_grad_()
+        ps = prior_shape or (1, L)
+        self.prior_loc = (0.2 * r(*ps)).requires_grad_()
+        self.prior_log_scale = (0.2 * r(*ps)).requires_grad_()
+        self.W = (0.5 * r(L, 3)).requires_grad_()
+        self.x = r(B, 3)
+        if family == "laplace":
+            u = torch.rand(M, K, B, L, generator=g, dtype=dtype) - 0.5
+            self.eps = -torch.sign(u) * torch.log1p(-2 * u.abs())
+        else:
+            self.eps = r(M, K, B, L)
+
+    def params(self):
+        return [self.loc, self.log_scale, self.prior_loc, self.prior_log_scale, self.W]
+
+    def sample(self):
+        scale = self.log_scale.exp()
+        zs = [self.loc[m] + scale[m] * self.eps[m] for m in range(self.M)]  # as a model samples them
+        return zs, scale
+
+    def lpx(self, z):  # a "decoder": reaches z and its own parameter W
+        return -((z @ self.W - self.x) ** 2).sum(-1)
+
+
+def grads(loss, p):
+    return torch.autograd.grad(loss, p.params(), allow_unused=True)
+
+
+def fused(p, bound, estimator, backend, mask=None):
+    zs, scale = p.sample()
+    z = torch.stack(zs)
+    est = ops.moe_estimator(
+        z, p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), p.lpx(z), family=p.family, bound=bound,
+        estimator=estimator, mask=mask, backend=backend,
+    )
+    ops.apply_z_weight(zs, est.z_weight)
+    return est, grads(est.bound.sum(), p)
+
+
+def tensor_level(p, bound, estimator):
+    """The same estimator from the tensor-level API (objectives.py, on the reference ops)."""
+    zs, scale = p.sample()
+    z = torch.stack(zs)
+    log_joint = ops.log_density_sum(z, p.prior_loc, p.prior_log_scale.exp(), p.family) + p.lpx(z)
+    dims = 1 if bound == "looser" else (0, 1)
+    kw = dict(family=p.family, backend="reference")
+    if estimator == "iwae":
+        lw = log_joint - ops.mixture_log_density(z, p.loc, scale, **kw)
+        est = O.iwae_bound(lw, dims, backend="reference")
+    elif estimator in ("eq8", "released"):
+        lw = log_joint - ops.mixture_log_density(z, p.loc.detach(), scale.detach(), **kw)
+        est = O.dreg_estimator(lw, zs, dims, z_weight="one" if estimator == "released" else "wbar", backend="reference")
+    else:
+        est = O.mixture_dreg_estimator(log_joint, zs, p.loc, scale, dims, centred=estimator == "mixture-centred", **kw)
+    value = est.mean(0) if bound == "looser" else est
+    return value, grads(value.sum(), p)
+
+
+def assert_grads_close(got, want, rtol=1e-9, atol=1e-11):
+    for g, w, name in zip(got, want, ("loc", "log_scale", "prior_loc", "prior_log_scale", "W")):
+        if w is None:
+            assert g is None or torch.count_nonzero(g) == 0, name
+            continue
+        assert g is not None, f"no gradient for {name}"
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("bound", BOUNDS)
+@pytest.mark.parametrize("M", [1, 2, 3, 5])
+@pytest.mark.parametrize("family", ["laplace", "normal"])
+def test_equals_the_tensor_level_estimators(backend, estimator, bound, M, family):
+    p = Problem(M=M, family=family, seed=M)
+    est, got = fused(p, bound, estimator, backend)
+    value, want = tensor_level(p, bound, estimator)
+    torch.testing.assert_close(est.bound, value.detach(), rtol=1e-10, atol=1e-10)
+    assert_grads_close(got, want)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_mask_equals_the_present_experts_alone(backend, estimator, bound):
+    """Item by item: the masked op equals the op on the present experts only (no mask); an item
+    with one modality gets that expert's single-modality bound on the same samples."""
+    M, B = 3, 5
+    p = Problem(M=M, B=B, K=4, seed=7)
+    mask = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 0, 1, 0], [1, 0, 0, 0, 1]], dtype=torch.bool)
+    est, got = fused(p, bound, estimator, backend, mask=mask)
+    for b in range(B):
+        S = torch.nonzero(mask[:, b]).flatten()
+        q = Problem(M=len(S), B=1, K=4, seed=7)
+        with torch.no_grad():
+            q.loc.copy_(p.loc[S, b : b + 1])
+            q.log_scale.copy_(p.log_scale[S, b : b + 1])
+            q.prior_loc.copy_(p.prior_loc)
+            q.prior_log_scale.copy_(p.prior_log_scale)
+            q.W.copy_(p.W)
+        q.x, q.eps = p.x[b : b + 1], p.eps[S][:, :, b : b + 1]
+        # the item's share of the full gradient: the op on item b alone (other items' bound not summed)
+        est_b, g_b = fused_item(p, bound, estimator, backend, mask, b)
+        sub, g_sub = fused(q, bound, estimator, backend)
+        torch.testing.assert_close(est.bound[b], sub.bound[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(g_b[0][S, b : b + 1], g_sub[0], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(g_b[1][S, b : b + 1], g_sub[1], rtol=1e-9, atol=1e-11)
+        absent = ~mask[:, b]
+        assert torch.count_nonzero(g_b[0][absent]) == 0 and torch.count_nonzero(g_b[1][absent]) == 0
+        for i in (2, 3, 4):  # prior and decoder
+            torch.testing.assert_close(g_b[i], g_sub[i], rtol=1e-9, atol=1e-11)
+    assert torch.isfinite(est.bound).all() and all(torch.isfinite(g).all() for g in got if g is not None)
+
+
+def fused_item(p, bound, estimator, backend, mask, b):
+    zs, scale = p.sample()
+    z = torch.stack(zs)
+    est = ops.moe_estimator(
+        z, p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), p.lpx(z), family=p.family, bound=bound,
+        estimator=estimator, mask=mask, backend=backend,
+    )
+    ops.apply_z_weight(zs, est.z_weight)
+    g = torch.autograd.grad(est.bound[b], p.params(), allow_unused=True)
+    return est, [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, p.params())]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_nan_in_an_absent_expert_reaches_nothing(backend, estimator):
+    """NaN in an absent expert's parameters, samples and log-likelihoods: finite bound, and the
+    op's gradients are finite everywhere and zero for the absent entries."""
+    p = Problem(M=3, B=2, seed=3)
+    mask = torch.tensor([[1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+    zs, scale = p.sample()
+    z, loc, scale = (t.detach().clone() for t in (torch.stack(zs), p.loc, scale))
+    lpx = p.lpx(z).detach()
+    z[1, :, 0], loc[1, 0], scale[1, 0], lpx[1, :, 0] = math.nan, math.nan, math.nan, math.nan
+    leaves = [t.requires_grad_() for t in (z, loc, scale, lpx)]
+    est = ops.moe_estimator(z, loc, scale, p.prior_loc.detach(), p.prior_log_scale.exp().detach(), lpx,
+                            family=p.family, bound="looser", estimator=estimator, mask=mask, backend=backend)
+    assert torch.isfinite(est.bound).all()
+    for g, t in zip(torch.autograd.grad(est.bound.sum(), leaves, allow_unused=True), ("z", "loc", "scale", "lpx")):
+        if g is None:  # no gradient at all (eq8 and released: loc and scale only through z)
+            continue
+        assert torch.isfinite(g).all(), t
+        assert torch.count_nonzero(g[1, 0] if t in ("loc", "scale") else g[1, :, 0]) == 0, t
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_minus_inf_log_likelihoods_are_zero_weights(backend, bound):
+    """A sample with lpx = -inf has weight 0 (not NaN); a whole group of them gives a -inf bound
+    (looser) and zero gradients from that group."""
+    p = Problem(M=2, K=3, B=2, seed=5)
+    zs, scale = p.sample()
+    z = torch.stack(zs)
+    lpx = p.lpx(z)
+    minf = torch.zeros_like(lpx, dtype=torch.bool)
+    minf[0, 1, 0] = True
+    lpx = torch.where(minf, -math.inf, lpx)
+    est = ops.moe_estimator(z, p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), lpx, family=p.family,
+                            bound=bound, estimator="mixture", backend=backend)
+    ops.apply_z_weight(zs, est.z_weight)
+    g = grads(est.bound.sum(), p)
+    assert torch.isfinite(est.bound).all()
+    assert all(torch.isfinite(t).all() for t in g if t is not None)
+    assert est.lw[0, 1, 0] == -math.inf
+    # all of group 0 of item 1 at -inf
+    lpx2 = lpx.detach().clone()
+    lpx2[0, :, 1] = -math.inf
+    est2 = ops.moe_estimator(z.detach(), p.loc.detach(), scale.detach(), p.prior_loc, p.prior_log_scale.exp(),
+                             lpx2, family=p.family, bound=bound, estimator="iwae", backend=backend)
+    if bound == "looser":
+        assert est2.bound[1] == -math.inf
+    else:
+        assert torch.isfinite(est2.bound[1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bound", BOUNDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_given_normalisers_give_the_full_gradient_chunk_by_chunk(backend, bound, estimator):
+    """The chunked path: with the normalisers of all K samples, the gradients of the chunks add up
+    to the gradient of the whole (and the value is the whole's bound)."""
+    p = Problem(M=3, K=6, B=3, seed=11)
+    est, want = fused(p, bound, estimator, backend)
+    lse = torch.logsumexp(est.lw, 1) if bound == "looser" else torch.logsumexp(est.lw.flatten(0, 1), 0)
+    total = None
+    for sl in (slice(0, 4), slice(4, 6)):
+        zs, scale = p.sample()
+        zs = [z[sl] for z in zs]
+        z = torch.stack(zs)
+        e = ops.moe_estimator(z, p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), p.lpx(z), family=p.family,
+                              bound=bound, estimator=estimator, lse=lse, num_samples=6, backend=backend)
+        torch.testing.assert_close(e.bound, est.bound, rtol=1e-10, atol=1e-10)
+        ops.apply_z_weight(zs, e.z_weight)
+        g = grads(e.bound.sum(), p)
+        total = g if total is None else [a + b for a, b in zip(total, g)]
+    assert_grads_close(total, want)
+
+
+def test_prior_of_batch_shape_and_errors():
+    p = Problem(M=2, B=4, prior_shape=(4, 5), seed=2)
+    est, got = fused(p, "looser", "iwae", "reference")
+    assert got[2].shape == (4, 5)
+    zs, scale = p.sample()
+    z = torch.stack(zs)
+    args = (z, p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), p.lpx(z))
+    with pytest.raises(ValueError, match="estimator"):
+        ops.moe_estimator(*args, estimator="dreg")
+    with pytest.raises(ValueError, match="bound"):
+        ops.moe_estimator(*args, bound="tight")
+    with pytest.raises(ValueError, match="lpx"):
+        ops.moe_estimator(*args[:5], p.lpx(z)[:, :2])
+    with pytest.raises(ValueError, match="mask"):
+        ops.moe_estimator(*args, mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="prior_loc"):
+        ops.moe_estimator(*args[:3], torch.zeros(3, 5), *args[4:])
