@@ -44,6 +44,22 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cpu(const at::Tens
 }  // namespace mmvae_fast::cpu
 // ---- end mixture log-density and importance ratios
 
+// ---- MoE estimator (csrc/cpu/moe_estimator.cpp)
+namespace mmvae_fast::cpu {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_cpu(
+    const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& prior_loc,
+    const at::Tensor& prior_scale, const at::Tensor& lpx, c10::string_view family, c10::string_view prior_family,
+    c10::string_view bound, c10::string_view estimator, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& lse, c10::optional<int64_t> num_samples);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
+    const at::Tensor& prior_loc, const at::Tensor& prior_scale, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& lw, const at::Tensor& lq, const at::Tensor& stats, c10::string_view family,
+    c10::string_view prior_family, c10::string_view bound, c10::string_view estimator,
+    c10::optional<int64_t> num_samples);
+}  // namespace mmvae_fast::cpu
+// ---- end MoE estimator
+
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
@@ -76,6 +92,15 @@ TORCH_LIBRARY(mmvae_fast, m) {
       "importance_ratios_backward(Tensor grad, Tensor ratio, Tensor z, Tensor loc, Tensor scale, str family) "
       "-> (Tensor, Tensor)");
   // ---- end mixture log-density and importance ratios
+  // ---- MoE estimator: the bound [B], lw, z_weight ([0] for iwae/released), and for backward lq [M, K, B]
+  // and the slices' (max, log-sum) [M*B or B, 2]; the maths: mmvae_fast/reference/moe_estimator.py
+  m.def("moe_estimator(Tensor z, Tensor loc, Tensor scale, Tensor prior_loc, Tensor prior_scale, Tensor lpx, "
+        "str family, str prior_family, str bound, str estimator, Tensor? mask, Tensor? lse, int? num_samples) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("moe_estimator_backward(Tensor grad, Tensor z, Tensor loc, Tensor scale, Tensor prior_loc, "
+        "Tensor prior_scale, Tensor? mask, Tensor lw, Tensor lq, Tensor stats, str family, str prior_family, "
+        "str bound, str estimator, int? num_samples) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ---- end MoE estimator
 }
 
 TORCH_LIBRARY_IMPL(mmvae_fast, CPU, m) {
@@ -92,6 +117,8 @@ TORCH_LIBRARY_IMPL(mmvae_fast, CPU, m) {
   m.impl("importance_ratios", &mmvae_fast::cpu::importance_ratios_cpu);
   m.impl("importance_ratios_backward", &mmvae_fast::cpu::importance_ratios_backward_cpu);
   // ---- end mixture log-density and importance ratios
+  m.impl("moe_estimator", &mmvae_fast::cpu::moe_estimator_cpu);
+  m.impl("moe_estimator_backward", &mmvae_fast::cpu::moe_estimator_backward_cpu);
 }
 
 #ifdef MMVAE_FAST_WITH_CUDA

@@ -15,12 +15,12 @@ the gradient of each of these estimators is a sum of per-sample terms:
     DReG:  the same with the encoder detached inside log q and the z path of sample k rescaled
            by its own weight (wbar_k for eq. 8; DESIGN.md 2a's per-sample factor for "mixture")
 and wbar needs only the log weights (M*K*B numbers), not the graph. So:
-  1. forward, under no_grad: run ``model(x, k)`` on K in chunks, keep lw and the RNG state at the
-     start of each chunk; ``ops.importance_weights`` gives the bound and wbar;
+  1. forward, under no_grad: run ``model(x, k)`` on K in chunks, keep lw (``ops.moe_estimator``'s
+     log weights) and the RNG state at the start of each chunk; the log-normaliser of every
+     softmax over all K gives the bound;
   2. backward: for each chunk, restore its RNG state (so the model draws the same noise), rebuild
-     that chunk's graph and back-propagate the objective's own surrogate with the global weights
-     sliced to the chunk (``objectives.dreg_estimator`` / ``objectives._m_dreg`` with
-     ``weights=``), accumulate the gradients, and free the graph before the next chunk.
+     that chunk's graph and back-propagate ``ops.moe_estimator`` given those normalisers
+     (``lse=``, ``num_samples=K``), accumulate the gradients, and free the graph before the next.
 Peak memory is one chunk's graph plus O(M*K*B) numbers; compute is about two forward passes and
 one backward (the encoders run once per chunk and pass).
 
@@ -41,16 +41,14 @@ from typing import NamedTuple, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import objectives as _obj
 from . import ops
+from ._args import check_grad, check_K, check_k_chunk
+from .bounds import dreg_estimator, mixture_dreg_estimator
+from .protocol import Experts, check_mask, fused_prior, log_likelihood, log_prior, multimodal_experts
+from .protocol import multimodal_terms, single_terms
+from .ops.moe_estimator import bound_from_lse
 
 OBJECTIVES = ("iwae", "dreg", "m_iwae", "m_iwae_looser", "m_dreg", "m_dreg_looser")
-
-
-def _check_k_chunk(k_chunk) -> int:
-    if isinstance(k_chunk, bool) or not isinstance(k_chunk, int) or k_chunk < 1:
-        raise ValueError(f"argument 'k_chunk' must be an integer >= 1 (samples per chunk), got {k_chunk!r}")
-    return k_chunk
 
 
 def _chunks(K, k_chunk):
@@ -102,51 +100,69 @@ class _Objective(NamedTuple):
     name: str
     grad: str
     backend: Optional[str]
-    K_total: int  # the bound's K (a chunk sees k of them): sets grad="mixture-centred"'s constant
+    K_total: int  # the bound's K (a chunk sees k of them)
+    mask: Optional[torch.Tensor]
 
     @property
     def multimodal(self):
         return self.name.startswith("m_")
 
     @property
-    def looser(self):
-        return self.name.endswith("_looser")
+    def bound(self):  # one modality: the "stratified" bound of M = 1 is the IWAE bound
+        return "looser" if self.name.endswith("_looser") else "stratified"
 
     @property
-    def dims(self):  # axes of lw the bound reduces: lw is [K, B] (single) or [M, K, B]
-        return (1 if self.looser else (0, 1)) if self.multimodal else 0
+    def estimator(self):
+        return self.grad if "dreg" in self.name else "iwae"
 
-    @property
-    def k_axis(self):
-        return 1 if self.multimodal else 0
+    def terms(self, model, x, k):
+        if self.multimodal:
+            return multimodal_terms(model, x, k, self.backend, self.mask)
+        return single_terms(model, x, k, self.backend)
 
-    def reduce(self, per_slice):
-        return per_slice.mean(0).sum() if self.looser else per_slice.sum()
+    def _fused(self, t, **kw):
+        prior = fused_prior(t.pz, t.z)
+        if t.experts.family is None or prior is None:
+            return None
+        loc, scale = t.experts.params()
+        return ops.moe_estimator(t.z, loc, scale, prior[0], prior[1], t.lpx, family=t.experts.family,
+                                 prior_family=prior[2], bound=self.bound, mask=self.mask, backend=self.backend, **kw)
 
     def log_weights(self, model, x, k):
-        if self.multimodal:
-            return _obj._m_lw(model, x, k, self.backend)
-        return _obj._single_lw(model, x, k, False, self.backend)[0]
+        """lw [M, k, B] of a chunk (no graph)."""
+        t = self.terms(model, x, k)
+        est = self._fused(t, estimator="iwae")
+        return est.lw if est is not None else log_prior(t.pz, t.z) + t.lpx - t.experts.log_density(t.z)
 
-    def surrogate(self, model, x, k, weights):
-        """The objective on k fresh samples with the given (global, sliced) weights: its gradient
-        is this chunk's share of the full gradient."""
-        if self.name in ("m_dreg", "m_dreg_looser"):
-            return _obj._m_dreg(
-                model, x, k, self.grad, self.looser, self.backend, weights=weights, K_total=self.K_total
-            )
-        if self.multimodal:  # m_iwae(_looser): sg(wbar) * lw, encoder live
-            lw, zs, z_weight = _obj._m_lw(model, x, k, self.backend), None, "one"
+    def surrogate(self, model, x, k, lse):
+        """The objective on k fresh samples given the normalisers of all K: its gradient is this
+        chunk's share of the full gradient."""
+        t = self.terms(model, x, k)
+        est = self._fused(t, estimator=self.estimator, lse=lse, num_samples=self.K_total)
+        if est is None:
+            return self._fallback(t, lse)
+        ops.apply_z_weight(t.zs, est.z_weight)
+        return est.bound.sum()
+
+    def _fallback(self, t, lse):
+        """log_prob families (no mask): the tensor-level estimators with the global weights."""
+        looser = self.bound == "looser"
+        dims = 1 if looser else (0, 1)
+        M = t.z.shape[0]
+        n = self.K_total * (1 if looser else M)
+        lpz = log_prior(t.pz, t.z)
+        lw = lpz + t.lpx - t.experts.log_density(t.z, detach=self.estimator != "iwae")
+        wbar = torch.exp(lw.detach() - (lse[:, None] if looser else lse[None, None]))
+        w = ops.ImportanceWeights(lse - math.log(n), wbar, wbar * wbar)
+        if self.estimator in ("mixture", "mixture-centred") and M > 1:
+            loc, scale = t.experts.params()
+            est = mixture_dreg_estimator(lpz + t.lpx, t.zs, loc, scale, dims, family=t.experts.family,
+                                         centred=self.estimator == "mixture-centred", weights=w, num_samples=n,
+                                         backend=self.backend)
         else:
-            dreg = self.name == "dreg"
-            lw, zs = _obj._single_lw(model, x, k, dreg, self.backend)
-            z_weight = "wbar" if dreg and self.grad != "released" else "one"
-        est = _obj.dreg_estimator(lw, zs, self.dims, z_weight=z_weight, weights=weights, backend=self.backend)
-        return self.reduce(est)
-
-
-def _slice(iw, axis, start, k):
-    return ops.ImportanceWeights(iw.bound, iw.wbar.narrow(axis, start, k), iw.wbar_sq.narrow(axis, start, k))
+            zw = "one" if self.estimator in ("iwae", "released") else "wbar"
+            est = dreg_estimator(lw, t.zs, dims, z_weight=zw, weights=w, backend=self.backend)
+        return (est.mean(0) if looser else est).sum()
 
 
 def _foreign_leaves(root, allowed_ids):
@@ -167,9 +183,9 @@ def _foreign_leaves(root, allowed_ids):
 class _Run:
     """What the backward needs: the model and inputs, each chunk's RNG state, the weights."""
 
-    def __init__(self, objective, model, x, chunks, states, rng, weights):
+    def __init__(self, objective, model, x, chunks, states, rng, lse):
         self.objective, self.model, self.x = objective, model, x
-        self.chunks, self.states, self.rng, self.weights = chunks, states, rng, weights
+        self.chunks, self.states, self.rng, self.lse = chunks, states, rng, lse
         self.autocast = _Autocast()
 
     def backward(self, g, inputs, n_x):
@@ -187,8 +203,7 @@ class _Run:
             with torch.enable_grad(), self.autocast():
                 for i, ((start, k), state) in enumerate(zip(self.chunks, self.states)):
                     self.rng.set(state)
-                    w = _slice(self.weights, self.objective.k_axis, start, k)
-                    s = self.objective.surrogate(self.model, x, k, w)
+                    s = self.objective.surrogate(self.model, x, k, self.lse)
                     if not s.requires_grad:
                         continue
                     if i == 0:
@@ -228,7 +243,7 @@ class _ChunkedBound(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def chunked_objective(name, model, x, K, k_chunk, *, grad="mixture", backend=None):
+def chunked_objective(name, model, x, K, k_chunk, *, grad="mixture", mask=None, backend=None):
     """``name``'s bound over K samples per expert, computed and differentiated in chunks of k_chunk.
 
     Called by the objectives when given ``k_chunk`` (``objectives.m_dreg(model, x, K, k_chunk=...)``);
@@ -236,8 +251,8 @@ def chunked_objective(name, model, x, K, k_chunk, *, grad="mixture", backend=Non
     """
     if name not in OBJECTIVES:
         raise ValueError(f"argument 'name' must be one of {OBJECTIVES}, got {name!r}")
-    K, k_chunk = _obj._check_K(K), _check_k_chunk(k_chunk)
-    objective = _Objective(name, _obj._check_grad(grad), backend, K)
+    K, k_chunk = check_K(K), check_k_chunk(k_chunk)
+    objective = _Objective(name, check_grad(grad), backend, K, mask)
     chunks = _chunks(K, k_chunk)
     params = [p for p in model.parameters() if p.requires_grad]
     x_in = list({id(t): t for t in _tensors(x) if t.requires_grad}.values())  # each tensor once
@@ -247,12 +262,21 @@ def chunked_objective(name, model, x, K, k_chunk, *, grad="mixture", backend=Non
         for _, k in chunks:
             states.append(rng.get())
             lws.append(objective.log_weights(model, x, k))
-        weights = ops.importance_weights(torch.cat(lws, objective.k_axis), objective.dims, backend=backend)
-        value = objective.reduce(weights.bound)
+        lw = torch.cat(lws, 1)  # [M, K, B]
+        M, _, B = lw.shape
+        if mask is not None:
+            objective = objective._replace(mask=check_mask(mask, M, B, lw.device))
+        lse = _lse(lw, objective.bound)
+        value = bound_from_lse(lse, objective.bound, objective.mask, K, M).sum()
     if not torch.is_grad_enabled() or not (params or x_in):
         return value
-    run = _Run(objective, model, x, chunks, states, rng, weights)
+    run = _Run(objective, model, x, chunks, states, rng, lse)
     return _ChunkedBound.apply(run, len(x_in), value, *x_in, *params)
+
+
+def _lse(lw, bound):
+    """The log-normaliser of each softmax: over k per group [M, B] (looser), over (r, k) [B]."""
+    return torch.logsumexp(lw, 1) if bound == "looser" else torch.logsumexp(lw.flatten(0, 1), 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,16 +322,16 @@ def iwae_log_likelihood(model, x, K=1000, k_chunk=100, *, llik_scaling=False, ba
     objective does (the research code's joint number is computed that way). Call ``model.eval()``
     first if the model has dropout or batch-norm.
     """
-    K = _obj._check_K(K)
-    k_chunk = K if k_chunk is None else _check_k_chunk(k_chunk)
+    K = check_K(K)
+    k_chunk = K if k_chunk is None else check_k_chunk(k_chunk)
     if not hasattr(model, "vaes"):
         acc = None
         scale = model.llik_scaling if llik_scaling else 1.0
         for _, k in _chunks(K, k_chunk):
             qz_x, px_z, zs = model(x, k)
-            lpz = _obj.log_prior(model.pz(*model.pz_params), zs)
-            lpx = _obj.log_likelihood(px_z, x, scale, backend)
-            lq = _obj._Experts([qz_x], backend).log_density(zs[None])[0]
+            lpz = log_prior(model.pz(*model.pz_params), zs)
+            lpx = log_likelihood(px_z, x, scale, backend)
+            lq = Experts([qz_x], backend).log_density(zs[None])[0]
             acc = _lse_into(acc, lpz + lpx - lq, 0)
         return LogLikelihood(acc - math.log(K))
 
@@ -316,15 +340,15 @@ def iwae_log_likelihood(model, x, K=1000, k_chunk=100, *, llik_scaling=False, ba
     for _, k in _chunks(K, k_chunk):
         qz_xs, px_zs, zss = model(x, k)
         z = torch.stack(list(zss))  # [M, k, B, L]
-        lpz = _obj.log_prior(model.pz(*model.pz_params), z)  # [M, k, B]
+        lpz = log_prior(model.pz(*model.pz_params), z)  # [M, k, B]
         lpx = torch.stack([  # lpx[r, d] = log p(x_d | z ~ q_r)   [M, M, k, B]
             torch.stack([
-                _obj.log_likelihood(px_zs[r][d], x[d], model.vaes[d].llik_scaling if llik_scaling else 1.0, backend)
+                log_likelihood(px_zs[r][d], x[d], model.vaes[d].llik_scaling if llik_scaling else 1.0, backend)
                 for d in range(M)
             ])
             for r in range(M)
         ])
-        lq, a = _obj._mm_experts(model, qz_xs, backend).log_density(z, return_pairwise=True)
+        lq, a = multimodal_experts(model, qz_xs, backend).log_density(z, return_pairwise=True)
         own = torch.diagonal(a, 0, 0, 1).permute(2, 0, 1)  # log q_r(z ~ q_r)   [M, k, B]
         joint = _lse_into(joint, lpz + lpx.sum(1) - lq, (0, 1))
         marginal = _lse_into(marginal, (lpz - lq)[:, None] + lpx, (0, 2))

@@ -4,6 +4,7 @@ import torch
 import torch.distributions as D
 
 import mmvae_fast.objectives as obj
+import mmvae_fast.protocol
 import toy
 
 
@@ -109,7 +110,7 @@ def test_fallback_distribution_warns_once_and_is_right():
     model = toy.TinyVAE((3,), 2, "normal", "normal").double()
     model.px_z = lambda z: D.StudentT(4.0, model.dec(z).reshape(*z.shape[:-1], 3), 0.5)
     x = toy.sample_batch(model, B=3)
-    obj._WARNED.clear()
+    mmvae_fast.protocol._WARNED.clear()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         a = grads_of(obj.iwae, model, x, 4)

@@ -17,9 +17,9 @@ import torch
 
 from . import _dispatch, _validate
 from ..reference.densities import acc_dtype
-from ..reference.moe_estimator import BOUNDS, ESTIMATORS, MoEEstimate
+from ..reference.moe_estimator import BOUNDS, ESTIMATORS, MoEEstimate, bound_from_lse
 
-__all__ = ["BOUNDS", "ESTIMATORS", "MoEEstimate", "moe_estimator", "apply_z_weight"]
+__all__ = ["BOUNDS", "ESTIMATORS", "MoEEstimate", "moe_estimator", "apply_z_weight", "bound_from_lse"]
 
 
 def moe_estimator(
@@ -94,3 +94,60 @@ def apply_z_weight(zs, z_weight):
         if z.requires_grad:
             z.register_hook(_scale_hook(w[r]))
 
+
+
+# ---- the fused faces (C++ CPU and CUDA kernels, one torch.library op): fake and autograd wiring
+
+
+def fused(z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse, ns):
+    """The C++ op (CPU or CUDA kernel by the tensors' device) -> (bound, lw, z_weight or None)."""
+    if z.dtype not in (torch.float32, torch.float64):  # half inputs: the kernels read float32
+        z, loc, scale, prior_loc, prior_scale = (t.float() for t in (z, loc, scale, prior_loc, prior_scale))
+    bound_, lw, zw, _lq, _stats = torch.ops.mmvae_fast.moe_estimator(
+        z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse, ns
+    )
+    return bound_, lw, (zw if zw.numel() else None)
+
+
+def _register_fused():
+    from .. import _ext
+
+    if not _ext.AVAILABLE or not hasattr(torch.ops.mmvae_fast, "moe_estimator"):  # not built, or an older build
+        return
+    ops = torch.ops.mmvae_fast
+
+    @torch.library.register_fake("mmvae_fast::moe_estimator")
+    def _(z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse, num_samples):
+        M, K, B, _L = z.shape
+        acc = dict(dtype=acc_dtype(z.dtype))
+        zw = (M, K, B) if estimator in ("eq8", "mixture", "mixture-centred") else (0,)
+        S = M * B if bound == "looser" else B
+        return (z.new_empty((B,), **acc), z.new_empty((M, K, B), **acc), z.new_empty(zw, **acc),
+                z.new_empty((M, K, B), **acc), z.new_empty((S, 2), **acc))
+
+    @torch.library.register_fake("mmvae_fast::moe_estimator_backward")
+    def _(grad, z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats, family, prior_family, bound, estimator,
+          num_samples):
+        return (torch.empty_like(z), torch.empty_like(loc), torch.empty_like(scale), torch.empty_like(prior_loc),
+                torch.empty_like(prior_scale), torch.empty_like(lw))
+
+    def setup_context(ctx, inputs, output):
+        z, loc, scale, prior_loc, prior_scale, _lpx, family, prior_family, bound, estimator, mask, _lse, ns = inputs
+        _bound, lw, zw, lq, stats = output
+        ctx.mark_non_differentiable(lw, zw, lq, stats)
+        ctx.save_for_backward(z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats)
+        ctx.args = (family, prior_family, bound, estimator, ns)
+
+    def backward(ctx, grad, *_unused):
+        z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 13
+        grads = ops.moe_estimator_backward(grad, z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats, *ctx.args)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None,) * 7
+
+    torch.library.register_autograd("mmvae_fast::moe_estimator", backward, setup_context=setup_context)
+
+    _dispatch.register("moe_estimator", "cpu", fused, devices=("cpu",))
+
+
+_register_fused()

@@ -53,6 +53,18 @@ def _lse(x, dims):
     return mx + torch.log(torch.exp(x - mx).sum(dims, keepdim=True))
 
 
+def bound_from_lse(lse, bound, mask, K, M):
+    """The bound per item [B] from the log-normalisers of its softmaxes (lse [M, B] looser, [B]
+    stratified), K samples per expert and M experts (n_b present): (1/n_b) sum_{r present}
+    (lse[r, b] - log K), or lse[b] - log(n_b K)."""
+    if bound == "looser":
+        present = torch.ones_like(lse, dtype=torch.bool) if mask is None else mask
+        n = present.sum(0).clamp_min(1).to(lse.dtype)
+        return torch.where(present, lse - math.log(K), 0.0).sum(0) / n
+    n = lse.new_full(lse.shape, float(M)) if mask is None else mask.sum(0).clamp_min(1).to(lse.dtype)
+    return lse - torch.log(n * K)
+
+
 def moe_estimator(
     z, loc, scale, prior_loc, prior_scale, lpx, *, family, prior_family=None, bound="looser",
     estimator="mixture", mask=None, lse=None, num_samples=None,
@@ -103,15 +115,10 @@ def moe_estimator(
     else:
         lse = lse.to(dt).reshape(M, 1, B) if bound == "looser" else lse.to(dt).reshape(1, 1, B)
     wbar = torch.where(torch.isfinite(lse) & (lw_d > -math.inf), torch.exp(lw_d - lse), 0.0)
-    count = torch.full_like(n, float(num_samples or K))
-    if bound == "looser":  # mean over present groups of lse - log K
-        value = torch.where(present, lse[:, 0] - torch.log(count), 0.0).sum(0) / n
-        coef = (1.0 / n)[None, None, :]
-        c = 1.0 / count  # [B]
-    else:
-        value = lse[0, 0] - torch.log(count * n)
-        coef = torch.ones_like(n)[None, None, :]
-        c = 1.0 / (count * n)
+    Kc = num_samples or K
+    value = bound_from_lse(lse[:, 0] if bound == "looser" else lse[0, 0], bound, mask, Kc, M)
+    coef = (1.0 / n if bound == "looser" else torch.ones_like(n))[None, None, :]
+    c = 1.0 / (Kc * (torch.ones_like(n) if bound == "looser" else n))  # the centring constant: 1 / (samples per softmax)
     surrogate = torch.where(wbar > 0, wbar * lw, 0.0)  # a zero weight on lw = -inf adds 0, not NaN
     value = value + (coef * (surrogate - surrogate.detach())).sum((0, 1))
 
