@@ -15,8 +15,8 @@ share included, so the caller applies it where the samples are made (`apply_z_we
 """
 import torch
 
-from . import _dispatch, _validate
-from ..reference.densities import acc_dtype
+from . import _dispatch, _extension, _validate
+from .._numerics import acc_dtype
 from ..reference.moe_estimator import BOUNDS, ESTIMATORS, MoEEstimate, bound_from_lse
 
 __all__ = ["BOUNDS", "ESTIMATORS", "MoEEstimate", "moe_estimator", "apply_z_weight", "bound_from_lse"]
@@ -96,26 +96,48 @@ def apply_z_weight(zs, z_weight):
 
 
 
-# ---- the fused faces (C++ CPU and CUDA kernels, one torch.library op): fake and autograd wiring
+# ---- the backends' ops <ns>::moe_estimator (ns: mmvae_fast, the C++ ops of the cpu and cuda
+# backends; mmvae_fast_triton, the Triton ops): one schema, so one autograd formula and one adapter
+#   <ns>::moe_estimator(...) -> (bound [B], lw, z_weight ([0] for iwae/released), lq [M, K, B],
+#                               stats [M*B (looser) or B, 2]: each softmax's (max, log-sum))
 
 
-def fused(z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse, ns):
-    """The C++ op (CPU or CUDA kernel by the tensors' device) -> (bound, lw, z_weight or None)."""
-    if z.dtype not in (torch.float32, torch.float64):  # half inputs: the kernels read float32
-        z, loc, scale, prior_loc, prior_scale = (t.float() for t in (z, loc, scale, prior_loc, prior_scale))
-    bound_, lw, zw, _lq, _stats = torch.ops.mmvae_fast.moe_estimator(
-        z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse, ns
-    )
-    return bound_, lw, (zw if zw.numel() else None)
+def register_autograd(ns: str) -> None:
+    def setup_context(ctx, inputs, output):
+        z, loc, scale, prior_loc, prior_scale, _lpx, family, prior_family, bound, estimator, mask, _lse, ns_ = inputs
+        _bound, lw, zw, lq, stats = output
+        ctx.mark_non_differentiable(lw, zw, lq, stats)
+        ctx.save_for_backward(z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats)
+        ctx.args = (family, prior_family, bound, estimator, ns_)
+
+    def backward(ctx, grad, *_unused):
+        z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats = ctx.saved_tensors
+        if grad is None or not any(ctx.needs_input_grad[:6]):
+            return (None,) * 13
+        grads = getattr(torch.ops, ns).moe_estimator_backward(
+            grad, z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats, *ctx.args
+        )
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None,) * 7
+
+    torch.library.register_autograd(f"{ns}::moe_estimator", backward, setup_context=setup_context)
 
 
-def _register_fused():
-    from .. import _ext
+def backend(ns: str):
+    """The backend entry over <ns>::moe_estimator -> (bound, lw, z_weight or None)."""
 
-    if not _ext.AVAILABLE or not hasattr(torch.ops.mmvae_fast, "moe_estimator"):  # not built, or an older build
-        return
-    ops = torch.ops.mmvae_fast
+    def moe_estimator_(z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse,
+                       num_samples):
+        if z.dtype not in (torch.float32, torch.float64):  # half inputs: the kernels read float32
+            z, loc, scale, prior_loc, prior_scale = (t.float() for t in (z, loc, scale, prior_loc, prior_scale))
+        bound_, lw, zw, _lq, _stats = getattr(torch.ops, ns).moe_estimator(
+            z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse, num_samples
+        )
+        return bound_, lw, (zw if zw.numel() else None)
 
+    return moe_estimator_
+
+
+def _register_fake():  # the C++ ops' shapes (a triton_op traces its own)
     @torch.library.register_fake("mmvae_fast::moe_estimator")
     def _(z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse, num_samples):
         M, K, B, _L = z.shape
@@ -131,23 +153,8 @@ def _register_fused():
         return (torch.empty_like(z), torch.empty_like(loc), torch.empty_like(scale), torch.empty_like(prior_loc),
                 torch.empty_like(prior_scale), torch.empty_like(lw))
 
-    def setup_context(ctx, inputs, output):
-        z, loc, scale, prior_loc, prior_scale, _lpx, family, prior_family, bound, estimator, mask, _lse, ns = inputs
-        _bound, lw, zw, lq, stats = output
-        ctx.mark_non_differentiable(lw, zw, lq, stats)
-        ctx.save_for_backward(z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats)
-        ctx.args = (family, prior_family, bound, estimator, ns)
 
-    def backward(ctx, grad, *_unused):
-        z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats = ctx.saved_tensors
-        if grad is None:
-            return (None,) * 13
-        grads = ops.moe_estimator_backward(grad, z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats, *ctx.args)
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None,) * 7
-
-    torch.library.register_autograd("mmvae_fast::moe_estimator", backward, setup_context=setup_context)
-
-    _dispatch.register("moe_estimator", "cpu", fused, devices=("cpu",))
-
-
-_register_fused()
+if _extension.built("moe_estimator"):
+    _register_fake()
+    register_autograd("mmvae_fast")
+_extension.register("moe_estimator", backend("mmvae_fast"))

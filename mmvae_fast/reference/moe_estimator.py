@@ -34,7 +34,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .densities import acc_dtype, log_density
+from .._numerics import acc_dtype
+from .densities import log_density
 
 BOUNDS = ("looser", "stratified")
 ESTIMATORS = ("iwae", "eq8", "mixture", "mixture-centred", "released")
