@@ -42,7 +42,7 @@ from mmvae_fast import ops
 from mmvae_fast.models import MMVAE, VAE, ImageLikelihood, MLPDecoder, MLPEncoder, Prior
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-OPS = ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum")
+OPS = ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum", "moe_estimator")
 GB = 1 << 30
 
 
@@ -141,6 +141,23 @@ def case_likelihood(family, K, B, D_, V, gen):
     return fn, [params], [torch.randn(K, B, generator=gen)]
 
 
+def case_moe_estimator(M, K, B, L, gen, estimator="mixture"):
+    """The whole MoE bound with the unbiased mixture DReG (looser bound), Laplace experts and prior."""
+    leaves = _experts(M, K, B, L, gen) + [
+        torch.zeros(1, L).requires_grad_(), (0.5 + torch.rand(1, L, generator=gen)).requires_grad_(),
+        torch.randn(M, K, B, generator=gen).requires_grad_(),
+    ]
+
+    def fn(backend):
+        def run(z, loc, scale, ploc, pscale, lpx):
+            est = ops.moe_estimator(z, loc, scale, ploc, pscale, lpx, family="laplace", bound="looser",
+                                    estimator=estimator, backend=backend)
+            return est.bound
+        return run
+
+    return fn, leaves, [torch.randn(B, generator=gen)]
+
+
 def op_cases(quick):
     B = 32 if quick else 128
     Ms, Ks, Ls = ((2,), (30,), (20,)) if quick else ((2, 5), (30, 1000), (20, 64))
@@ -153,6 +170,9 @@ def op_cases(quick):
                 for L in Ls:
                     est = 4 * M * M * K * B * L * 5
                     yield name, f"M={M} K={K} B={B} L={L}", est, lambda g, fn=fn, M=M, K=K, L=L: fn(M, K, B, L, g)
+    for M, K, B_, L in ((2, 30, 128, 20), (2, 2000, 64, 32), (5, 300, 64, 32), (5, 1000, 32, 64))[: 1 if quick else 4]:
+        yield "moe_estimator", f"M={M} K={K} B={B_} L={L}", 4 * M * M * K * B_ * L * 6, (
+            lambda g, M=M, K=K, B_=B_, L=L: case_moe_estimator(M, K, B_, L, g))
     liks = [("laplace", 784, 1), ("laplace", 3072, 1), ("bernoulli", 784, 1), ("categorical", 32, 1590)]
     if quick:
         liks = [("laplace", 784, 1), ("categorical", 32, 1590)]

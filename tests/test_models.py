@@ -294,3 +294,15 @@ def test_float64_model_and_an_expert_taken_out_of_the_mmvae():
     v = O.dreg(svhn, x[1], 3)
     v.backward()
     assert torch.isfinite(v) and model.prior.logvar.grad is not None
+
+
+@pytest.mark.parametrize("experiment", ["digits", "cub-features"])
+def test_distributions_skip_argument_validation(models, experiment):
+    """The models' distributions never validate their arguments: the checks read values, a
+    host-device sync per distribution on a GPU (and they cost time on a CPU too)."""
+    model, x = models[experiment], batch(experiment, 2)
+    qz_xs, px_zs, _ = model(x, 2)
+    dists = list(qz_xs) + [p for row in px_zs for p in row if p is not None] + [model.pz(*model.pz_params)]
+    assert dists and all(d._validate_args is False for d in dists)
+    for v in model.vaes:  # the objectives rebuild posteriors from detached parameters with qz_x
+        assert v.qz_x(*[p.detach() for p in v.qz_x_params])._validate_args is False

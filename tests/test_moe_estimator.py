@@ -244,3 +244,35 @@ def test_prior_of_batch_shape_and_errors():
         ops.moe_estimator(*args, mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="prior_loc"):
         ops.moe_estimator(*args[:3], torch.zeros(3, 5), *args[4:])
+
+
+def _op_args(mask=False, estimator="mixture", dtype=torch.float32):
+    p = Problem(M=3, K=4, B=5, L=6, dtype=dtype, seed=13)
+    zs, scale = p.sample()
+    leaves = [t.detach().clone().requires_grad_() for t in (torch.stack(zs), p.loc, scale)]
+    prior = [t.detach().expand(5, 6).contiguous().requires_grad_() for t in (p.prior_loc, p.prior_log_scale.exp())]
+    lpx = p.lpx(leaves[0]).detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    m = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 0, 1, 1], [1, 1, 1, 0, 1]], dtype=torch.bool) if mask else None
+    return (*leaves, *prior, lpx, "laplace", "normal", "looser", estimator, m, None, None)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("mask", [False, True])
+def test_opcheck_cpu(estimator, mask):
+    torch.library.opcheck(torch.ops.mmvae_fast.moe_estimator.default, _op_args(mask, estimator))
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
+def test_compiles_fullgraph_with_the_eager_gradients():
+    args = _op_args(True, "mixture-centred", torch.float64)
+    leaves = args[:6]
+
+    def f(z, loc, scale, ploc, pscale, lpx):
+        return ops.moe_estimator(z, loc, scale, ploc, pscale, lpx, family="laplace", prior_family="normal",
+                                 estimator="mixture-centred", mask=args[10], backend="cpu").bound.sum()
+
+    want = torch.autograd.grad(f(*leaves), leaves)
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(*leaves), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -19,6 +19,21 @@ from .nets import ETA
 SCALE_FNS = ("softmax", "softplus")
 
 
+class Unvalidated:
+    """A distribution class whose instances skip torch's argument validation: the checks read the
+    values (a host-device sync per distribution on a GPU); the encoders' scales are positive by
+    construction. Called like the class; picklable."""
+
+    def __init__(self, family):
+        self.family = family.family if isinstance(family, Unvalidated) else family
+
+    def __call__(self, *args, **kwargs):
+        return self.family(*args, validate_args=False, **kwargs)
+
+    def __repr__(self):
+        return f"Unvalidated({self.family.__name__})"
+
+
 def scale_from_raw(raw, kind):
     """Positive scale from an unconstrained tensor, the paper code's two parameterisations."""
     if kind == "softmax":
@@ -36,7 +51,7 @@ class Prior(nn.Module):
         super().__init__()
         if scale_fn not in SCALE_FNS:
             raise ValueError(f"argument 'scale_fn' must be one of {SCALE_FNS}, got {scale_fn!r}")
-        self.dist, self.scale_fn = family, scale_fn
+        self.dist, self.scale_fn = Unvalidated(family), scale_fn
         self.loc = nn.Parameter(torch.zeros(1, latent_dim), requires_grad=False)
         self.logvar = nn.Parameter(torch.zeros(1, latent_dim), requires_grad=bool(learn_prior))
 
@@ -52,7 +67,7 @@ class ImageLikelihood:
         self.family, self.scale = family, float(scale)
 
     def __call__(self, mean):
-        return self.family(mean, mean.new_tensor(self.scale))
+        return self.family(mean, mean.new_tensor(self.scale), validate_args=False)
 
     def __repr__(self):
         return f"ImageLikelihood({self.family.__name__}, scale={self.scale})"
@@ -60,7 +75,7 @@ class ImageLikelihood:
 
 def categorical(logits):
     """p(x | z) over words: Categorical on the decoder's logits [*S, T, V]."""
-    return D.Categorical(logits=logits)
+    return D.Categorical(logits=logits, validate_args=False)
 
 
 def dist_mean(px_z):
@@ -97,7 +112,7 @@ class VAE(nn.Module):
             raise ValueError(f"argument 'scale_fn' must be one of {SCALE_FNS}, got {scale_fn!r}")
         self.enc, self.dec = enc, dec
         self.latent_dim, self.scale_fn, self.name = int(latent_dim), scale_fn, name
-        self.qz_x = posterior
+        self.qz_x = Unvalidated(posterior)
         self.px_z = likelihood
         self.prior = prior if prior is not None else Prior(latent_dim, posterior, scale_fn, learn_prior)
         self.pz = self.prior.dist

@@ -1,4 +1,6 @@
 """Argument checks shared by the public ops: clear errors that name the argument."""
+import os
+
 import torch
 
 from .._numerics import FAMILIES, LIKELIHOODS
@@ -39,8 +41,16 @@ def shape(name: str, t, expected, what: str) -> None:
 
 
 def positive(name: str, t) -> None:
-    if _checks_enabled(t) and bool((t <= 0).any()):
-        raise ValueError(f"argument '{name}' must be strictly positive (it is a scale)")
+    """scale > 0. On a GPU the check must not wait for the device: it is an asynchronous assertion
+    (a device-side error at the next sync) unless MMVAE_FAST_SYNC_CHECKS=1 asks for the immediate
+    ValueError; on a CPU it is immediate."""
+    if not _checks_enabled(t):
+        return
+    if t.device.type == "cpu" or os.environ.get("MMVAE_FAST_SYNC_CHECKS") == "1":
+        if bool((t <= 0).any()):
+            raise ValueError(f"argument '{name}' must be strictly positive (it is a scale)")
+    else:
+        torch._assert_async(~(t <= 0).any(), f"argument '{name}' must be strictly positive (it is a scale)")
 
 
 def family(name: str, f, allowed=FAMILIES) -> str:
