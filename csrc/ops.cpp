@@ -94,12 +94,14 @@ TORCH_LIBRARY(mmvae_fast, m) {
   // ---- end mixture log-density and importance ratios
   // ---- MoE estimator: the bound [B], lw, z_weight ([0] for iwae/released), and for backward lq [M, K, B]
   // and the slices' (max, log-sum) [M*B or B, 2]; the maths: mmvae_fast/reference/moe_estimator.py
-  m.def("moe_estimator(Tensor z, Tensor loc, Tensor scale, Tensor prior_loc, Tensor prior_scale, Tensor lpx, "
-        "str family, str prior_family, str bound, str estimator, Tensor? mask, Tensor? lse, int? num_samples) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("moe_estimator_backward(Tensor grad, Tensor z, Tensor loc, Tensor scale, Tensor prior_loc, "
-        "Tensor prior_scale, Tensor? mask, Tensor lw, Tensor lq, Tensor stats, str family, str prior_family, "
-        "str bound, str estimator, int? num_samples) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "moe_estimator(Tensor z, Tensor loc, Tensor scale, Tensor prior_loc, Tensor prior_scale, Tensor lpx, "
+      "str family, str prior_family, str bound, str estimator, Tensor? mask, Tensor? lse, int? num_samples) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "moe_estimator_backward(Tensor grad, Tensor z, Tensor loc, Tensor scale, Tensor prior_loc, "
+      "Tensor prior_scale, Tensor? mask, Tensor lw, Tensor lq, Tensor stats, str family, str prior_family, "
+      "str bound, str estimator, int? num_samples) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- end MoE estimator
 }
 

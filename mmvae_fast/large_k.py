@@ -201,7 +201,7 @@ class _Run:
         entry = self.rng.get()
         try:
             with torch.enable_grad(), self.autocast():
-                for i, ((start, k), state) in enumerate(zip(self.chunks, self.states)):
+                for i, ((_start, k), state) in enumerate(zip(self.chunks, self.states)):
                     self.rng.set(state)
                     s = self.objective.surrogate(self.model, x, k, self.lse)
                     if not s.requires_grad:

@@ -300,15 +300,11 @@ void check_inputs(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& 
 template <typename Fn>
 void dispatch_families(int fam, int pfam, Fn&& fn) {
   if (fam == kNormal) {
-    if (pfam == kNormal)
-      fn(std::integral_constant<int, kNormal>{}, std::integral_constant<int, kNormal>{});
-    else
-      fn(std::integral_constant<int, kNormal>{}, std::integral_constant<int, kLaplace>{});
+    if (pfam == kNormal) fn(std::integral_constant<int, kNormal>{}, std::integral_constant<int, kNormal>{});
+    else fn(std::integral_constant<int, kNormal>{}, std::integral_constant<int, kLaplace>{});
   } else {
-    if (pfam == kNormal)
-      fn(std::integral_constant<int, kLaplace>{}, std::integral_constant<int, kNormal>{});
-    else
-      fn(std::integral_constant<int, kLaplace>{}, std::integral_constant<int, kLaplace>{});
+    if (pfam == kNormal) fn(std::integral_constant<int, kLaplace>{}, std::integral_constant<int, kNormal>{});
+    else fn(std::integral_constant<int, kLaplace>{}, std::integral_constant<int, kLaplace>{});
   }
 }
 
@@ -372,8 +368,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           grad.data_ptr<T>(), z.data_ptr<scalar_t>(), loc.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
           ploc.data_ptr<scalar_t>(), pscale.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr,
           lw.data_ptr<T>(), lq.data_ptr<T>(), stats.data_ptr<T>(), bound, estimator, M, K, B, L, Kc,
-          gz.data_ptr<scalar_t>(), gloc.data_ptr<scalar_t>(), gscale.data_ptr<scalar_t>(),
-          gploc.data_ptr<scalar_t>(), gpscale.data_ptr<scalar_t>(), glpx.data_ptr<T>());
+          gz.data_ptr<scalar_t>(), gloc.data_ptr<scalar_t>(), gscale.data_ptr<scalar_t>(), gploc.data_ptr<scalar_t>(),
+          gpscale.data_ptr<scalar_t>(), glpx.data_ptr<T>());
     });
   });
   return {gz, gloc, gscale, gploc, gpscale, glpx};
