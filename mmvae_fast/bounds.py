@@ -81,7 +81,7 @@ def dreg_estimator(lw, zs, dim=0, *, z_weight="wbar", weights=None, backend=None
 def mixture_dreg_estimator(
     log_joint, zs, loc, scale, dim=(0, 1), *, family="normal", centred=False, weights=None, num_samples=None, backend=None
 ):
-    r"""Per-slice MoE IWAE bound whose gradient is the unbiased mixture DReG (DESIGN.md 2a).
+    r"""Per-slice MoE IWAE bound whose gradient is the unbiased mixture DReG (docs/design.md 2a).
 
     log_joint [M, K, B]: log p(z) + sum_d llik_scale_d log p(x_d | z) at z = zs[r, k, b], computed
         from zs (z live; decoder and prior parameters live).

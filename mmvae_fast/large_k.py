@@ -1,6 +1,6 @@
 r"""Large K: IWAE / DReG training whose memory does not grow with K, and chunked evaluation.
 
-Training (DESIGN.md section 5). Every objective below takes ``k_chunk``:
+Training (docs/design.md section 5). Every objective below takes ``k_chunk``:
 
     loss = -objectives.m_dreg_looser(model, x, K=5000, k_chunk=250)
     loss.backward()        # the gradient of the K = 5000 estimator; the memory of K = 250
@@ -13,7 +13,7 @@ Why it is exact. Once the normalised weights wbar (softmax of lw over the bound'
 the gradient of each of these estimators is a sum of per-sample terms:
     IWAE:  sum_k wbar_k d lw_k                     (the surrogate sg(wbar) * lw)
     DReG:  the same with the encoder detached inside log q and the z path of sample k rescaled
-           by its own weight (wbar_k for eq. 8; DESIGN.md 2a's per-sample factor for "mixture")
+           by its own weight (wbar_k for eq. 8; docs/design.md 2a's per-sample factor for "mixture")
 and wbar needs only the log weights (M*K*B numbers), not the graph. So:
   1. forward, under no_grad: run ``model(x, k)`` on K in chunks, keep lw (``ops.moe_estimator``'s
      log weights) and the RNG state at the start of each chunk; the log-normaliser of every

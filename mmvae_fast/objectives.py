@@ -7,7 +7,7 @@ modality ``llik_scaling`` -- the protocol of the paper's code. Normal/Laplace po
 priors and Laplace/Normal/Bernoulli/Categorical likelihoods run on the fused ops; any other
 distribution falls back to ``log_prob`` with a one-time warning.
 
-With M modalities, K samples per expert, batch B (notation of DESIGN.md section 2):
+With M modalities, K samples per expert, batch B (notation of docs/design.md section 2):
     lw[r, k, b] = log p(z) + sum_d llik_scale[d] log p(x_d | z) - log (1/M) sum_m q_m(z),
     z = z[r, k, b] ~ q_r
     m_iwae         = sum_b logmeanexp_{r,k} lw[:, :, b]                 (eq. 5, stratified)
@@ -17,7 +17,7 @@ With M modalities, K samples per expert, batch B (notation of DESIGN.md section 
 DReG gradient choices (``grad=``):
     "eq8"      eq. 8 as written: encoder parameters detached inside log q, the z path weighted
                by wbar**2, the decoder by wbar. Unbiased for one modality; biased for a mixture.
-    "mixture"  the default: the unbiased mixture DReG of DESIGN.md 2a (equals "eq8" when M = 1);
+    "mixture"  the default: the unbiased mixture DReG of docs/design.md 2a (equals "eq8" when M = 1);
                see `mixture_dreg_estimator` for the maths. Proven exact by quadrature
                (tests/test_quadrature.py). Chosen by the estimator study (README): on the
                offline digits data, 3 seeds, both bounds, it trained as well as "eq8" within the
