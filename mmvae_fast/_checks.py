@@ -22,10 +22,12 @@ def check_modalities(model, x) -> None:
                          f"modality, [x_1, ..., x_{M}] in the model's order (a missing modality needs a model "
                          f"without it, not a shorter list)")
     for m, t in enumerate(x):
+        if t is None:  # a modality absent from the whole batch (see MMVAE.forward)
+            continue
         if not isinstance(t, torch.Tensor) or t.dim() < 1:
             raise ValueError(f"argument 'x[{m}]' must be a tensor with a leading batch dim, got "
                              f"{type(t).__name__}{'' if not isinstance(t, torch.Tensor) else ' of shape ' + str(tuple(t.shape))}")
-    sizes = [int(t.shape[0]) for t in x]
+    sizes = [int(t.shape[0]) for t in x if t is not None]
     if len(set(sizes)) > 1:
         raise ValueError(f"the modalities of argument 'x' have different batch sizes {sizes}; every modality needs "
                          f"the same batch of data (item b of each is one multimodal datum): pair them first")

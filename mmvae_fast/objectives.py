@@ -65,6 +65,7 @@ from .protocol import (
     single_terms,
 )
 from ._args import GRADS, check_grad, check_K
+from ._checks import check_modalities
 
 # The default of m_dreg / m_dreg_looser: unbiased (quadrature, tests/test_quadrature.py), and it
 # trained no worse than eq. 8 in the estimator study (README, "Unbiased DReG for the mixture posterior").
@@ -113,6 +114,7 @@ def _estimate_fallback(t, bound, estimator, backend):
 
 def _multimodal(name, model, x, K, estimator, looser, mask, k_chunk, backend):
     K = check_K(K)
+    check_modalities(model, x)
     if k_chunk is not None:
         kw = dict(grad=estimator) if "dreg" in name else {}
         return large_k.chunked_objective(name, model, x, K, k_chunk, mask=mask, backend=backend, **kw)
@@ -163,6 +165,7 @@ def m_elbo_naive(model, x, K=1, *, mask=None, backend=None):
     """(1/M) sum_r [sum_d llik_scale_d log p(x_d | z_r) - KL(q_r || p)], mean over k, sum over b.
     With a mask: the mean over the present r, the sum over the present d."""
     check_K(K)
+    check_modalities(model, x)
     t = multimodal_terms(model, x, K, backend, mask)
     M, B = len(t.zs), t.z.shape[2]
     mask = check_mask(mask, M, B, t.z.device)
@@ -179,6 +182,7 @@ def m_elbo(model, x, K=1, *, backend=None):
         (1/M) sum_r [sum_d exp(log q_r(z_d) - sg log q_d(z_d)) llik_d(z_d) - KL(q_r || p)],
     z_d detached (ratio 1 on the diagonal); mean over k, sum over b."""
     check_K(K)
+    check_modalities(model, x)
     qz_xs, px_zs, zss = model(x, K)
     M = len(qz_xs)
     z = torch.stack(list(zss))

@@ -66,7 +66,6 @@ def test_check_modalities(case):
     check_modalities(_model(), _batch())  # a good batch passes
 
 
-@pytest.mark.xfail(strict=True, reason="objectives call check_modalities once the fused-estimator rewrite lands")
 @pytest.mark.parametrize("objective", ["m_elbo", "m_iwae", "m_iwae_looser", "m_dreg", "m_dreg_looser"])
 @pytest.mark.parametrize("case", list(BAD))
 def test_multimodal_objectives_check_their_input(objective, case):

@@ -165,7 +165,7 @@ def test_scales_follow_the_paper_parameterisation():
     torch.testing.assert_close(s, torch.softmax(raw, -1) * 7 + 1e-6)
     cub = build_model("cub-features", latent_dim=5, vocab_size=VOCAB)
     torch.testing.assert_close(cub.pz_params[1], torch.full((1, 5), math.log(2) + 1e-6))
-    assert cub.pz is D.Normal and cub.vaes[0].qz_x is D.Normal and model.pz is D.Laplace
+    assert cub.pz.family is D.Normal and cub.vaes[0].qz_x.family is D.Normal and model.pz.family is D.Laplace
 
 
 @pytest.mark.parametrize("experiment,scale", [("mnist-svhn", 0.75), ("digits", DIGITS_LIK_SCALE)])

@@ -276,3 +276,13 @@ def test_compiles_fullgraph_with_the_eager_gradients():
     got = torch.autograd.grad(torch.compile(f, fullgraph=True)(*leaves), leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
+def test_second_order_gradients_raise_on_the_fused_backend():
+    args = _op_args(False, "mixture", torch.float64)
+    z = args[0]
+    est = ops.moe_estimator(*args[:6], family="laplace", prior_family="normal", backend="cpu")
+    (gz,) = torch.autograd.grad(est.bound.sum(), z, create_graph=True)
+    with pytest.raises(ops.DoubleBackwardError, match="moe_estimator"):
+        torch.autograd.grad((gz**2).sum(), z)

@@ -16,6 +16,7 @@ share included, so the caller applies it where the samples are made (`apply_z_we
 import torch
 
 from . import _dispatch, _extension, _validate
+from ._autograd import first_order_only
 from .._numerics import acc_dtype
 from ..reference.moe_estimator import BOUNDS, ESTIMATORS, MoEEstimate, bound_from_lse
 
@@ -120,6 +121,7 @@ def register_autograd(ns: str) -> None:
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None,) * 7
 
     torch.library.register_autograd(f"{ns}::moe_estimator", backward, setup_context=setup_context)
+    first_order_only(f"{ns}::moe_estimator_backward", "moe_estimator")
 
 
 def backend(ns: str):

@@ -62,8 +62,10 @@ def bound_from_lse(lse, bound, mask, K, M):
         present = torch.ones_like(lse, dtype=torch.bool) if mask is None else mask
         n = present.sum(0).clamp_min(1).to(lse.dtype)
         return torch.where(present, lse - math.log(K), 0.0).sum(0) / n
-    n = lse.new_full(lse.shape, float(M)) if mask is None else mask.sum(0).clamp_min(1).to(lse.dtype)
-    return lse - torch.log(n * K)
+    if mask is None:
+        return lse - math.log(M * K)
+    n = mask.sum(0).to(lse.dtype)
+    return torch.where(n > 0, lse - torch.log(n.clamp_min(1) * K), 0.0)  # an item with no expert: 0
 
 
 def moe_estimator(
