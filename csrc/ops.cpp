@@ -155,6 +155,17 @@ at::Tensor importance_ratios_cuda(const at::Tensor& z, const at::Tensor& loc, co
 std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cuda(const at::Tensor& grad, const at::Tensor& ratio,
                                                                    const at::Tensor& z, const at::Tensor& loc,
                                                                    const at::Tensor& scale, c10::string_view family);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_cuda(
+    const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& prior_loc,
+    const at::Tensor& prior_scale, const at::Tensor& lpx, c10::string_view family, c10::string_view prior_family,
+    c10::string_view bound, c10::string_view estimator, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& lse, c10::optional<int64_t> num_samples);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
+    const at::Tensor& prior_loc, const at::Tensor& prior_scale, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& lw, const at::Tensor& lq, const at::Tensor& stats, c10::string_view family,
+    c10::string_view prior_family, c10::string_view bound, c10::string_view estimator,
+    c10::optional<int64_t> num_samples);
 }  // namespace mmvae_fast::cuda
 
 TORCH_LIBRARY_IMPL(mmvae_fast, CUDA, m) {
@@ -167,6 +178,8 @@ TORCH_LIBRARY_IMPL(mmvae_fast, CUDA, m) {
   m.impl("mixture_log_density_backward", &mmvae_fast::cuda::mixture_log_density_backward_cuda);
   m.impl("importance_ratios", &mmvae_fast::cuda::importance_ratios_cuda);
   m.impl("importance_ratios_backward", &mmvae_fast::cuda::importance_ratios_backward_cuda);
+  m.impl("moe_estimator", &mmvae_fast::cuda::moe_estimator_cuda);
+  m.impl("moe_estimator_backward", &mmvae_fast::cuda::moe_estimator_backward_cuda);
 }
 // ---- end CUDA kernels
 #endif  // MMVAE_FAST_WITH_CUDA

@@ -184,3 +184,191 @@ def test_objectives_on_gpu_match_reference(backend, objective, kw):
     assert len(res[0][1]) == len(res[1][1])
     for a, b in zip(res[0][1], res[1][1]):
         torch.testing.assert_close(a, b)
+
+
+# ---- moe_estimator on CUDA: values and every input's gradient against the reference op
+
+MOE_ESTIMATORS = ("iwae", "eq8", "mixture", "mixture-centred", "released")
+MOE_BACKENDS = [b for b in GPU_BACKENDS if b in ops.available_backends("cuda") and
+                ops._dispatch.available("moe_estimator", b, "cuda")] if torch.cuda.is_available() else []
+
+
+def moe_inputs(M, K, B, L, seed, dtype, family="laplace", mask=None):
+    z = randn(M, K, B, L, seed=seed, dtype=dtype)
+    loc = randn(M, B, L, seed=seed + 1, dtype=dtype, scale=0.7)
+    scale = (0.5 + randn(M, B, L, seed=seed + 2).abs()).to(dtype)
+    ploc = randn(B, L, seed=seed + 3, dtype=dtype, scale=0.2)
+    pscale = (0.8 + randn(B, L, seed=seed + 4).abs()).to(dtype)
+    lpx = randn(M, K, B, seed=seed + 5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return [t.requires_grad_() for t in (z, loc, scale, ploc, pscale, lpx)]
+
+
+def moe_run(backend, ins, cot, **kw):
+    """bound, lw, z_weight and the gradients of (bound * cot).sum() for the six inputs."""
+    est = ops.moe_estimator(*ins, backend=backend, **kw)
+    g = torch.autograd.grad((est.bound * cot).sum(), ins, allow_unused=True)
+    return est, [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, ins)]
+
+
+def moe_compare(backend, ins, cot, rtol, atol, **kw):
+    ref_ins = [t.detach().double().requires_grad_() for t in ins]
+    est, g = moe_run(backend, ins, cot, **kw)
+    ref, rg = moe_run("reference", ref_ins, cot.double(), **kw)
+    torch.testing.assert_close(est.bound.double(), ref.bound, rtol=rtol, atol=atol)
+    torch.testing.assert_close(est.lw.double(), ref.lw, rtol=rtol, atol=atol)
+    assert (est.z_weight is None) == (ref.z_weight is None)
+    if ref.z_weight is not None:
+        torch.testing.assert_close(est.z_weight.double(), ref.z_weight, rtol=rtol, atol=atol)
+    for a, b, name in zip(g, rg, ("z", "loc", "scale", "prior_loc", "prior_scale", "lpx")):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", MOE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("estimator", MOE_ESTIMATORS)
+@pytest.mark.parametrize("bound", ["looser", "stratified"])
+@pytest.mark.parametrize("M,family", [(1, "normal"), (2, "laplace"), (5, "normal"), (5, "laplace")])
+def test_moe_estimator_matches_reference_on_gpu(backend, dtype, estimator, bound, M, family):
+    ins = moe_inputs(M, 7, 3, 5, seed=M, dtype=dtype)
+    cot = randn(3, seed=9, dtype=ins[-1].dtype)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    moe_compare(backend, ins, cot, family=family, bound=bound, estimator=estimator, **tol)
+
+
+@pytest.mark.parametrize("backend", MOE_BACKENDS)
+@pytest.mark.parametrize("estimator", MOE_ESTIMATORS)
+@pytest.mark.parametrize("bound", ["looser", "stratified"])
+def test_moe_estimator_masks_and_minus_inf_on_gpu(backend, estimator, bound):
+    """Absent experts (one item with a single expert, one with none), NaN in an absent expert's
+    parameters and samples, and -inf log-likelihoods: as the reference, in float64."""
+    M, K, B, L = 5, 6, 4, 3
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 1], [1, 0, 0, 0], [1, 0, 0, 1]], dtype=torch.bool,
+                        device=DEV)
+    ins = moe_inputs(M, K, B, L, seed=3, dtype=torch.float64)
+    with torch.no_grad():
+        ins[1][2, 0] = float("nan")  # expert 2 is absent from item 0
+        ins[0][2, :, 0] = float("nan")
+        ins[5][0, 1, 0] = -float("inf")  # a sample the likelihood rules out
+        ins[5][1, :, 3] = -float("inf")  # a whole group of item 3
+    cot = randn(B, seed=9, dtype=torch.float64)
+    if bound == "stratified":  # the reference gives -inf, not 0, for an item with no expert
+        cot[2] = 0.0
+    est, g = moe_run(backend, ins, cot, family="laplace", bound=bound, estimator=estimator, mask=mask)
+    ref, rg = moe_run("reference", [t.detach().requires_grad_() for t in ins], cot, family="laplace", bound=bound,
+                      estimator=estimator, mask=mask)
+    assert est.bound[2] == 0  # no expert present: the bound is 0 (the CPU kernel's rule)
+    keep = torch.arange(B, device=DEV) != 2
+    torch.testing.assert_close(est.bound[keep], ref.bound[keep], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(est.lw, ref.lw, rtol=1e-9, atol=1e-10)
+    if ref.z_weight is not None:
+        torch.testing.assert_close(est.z_weight, ref.z_weight, rtol=1e-9, atol=1e-10)
+    for a, b in zip(g, rg):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", MOE_BACKENDS)
+@pytest.mark.parametrize("estimator", ["mixture", "eq8"])
+@pytest.mark.parametrize("bound", ["looser", "stratified"])
+def test_moe_estimator_given_normalisers_on_gpu(backend, estimator, bound):
+    """The large-K path's lse and num_samples (a chunk of K = 4 of a bound over 10 samples)."""
+    ins = moe_inputs(2, 4, 3, 6, seed=5, dtype=torch.float64)
+    lse = randn(*((2, 3) if bound == "looser" else (3,)), seed=7, dtype=torch.float64, scale=3.0)
+    cot = randn(3, seed=9, dtype=torch.float64)
+    moe_compare(backend, ins, cot, rtol=1e-9, atol=1e-10, family="normal", bound=bound, estimator=estimator,
+                lse=lse, num_samples=10)
+
+
+@pytest.mark.parametrize("backend", MOE_BACKENDS)
+@pytest.mark.parametrize("M,K,B,L", [(2, 2000, 64, 32), (5, 300, 64, 32), (5, 1000, 32, 64), (2, 30, 128, 20),
+                                     (3, 50, 5, 200)])
+def test_moe_estimator_at_real_sizes_on_gpu(backend, M, K, B, L):
+    """Sizes that cross the kernels' blocks and k-chunks (and L > 128), float32 against float64."""
+    ins = moe_inputs(M, K, B, L, seed=M + K, dtype=torch.float32)
+    with torch.no_grad():  # samples near their experts, so the weights are not all on one sample
+        ins[0].mul_(0.3).add_(ins[1][:, None])
+    cot = randn(B, seed=9)
+    moe_compare(backend, ins, cot, rtol=1e-3, atol=1e-3, family="laplace", bound="looser", estimator="mixture")
+
+
+@pytest.mark.parametrize("backend", MOE_BACKENDS)
+@pytest.mark.parametrize("estimator", ["mixture", "iwae"])
+def test_moe_estimator_torch_compile_fullgraph_on_gpu(backend, estimator):
+    ins = moe_inputs(3, 9, 4, 6, seed=11, dtype=torch.float32)
+    cot = randn(4, seed=9)
+    kw = dict(family="laplace", bound="stratified", estimator=estimator, backend=backend)
+
+    def f(*t):
+        est = ops.moe_estimator(*t, **kw)
+        w = est.z_weight.sum() if est.z_weight is not None else 0.0
+        return (est.bound * cot).sum(), est.lw, w
+
+    torch._dynamo.reset()
+    got, want = torch.compile(f, fullgraph=True)(*ins), f(*ins)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got[0], ins), torch.autograd.grad(want[0], ins)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_moe_estimator_cuda():
+    if "cuda" not in MOE_BACKENDS:
+        pytest.skip("no CUDA kernel of moe_estimator in this build")
+    z, loc, scale, ploc, pscale, lpx = moe_inputs(2, 5, 3, 4, seed=1, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, False, True]], device=DEV)
+    op = torch.ops.mmvae_fast.moe_estimator.default
+    for bound, estimator, m in [("looser", "mixture", None), ("stratified", "iwae", mask),
+                                ("looser", "mixture-centred", mask), ("stratified", "eq8", None)]:
+        torch.library.opcheck(op, (z, loc, scale, ploc, pscale, lpx, "laplace", "normal", bound, estimator, m, None,
+                                   None))
+
+
+def test_training_step_is_captured_in_a_cuda_graph():
+    """A whole m_dreg_looser training step of the digits model (forward, backward into .grad) is
+    captured by torch.cuda.graphs, which fails on any host-device sync (the models' distributions
+    do not validate, the scale checks are asynchronous); replaying it from a seed gives the
+    gradients of an eager step from the same seed."""
+    if "cuda" not in MOE_BACKENDS:
+        pytest.skip("no CUDA kernel of moe_estimator in this build")
+    from mmvae_fast.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("digits", latent_dim=16, learn_prior=True).to(DEV)
+    B, K = 8, 5
+    x = [torch.rand(B, 1, 28, 28, device=DEV), torch.rand(B, 3, 32, 32, device=DEV)]
+
+    def step():
+        loss = -obj.m_dreg_looser(model, x, K, backend="cuda").sum()
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (autograd, allocator, lazy inits) off the capture
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    params = [p for p in model.parameters() if p.grad is not None]
+    assert params, "the captured step wrote no gradients"
+    static_grads = [p.grad for p in params]  # the graph's own memory, rewritten by every replay
+    torch.manual_seed(123)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [g.clone() for g in static_grads]
+    replayed_loss = static_loss.clone()
+    torch.manual_seed(123)
+    model.zero_grad(set_to_none=True)
+    eager_loss = step()
+    torch.testing.assert_close(replayed_loss, eager_loss.detach(), rtol=1e-4, atol=1e-3)
+    for a, p in zip(replayed, params):
+        torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-4)
+    torch.manual_seed(123)
+    graph.replay()  # and again: the replay is repeatable (no atomics in the op's backward)
+    torch.cuda.synchronize()
+    for a, g in zip(replayed, static_grads):
+        torch.testing.assert_close(a, g, rtol=0, atol=0)

@@ -286,3 +286,15 @@ def test_second_order_gradients_raise_on_the_fused_backend():
     (gz,) = torch.autograd.grad(est.bound.sum(), z, create_graph=True)
     with pytest.raises(ops.DoubleBackwardError, match="moe_estimator"):
         torch.autograd.grad((gz**2).sum(), z)
+
+
+@pytest.mark.xfail(strict=True, reason="reference: bound_from_lse gives -inf, not 0, for a stratified item with no "
+                                       "expert present (the CPU kernel and the docstring say 0)")
+def test_reference_stratified_item_without_experts_has_bound_zero():
+    p = Problem(M=2, K=3, B=2, L=4)
+    zs, scale = p.sample()
+    z = torch.stack(zs)
+    mask = torch.tensor([[True, False], [True, False]])
+    est = ops.moe_estimator(z, p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), p.lpx(z), family=p.family,
+                            bound="stratified", estimator="mixture", mask=mask, backend="reference")
+    assert est.bound[1] == 0
