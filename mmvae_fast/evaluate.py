@@ -27,14 +27,11 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
-import torch.distributions as D
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from . import ops
-from . import objectives as O
+from .large_k import iwae_log_likelihood as iwae_log_likelihood_chunked
 from .train import subset as _subset
 
 DIGIT_EXPERIMENTS = ("digits", "mnist-svhn", "polydigits", "polymnist")  # digit labels: coherence is defined
@@ -259,38 +256,14 @@ def latent_accuracy(model, train_loader, test_loader, device="cpu", verbose=Fals
     return accs
 
 
-def _family(dist):
-    return {D.Normal: "normal", D.Laplace: "laplace"}.get(type(dist))
-
-
-@torch.no_grad()
-def log_weights(model, xs, K):
-    """lw [M, K, B] = log p(z) + sum_d log p(x_d | z) - log q_mix(z), unscaled likelihoods."""
-    qz_xs, px_zs, zss = model(xs, K)
-    z = torch.stack(list(zss))
-    lpz = O.log_prior(model.pz(*model.pz_params), z)
-    lpx = torch.stack([sum(O.log_likelihood(px_zs[r][d], xs[d]) for d in range(len(xs))) for r in range(len(zss))])
-    fams = {_family(q) for q in qz_xs}
-    if len(fams) == 1 and None not in fams:
-        loc = torch.stack([q.loc for q in qz_xs])
-        scale = torch.stack([q.scale for q in qz_xs])
-        lq = ops.mixture_log_density(z, loc, scale, family=fams.pop())
-    else:
-        a = torch.stack([torch.stack([q.log_prob(z[r]).sum(-1) for q in qz_xs]) for r in range(len(zss))])
-        lq = torch.logsumexp(a, 1) - math.log(len(qz_xs))
-    return lpz + lpx - lq
-
-
 @torch.no_grad()
 def iwae_log_likelihood(model, xs, K=1000, max_samples=4096):
-    """Stratified IWAE estimate of log p(x_1:M) per datum, [B]: logmeanexp over all M*K weights.
-
-    Vectorised over the batch; the K axis is processed in chunks of at most max_samples / B
-    samples per expert, so memory is set by max_samples, not by K (the weights kept are M*K*B)."""
-    B = len(xs[0])
-    chunk = max(1, max_samples // B)
-    lw = torch.cat([log_weights(model, xs, min(chunk, K - k)) for k in range(0, K, chunk)], 1)
-    return torch.logsumexp(lw.flatten(0, 1), 0) - math.log(lw.shape[0] * lw.shape[1])
+    """Stratified IWAE estimate of log p(x_1:M) per datum, [B]: logmeanexp over all M*K weights
+    (unscaled likelihoods). The library's one evaluator, `large_k.iwae_log_likelihood` (its
+    `joint`), with chunks of at most max_samples / B samples per expert, so memory is set by
+    max_samples, not by K."""
+    B = len(next(x for x in xs if x is not None))
+    return iwae_log_likelihood_chunked(model, xs, K, k_chunk=max(1, max_samples // B)).joint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +364,7 @@ def markdown_table(res):
         vals = [res["joint_coherence"]] + list(cross.values()) + res["latent_acc"]
         lines += [f"| objective | K | {' | '.join(cols)} |", "|---|---|" + "---|" * len(cols),
                   f"| {what} | {res['K']} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |"]
-        lines.append(f"\n(percent; digit classifiers' own test accuracy: "
+        lines.append("\n(percent; digit classifiers' own test accuracy: "
                      + ", ".join(f"m{m + 1} {100 * v:.1f}" for m, v in enumerate(res["classifier_acc"])) + ")")
     if "log_likelihood" in res:
         ll = res["log_likelihood"]

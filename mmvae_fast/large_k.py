@@ -324,7 +324,7 @@ def iwae_log_likelihood(model, x, K=1000, k_chunk=100, *, llik_scaling=False, ba
     """
     K = check_K(K)
     k_chunk = K if k_chunk is None else check_k_chunk(k_chunk)
-    if not hasattr(model, "vaes"):
+    if isinstance(x, torch.Tensor):  # one modality
         acc = None
         scale = model.llik_scaling if llik_scaling else 1.0
         for _, k in _chunks(K, k_chunk):
@@ -335,7 +335,7 @@ def iwae_log_likelihood(model, x, K=1000, k_chunk=100, *, llik_scaling=False, ba
             acc = _lse_into(acc, lpz + lpx - lq, 0)
         return LogLikelihood(acc - math.log(K))
 
-    M = len(model.vaes)
+    M = len(x)
     joint = marginal = cross = cond = None
     for _, k in _chunks(K, k_chunk):
         qz_xs, px_zs, zss = model(x, k)
