@@ -16,7 +16,7 @@ from . import _dispatch
 
 # each op's Triton ops live in mmvae_fast/kernels/<op>.py as mmvae_fast_triton::<op>, with the
 # schema of the C++ op; mmvae_fast/ops/<op>.py gives them the autograd formula and the adapter
-_OPS = ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum")
+_OPS = ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum", "moe_estimator")
 _LOADED = {}  # op -> the backend entry, once the kernels are imported
 
 
