@@ -17,7 +17,7 @@ import warnings
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def variants(W, X, Lk, quick):
+def variants(W, X, Lk, E, quick):
     """(name, autotuner, {arg: type or constexpr value}) for each kernel variant worth compiling."""
     P = lambda t: "*" + t  # noqa: E731
     out = []
@@ -52,6 +52,24 @@ def variants(W, X, Lk, quick):
             x_ptr="*i64", p_ptr=P(dt), out_ptr=P(acc), lse_ptr=P(acc), R="i32", B="i32", E="i32", V="i32")))
         out.append((f"cat_bwd {dt}", Lk._cat_bwd_kernel, dict(
             x_ptr="*i64", p_ptr=P(dt), lse_ptr=P(acc), g_ptr=P(acc), dp_ptr=P(dt), RE="i32", B="i32", E="i32", V="i32")))
+    for dt, acc in [("fp32", "fp32"), ("fp64", "fp64")]:  # moe_estimator (its entry casts half to float32)
+        for normal, mask, est, dims in [(True, True, 2, sizes), (False, False, 0, sizes), (False, True, 3, ones)]:
+            tag = f"{dt} normal={normal} mask={mask} est={est} ones={dims is ones}"
+            out.append((f"moe_fwd_samples {tag}", E.fwd_samples, dict(
+                z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), ploc_ptr=P(dt), pscale_ptr=P(dt), lpx_ptr=P(acc),
+                mask_ptr="*i8", lw_ptr=P(acc), lq_ptr=P(acc), pi_ptr=P(acc), **dims, NORMAL=normal, PNORMAL=not normal,
+                HAS_MASK=mask, WRITE_PI=est in (2, 3), K_CHUNK=4, BLOCK_L=32)))
+            out.append((f"moe_bwd {tag}", E.bwd, dict(
+                g_ptr=P(acc), z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), ploc_ptr=P(dt), pscale_ptr=P(dt),
+                mask_ptr="*i8", lw_ptr=P(acc), lq_ptr=P(acc), stats_ptr=P(acc), gz_ptr=P(acc), glpx_ptr=P(acc),
+                gl_ptr=P(acc), gs_ptr=P(acc), gpl_ptr=P(acc), gps_ptr=P(acc), **dims, Kc="i32", K_TILE="i32",
+                NORMAL=normal, PNORMAL=normal, HAS_MASK=mask, LOOSER=est != 3, EST=est, ALIAS=est in (2, 3),
+                SCORE=est in (0, 2, 3), BLOCK_L=32)))
+        for looser, est, mask, lse in [(True, 2, True, False), (False, 1, False, True), (True, 0, False, False)]:
+            out.append((f"moe_fwd_stats {dt} looser={looser} est={est} mask={mask} lse={lse}", E.fwd_stats, dict(
+                lw_ptr=P(acc), pi_ptr=P(acc), mask_ptr="*i8", lse_ptr=P(acc), bound_ptr=P(acc), zw_ptr=P(acc),
+                stats_ptr=P(acc), M="i32", K="i32", B="i32", Kc="i32", LOOSER=looser, EST=est, HAS_MASK=mask, HAS_LSE=lse,
+                WRITE_ZW=est in (1, 2, 3))))
     out.append(("cat_fwd E=1", Lk._cat_fwd_kernel, dict(
         x_ptr="*i64", p_ptr="*fp32", out_ptr="*fp32", lse_ptr="*fp32", R="i32", B="i32", E=1, V="i32")))
     if quick:
@@ -75,14 +93,15 @@ def main():
     from mmvae_fast.kernels import _mixture_rows as X
     from mmvae_fast.kernels import importance_weights as W
     from mmvae_fast.kernels import likelihood_sum as Lk
+    from mmvae_fast.kernels import moe_estimator as E
     archs = [90] if args.quick else [80, 90]
     failed, n, t0 = [], 0, time.time()
-    for name, tuner, spec in variants(W, X, Lk, args.quick):
+    for name, tuner, spec in variants(W, X, Lk, E, args.quick):
         fn = tuner.fn
         configs = tuner.configs[:1] if args.quick else tuner.configs
         for cfg in configs:
             kw = {**spec, **cfg.kwargs}
-            if "BLOCK_B" in kw and kw["BLOCK_B"] * kw["BLOCK_L"] > X._TILE:
+            if "BLOCK_L" in kw and "BLOCK_B" in kw and kw["BLOCK_B"] * kw["BLOCK_L"] > X._TILE:
                 continue  # pruned at run time, never compiled
             sig = {a: ("constexpr" if not isinstance(kw[a], str) else kw[a]) for a in fn.arg_names}
             consts = {a: v for a, v in kw.items() if not isinstance(v, str)}

@@ -93,13 +93,17 @@ def test_triton_no_output_is_read_before_it_is_written(monkeypatch):
     z, loc, scale = triton_experts(3, 5, 3, 4, g)
     lw = rnd(4, 9, gen=g).requires_grad_()
     x, params = triton_lik_inputs("categorical", (2,), 3, (5,), g)
+    prior = [rnd(3, 4, gen=g).requires_grad_(), (0.5 + rnd(3, 4, gen=g).abs()).requires_grad_()]
+    lpx = rnd(3, 5, 3, gen=g).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=torch.bool)
 
     def run():
+        moe = ops.moe_estimator(z, loc, scale, *prior, lpx, family="laplace", estimator="mixture", mask=mask, **T)
         outs = [*ops.mixture_log_density(z, loc, scale, family="normal", return_pairwise=True, **T),
                 ops.importance_ratios(z, loc, scale, family="laplace", **T),
-                *ops.importance_weights(lw, 1, **T), ops.likelihood_sum(x, params, family="categorical", **T)]
+                *ops.importance_weights(lw, 1, **T), ops.likelihood_sum(x, params, family="categorical", **T), moe.bound]
         cots = [torch.ones_like(o) for o in outs]
-        return outs + list(torch.autograd.grad(outs, (z, loc, scale, lw, params), cots))
+        return outs + [moe.lw, moe.z_weight] + list(torch.autograd.grad(outs, (z, loc, scale, lw, params, *prior, lpx), cots))
 
     want = run()
     empty, empty_like = torch.empty, torch.empty_like

@@ -372,3 +372,61 @@ def test_training_step_is_captured_in_a_cuda_graph():
     torch.cuda.synchronize()
     for a, g in zip(replayed, static_grads):
         torch.testing.assert_close(a, g, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ moe_estimator
+
+MOE_BACKENDS = [b for b in ("triton", "cuda") if torch.cuda.is_available() and b in ops.available_backends("cuda", op="moe_estimator")]
+
+
+def moe_inputs_masked(M, K, B, L, seed):
+    z, loc, scale = experts(M, K, B, L, seed)
+    prior_loc = randn(B, L, seed=seed + 3, scale=0.2).requires_grad_()
+    prior_scale = (0.5 + randn(B, L, seed=seed + 4).abs()).requires_grad_()
+    lpx = randn(M, K, B, seed=seed + 5, scale=3.0).requires_grad_()
+    mask = torch.ones(M, B, dtype=torch.bool, device=DEV)
+    if M > 1:
+        mask[1, ::3] = False  # some items without expert 1
+    return [z, loc, scale, prior_loc, prior_scale, lpx], mask
+
+
+def moe_value_and_grads(backend, ins, mask, bound, estimator, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in ins]
+    est = ops.moe_estimator(*leaves, family="laplace", prior_family="normal", bound=bound, estimator=estimator,
+                            mask=mask, backend=backend)
+    cot = randn(*est.bound.shape, seed=7, dtype=dtype)
+    grads = torch.autograd.grad((est.bound * cot).sum(), leaves, allow_unused=True)
+    return est, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+
+
+@pytest.mark.parametrize("backend", MOE_BACKENDS)
+@pytest.mark.parametrize("M,K,B,L,bound,estimator", [
+    (2, 1000, 32, 64, "looser", "mixture"), (5, 300, 64, 32, "looser", "mixture-centred"),
+    (5, 300, 8, 20, "stratified", "iwae"), (1, 4097, 3, 1, "stratified", "eq8"), (2, 30, 128, 20, "looser", "released"),
+])
+def test_moe_estimator_at_real_block_sizes(backend, M, K, B, L, bound, estimator):
+    """float32 on the GPU against the reference face in float64: value, lw, z_weight, every gradient."""
+    ins, mask = moe_inputs_masked(M, K, B, L, seed=M + K)
+    est, g = moe_value_and_grads(backend, ins, mask, bound, estimator, torch.float32)
+    ref, r = moe_value_and_grads("reference", ins, mask, bound, estimator, torch.float64)
+    torch.testing.assert_close(est.bound.double(), ref.bound, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(est.lw.double(), ref.lw, rtol=1e-4, atol=1e-3)
+    if ref.z_weight is not None:
+        torch.testing.assert_close(est.z_weight.double(), ref.z_weight, rtol=1e-3, atol=1e-4)
+    for name, x, y in zip(("z", "loc", "scale", "prior_loc", "prior_scale", "lpx"), g, r):
+        torch.testing.assert_close(x.double(), y, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", MOE_BACKENDS)
+def test_moe_estimator_compile_fullgraph_matches_eager(backend):
+    ins, mask = moe_inputs_masked(3, 40, 6, 9, seed=3)
+
+    def f(*t):
+        est = ops.moe_estimator(*t, family="normal", bound="looser", estimator="mixture", mask=mask, backend=backend)
+        return est.bound.sum() + (est.z_weight * est.lw.clamp_min(-1e4)).sum().detach()
+
+    torch._dynamo.reset()
+    got, want = torch.compile(f, fullgraph=True)(*ins), f(*ins)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(got, ins), torch.autograd.grad(want, ins)):  # deterministic sums
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

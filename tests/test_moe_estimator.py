@@ -4,11 +4,18 @@ Oracles: (1) the tensor-level estimators of `objectives` (iwae by autograd, `dre
 `mixture_dreg_estimator`), built from the other ops, for every estimator, both bounds, M = 1..5;
 (2) the reference face of the op, for every backend, values and gradients in float64, masks and
 -inf rows included; (3) with a mask, the op on the present experts alone, item by item.
+
+The Triton backend runs under the interpreter in the `pytest -m triton` process, on a smaller grid
+(the interpreter is slow): M = 1, 2 both families and M = 5 Laplace, both bounds, every estimator;
+masks, NaN in absent experts, -inf rows and given normalisers against the reference face.
 """
+import itertools
 import math
 
 import pytest
 import torch
+
+from helpers import HAVE_TRITON
 
 from mmvae_fast import ops
 from mmvae_fast import objectives as O
@@ -17,6 +24,29 @@ from mmvae_fast.ops import _dispatch
 ESTIMATORS = ops.moe_estimator.__globals__["ESTIMATORS"]
 BOUNDS = ("looser", "stratified")
 CPU_BACKENDS = [b for b in ("reference", "cpu") if _dispatch.available("moe_estimator", b, "cpu")]
+# (device, backend) for conftest's `backend` fixture: Triton on CPU tensors is its interpreter
+TRITON = pytest.param(("cpu", "triton"), id="triton", marks=[
+    pytest.mark.triton, pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install triton)")])
+BACKENDS = [pytest.param(("cpu", b), id=b) for b in CPU_BACKENDS] + [TRITON]
+ALL = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+
+
+def grid(names, *values, triton=()):
+    """pytest params: backend x the product of values on the CPU backends; on Triton (the
+    interpreter is slow) only the tuples of values in `triton`."""
+    out = []
+    for b in BACKENDS:
+        for case in itertools.product(*values) if b is not TRITON else triton:
+            out.append(pytest.param(b.values[0], *case, marks=b.marks, id="-".join(map(str, (b.id, *case)))))
+    return pytest.mark.parametrize("backend," + names, out, indirect=["backend"])
+
+
+# Triton: every estimator and both bounds at M = 2, and M = 1 and 5 on a few
+TRITON_GRID = [(e, bd, 2, "laplace") for e in ESTIMATORS for bd in BOUNDS] + [
+    ("iwae", "looser", 1, "normal"), ("mixture", "stratified", 1, "normal"), ("mixture", "looser", 2, "normal"),
+    ("eq8", "stratified", 2, "normal"), ("mixture", "looser", 5, "laplace"), ("mixture-centred", "stratified", 5, "laplace"),
+]
+TRITON_PAIRS = [("iwae", "looser"), ("mixture", "stratified"), ("mixture-centred", "looser"), ("eq8", "stratified")]
 
 
 class Problem:
@@ -94,20 +124,17 @@ def assert_grads_close(got, want, rtol=1e-9, atol=1e-11):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-@pytest.mark.parametrize("bound", BOUNDS)
-@pytest.mark.parametrize("M", [1, 2, 3, 5])
-@pytest.mark.parametrize("family", ["laplace", "normal"])
+@grid("estimator,bound,M,family", ESTIMATORS, BOUNDS, (1, 2, 3, 5), ("laplace", "normal"), triton=TRITON_GRID)
 def test_equals_the_tensor_level_estimators(backend, estimator, bound, M, family):
-    p = Problem(M=M, family=family, seed=M)
+    small = dict(K=3, B=3) if backend == "triton" and M < 5 else dict(K=2, B=2) if backend == "triton" else {}
+    p = Problem(M=M, family=family, seed=M, **small)
     est, got = fused(p, bound, estimator, backend)
     value, want = tensor_level(p, bound, estimator)
     torch.testing.assert_close(est.bound, value.detach(), rtol=1e-10, atol=1e-10)
     assert_grads_close(got, want)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [pytest.param(("cpu", b), id=b) for b in CPU_BACKENDS], indirect=True)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("bound", BOUNDS)
 def test_mask_equals_the_present_experts_alone(backend, estimator, bound):
@@ -152,8 +179,7 @@ def fused_item(p, bound, estimator, backend, mask, b):
     return est, [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, p.params())]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("estimator", ESTIMATORS)
+@grid("estimator", ESTIMATORS, triton=[("iwae",), ("mixture",)])
 def test_nan_in_an_absent_expert_reaches_nothing(backend, estimator):
     """NaN in an absent expert's parameters, samples and log-likelihoods: finite bound, and the
     op's gradients are finite everywhere and zero for the absent entries."""
@@ -174,7 +200,7 @@ def test_nan_in_an_absent_expert_reaches_nothing(backend, estimator):
         assert torch.count_nonzero(g[1, 0] if t in ("loc", "scale") else g[1, :, 0]) == 0, t
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@ALL
 @pytest.mark.parametrize("bound", BOUNDS)
 def test_minus_inf_log_likelihoods_are_zero_weights(backend, bound):
     """A sample with lpx = -inf has weight 0 (not NaN); a whole group of them gives a -inf bound
@@ -204,10 +230,8 @@ def test_minus_inf_log_likelihoods_are_zero_weights(backend, bound):
         assert torch.isfinite(est2.bound[1])
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("bound", BOUNDS)
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_given_normalisers_give_the_full_gradient_chunk_by_chunk(backend, bound, estimator):
+@grid("estimator,bound", ESTIMATORS, BOUNDS, triton=[("iwae", "looser"), ("mixture-centred", "stratified")])
+def test_given_normalisers_give_the_full_gradient_chunk_by_chunk(backend, estimator, bound):
     """The chunked path: with the normalisers of all K samples, the gradients of the chunks add up
     to the gradient of the whole (and the value is the whole's bound)."""
     p = Problem(M=3, K=6, B=3, seed=11)
@@ -296,3 +320,20 @@ def test_reference_stratified_item_without_experts_has_bound_zero():  # as the C
     est = ops.moe_estimator(z, p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), p.lpx(z), family=p.family,
                             bound="stratified", estimator="mixture", mask=mask, backend="reference")
     assert est.bound[1] == 0
+
+
+@grid("estimator,bound", ESTIMATORS, BOUNDS, triton=TRITON_PAIRS)
+def test_masked_equals_the_reference_face(backend, estimator, bound):
+    """With a mask (items with two experts out of three, one with none; tiles of items cut mid-batch
+    under the interpreter): value, lw, z_weight and every gradient equal the reference face's."""
+    p = Problem(M=3, K=3, B=3, seed=13)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=torch.bool)
+    est, got = fused(p, bound, estimator, backend, mask=mask)
+    ref, want = fused(p, bound, estimator, "reference", mask=mask)
+    torch.testing.assert_close(est.bound, ref.bound, rtol=1e-10, atol=1e-10)
+    assert est.bound[2] == 0
+    torch.testing.assert_close(est.lw, ref.lw, rtol=1e-10, atol=1e-10)
+    assert (est.z_weight is None) == (ref.z_weight is None)
+    if ref.z_weight is not None:
+        torch.testing.assert_close(est.z_weight, ref.z_weight, rtol=1e-10, atol=1e-10)
+    assert_grads_close(got, want)

@@ -13,8 +13,8 @@ kernels/_mixture_rows.py: z[r, k, b, :], loc/scale[m, b, :], the whole latent ve
 Forward, two kernels:
   _fwd_samples   one program per (group r, chunk of samples, tile of items): for each sample the
                  pairwise log-densities a[r, m] over the present experts, folded into an online
-                 log-sum-exp in registers, the prior's log-density, lq and lw (and pi_r(z), the own
-                 expert's responsibility, parked in z_weight for the mixture estimators).
+                 log-sum-exp in registers, the prior's log-density, lq and lw (and, for the mixture
+                 estimators, pi_r(z), the own expert's responsibility, in a scratch [M, K, B]).
   _fwd_stats     one program per tile of items: each softmax's (max, log-sum) of lw (two passes, as
                  the CPU kernel), the bound, and z_weight. Reads O(M K B) numbers.
 Backward, one kernel, one program per (tile of samples k, tile of items), looping over r and m:
@@ -178,10 +178,11 @@ def _slice_stats(lw_ptr, mask_ptr, r_lo, r_hi, K, B, offs_b, bmask,
 
 
 @triton.jit
-def _z_weight(lw_ptr, zw_ptr, mask_ptr, r, K, B, offs_b, bmask, mx, ls,
+def _z_weight(lw_ptr, pi_ptr, zw_ptr, mask_ptr, r, K, B, offs_b, bmask, mx, ls,
               EST: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """z_weight of group r's samples: wbar (eq8), 1 - pi_r (1 - wbar) (mixture*; pi_r was parked in
-    zw by _fwd_samples), 0 for an absent expert."""
+    """z_weight of group r's samples: wbar (eq8), 1 - pi_r (1 - wbar) (mixture*; pi_r from
+    _fwd_samples, never read back from zw: the autotuner relaunches on the same buffers), 0 for an
+    absent expert."""
     live = _present(mask_ptr, r, B, offs_b, bmask, HAS_MASK)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -192,13 +193,13 @@ def _z_weight(lw_ptr, zw_ptr, mask_ptr, r, K, B, offs_b, bmask, mx, ls,
         if EST == 1:
             zw = w
         else:
-            zw = 1.0 - tl.load(zw_ptr + off, mask=m2, other=0.0) * (1.0 - w)
+            zw = 1.0 - tl.load(pi_ptr + off, mask=m2, other=0.0) * (1.0 - w)
         tl.store(zw_ptr + off, tl.where(live[None, :], zw, 0.0), mask=m2)
 
 
 @triton.jit
 def _fwd_stats_kernel(
-    lw_ptr, mask_ptr, lse_ptr, bound_ptr, zw_ptr, stats_ptr, M, K, B, Kc,
+    lw_ptr, pi_ptr, mask_ptr, lse_ptr, bound_ptr, zw_ptr, stats_ptr, M, K, B, Kc,
     LOOSER: tl.constexpr, EST: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LSE: tl.constexpr, WRITE_ZW: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -220,7 +221,7 @@ def _fwd_stats_kernel(
             tl.store(st + 1, ls, mask=bmask)
             value += tl.where(_present(mask_ptr, r, B, offs_b, bmask, HAS_MASK), mx + ls, 0.0)
             if WRITE_ZW:
-                _z_weight(lw_ptr, zw_ptr, mask_ptr, r, K, B, offs_b, bmask, mx, ls, EST, HAS_MASK, BLOCK_K)
+                _z_weight(lw_ptr, pi_ptr, zw_ptr, mask_ptr, r, K, B, offs_b, bmask, mx, ls, EST, HAS_MASK, BLOCK_K)
         value = value / tl.maximum(n, 1.0) - log_kc
     else:
         if HAS_LSE:
@@ -234,7 +235,7 @@ def _fwd_stats_kernel(
         value = mx + ls - (tl.log(tl.maximum(n, 1.0)) + log_kc)
         if WRITE_ZW:
             for r in range(0, M):
-                _z_weight(lw_ptr, zw_ptr, mask_ptr, r, K, B, offs_b, bmask, mx, ls, EST, HAS_MASK, BLOCK_K)
+                _z_weight(lw_ptr, pi_ptr, zw_ptr, mask_ptr, r, K, B, offs_b, bmask, mx, ls, EST, HAS_MASK, BLOCK_K)
     tl.store(bound_ptr + offs_b, tl.where(n > 0, value, 0.0), mask=bmask)  # no expert present: 0
 
 
@@ -403,18 +404,19 @@ def moe_estimator(
     lq = torch.empty(M, K, B, dtype=dt, device=z.device)
     zw = torch.empty((M, K, B) if want_zw else (0,), dtype=dt, device=z.device)
     stats = torch.empty(M * B if looser else B, 2, dtype=dt, device=z.device)
+    pi = torch.empty(M, K, B, dtype=dt, device=z.device) if est in (2, 3) else None  # pi_r(z), for z_weight
     m8 = _mask8(mask)
     z = z.contiguous()
     n_kc = triton.cdiv(K, K_CHUNK_FWD)
     wrap_triton(fwd_samples)[lambda meta: (M * n_kc, triton.cdiv(B, meta["BLOCK_B"]))](
         z, loc.contiguous(), scale.contiguous(), prior_loc.contiguous(), prior_scale.contiguous(), lpx.contiguous(),
-        z if m8 is None else m8, lw, lq, zw if est != 1 and want_zw else lq, M, K, B, L,
+        z if m8 is None else m8, lw, lq, lq if pi is None else pi, M, K, B, L,
         NORMAL=family == "normal", PNORMAL=prior_family == "normal", HAS_MASK=m8 is not None,
         WRITE_PI=est in (2, 3), K_CHUNK=K_CHUNK_FWD, BLOCK_L=BL,
     )
     lse_ = None if lse is None else lse.to(dt).contiguous()
     wrap_triton(fwd_stats)[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
-        lw, lw if m8 is None else m8, lw if lse_ is None else lse_, out_bound, zw if want_zw else lw, stats,
+        lw, lw if pi is None else pi, lw if m8 is None else m8, lw if lse_ is None else lse_, out_bound, zw if want_zw else lw, stats,
         M, K, B, num_samples or K,
         LOOSER=looser, EST=est, HAS_MASK=m8 is not None, HAS_LSE=lse_ is not None, WRITE_ZW=want_zw,
     )
