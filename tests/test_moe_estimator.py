@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from helpers import HAVE_TRITON
+from helpers import HAVE_TRITON, library, opcheck, triton_test
 
 from mmvae_fast import ops
 from mmvae_fast import objectives as O
@@ -285,6 +285,13 @@ def _op_args(mask=False, estimator="mixture", dtype=torch.float32):
 @pytest.mark.parametrize("mask", [False, True])
 def test_opcheck_cpu(estimator, mask):
     torch.library.opcheck(torch.ops.mmvae_fast.moe_estimator.default, _op_args(mask, estimator))
+
+
+@triton_test
+@pytest.mark.parametrize("estimator", ["iwae", "mixture-centred"])
+def test_opcheck_triton(estimator):
+    """The Triton op's schema and autograd registration (its fake-tensor tests need a GPU: tests/test_gpu.py)."""
+    opcheck(library("mmvae_fast_triton", "moe_estimator").moe_estimator.default, _op_args(True, estimator))
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
