@@ -348,12 +348,7 @@ def test_masked_equals_the_reference_face(backend, estimator, bound):
 def _no_expert_grid():
     for b in BACKENDS:
         for bound in BOUNDS:
-            marks = list(b.marks)
-            if b.values[0][1] == "reference" and bound == "stratified":
-                marks.append(pytest.mark.xfail(strict=True, reason=(
-                    "reference bug: bound_from_lse gives lse - log(n K) = -inf for an item with no expert under "
-                    "the stratified bound; its own comment and the CPU kernel say 0")))
-            yield pytest.param(b.values[0], bound, marks=marks, id=f"{b.id}-{bound}")
+            yield pytest.param(b.values[0], bound, marks=list(b.marks), id=f"{b.id}-{bound}")
 
 
 @pytest.mark.parametrize("backend,bound", _no_expert_grid(), indirect=["backend"])
