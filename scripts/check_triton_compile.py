@@ -22,11 +22,11 @@ def variants(W, X, Lk, E, quick):
     P = lambda t: "*" + t  # noqa: E731
     out = []
     for dt, acc in [("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")]:
-        out.append((f"iw_fwd {dt}", W._iw_fwd_kernel, dict(x_ptr=P(dt), w_ptr=P(acc), w2_ptr=P(acc), lse_ptr=P(acc), R="i32", N="i32")))
+        out.append((f"iw_fwd {dt}", W._iw_fwd_kernel, dict(x_ptr=P(dt), w_ptr=P(acc), w2_ptr=P(acc), lse_ptr=P(acc), lo_ptr=P(acc), R="i32", N="i32")))
         out.append((f"iw_bwd {dt}", W._iw_bwd_kernel, dict(
-            x_ptr=P(dt), lse_ptr=P(acc), gb_ptr=P(acc), gw_ptr=P(acc), gw2_ptr=P(acc), gx_ptr=P(dt), R="i32", N="i32",
+            x_ptr=P(dt), lse_ptr=P(acc), lo_ptr=P(acc), gb_ptr=P(acc), gw_ptr=P(acc), gw2_ptr=P(acc), gx_ptr=P(dt), R="i32", N="i32",
             HAS_GB=True, HAS_GW=dt != "fp16", HAS_GW2=dt != "bf16")))
-    out.append(("iw_fwd N=1", W._iw_fwd_kernel, dict(x_ptr="*fp32", w_ptr="*fp32", w2_ptr="*fp32", lse_ptr="*fp32", R="i32", N=1)))
+    out.append(("iw_fwd N=1", W._iw_fwd_kernel, dict(x_ptr="*fp32", w_ptr="*fp32", w2_ptr="*fp32", lse_ptr="*fp32", lo_ptr="*fp32", R="i32", N=1)))
     sizes = dict(M="i32", K="i32", B="i32", L="i32")
     ones = dict(M=1, K=1, B=1, L="i32")  # arguments equal to 1 are specialised as constants
     for dt, acc in [("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")]:
