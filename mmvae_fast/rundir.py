@@ -80,16 +80,22 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         me = f"{os.getpid()} {socket.gethostname()}\n"
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._clear_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
-            return self
+        # The lock appears with its owner already written (link of a complete file): a rival never reads an
+        # empty lock, which it would take for a stale one.
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(me)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    self._clear_if_stale()
+                    continue
+                self.held = True
+                return self
+        finally:
+            os.remove(tmp)
         raise RunDirError(f"could not lock the run directory ({self.path} keeps reappearing)")
 
     def _clear_if_stale(self) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -116,6 +117,10 @@ def test_two_concurrent_trainings_do_not_mix(tmp_path):
     run = tmp_path / "run"
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(_argv(["--epochs", "2", "--out", str(run)]), env=_env(), cwd=ROOT, stdout=log, stderr=log)
+    # the second starts once the first holds the directory (or has finished): otherwise either may win the lock
+    deadline = time.monotonic() + 300
+    while not (run / rundir.LOCK).exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     second = _cli(["--epochs", "2", "--out", str(run)], check=False)
     assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()
     assert second.returncode == 2  # refused: in use, or (if the first had finished) holds a run
@@ -182,3 +187,45 @@ def test_resume_that_would_do_nothing_says_so(tmp_path, capsys):
         err = capsys.readouterr().err
         assert ("already trained to epoch 1" in err) if epochs == "1" else ("--epochs must be >= 1" in err)
     assert (run / "args.json").read_text() == args and [r["epoch"] for r in _metrics(run)] == [1]
+
+
+
+# A locker: imported and ready, it waits for the start signal, then tries the lock; the winner holds it until
+# every rival has been refused.
+_RACE = """
+import os, sys, time
+from mmvae_fast import rundir
+run, sync, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+open(os.path.join(sync, f"ready-{os.getpid()}"), "w").close()
+while not os.path.exists(os.path.join(sync, "go")):
+    time.sleep(0.001)
+try:
+    lock = rundir.RunLock(run).acquire()
+except rundir.RunDirError as e:
+    open(os.path.join(sync, f"refused-{os.getpid()}"), "w").close()
+    print(e, file=sys.stderr)
+    sys.exit(3)
+deadline = time.monotonic() + 60
+while sum(f.startswith("refused-") for f in os.listdir(sync)) < n - 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
+lock.release()
+"""
+
+
+def test_racing_lockers_one_wins(tmp_path):
+    # Lockers let go at once: exactly one holds the directory; none takes a lock being written for a stale one.
+    n = 5
+    for trial in range(2):
+        run, sync = tmp_path / f"run{trial}", tmp_path / f"sync{trial}"
+        run.mkdir()
+        sync.mkdir()
+        procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(run), str(sync), str(n)], env=_env(), cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+        deadline = time.monotonic() + 120
+        while sum(f.startswith("ready-") for f in os.listdir(sync)) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (sync / "go").touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert sorted(p.returncode for p in procs) == [0] + [3] * (n - 1), outs
+        assert not any("stale" in err for _, err in outs), outs
+        assert os.listdir(run) == []
