@@ -51,3 +51,19 @@ def log_density_terms(x, loc, scale, NORMAL: tl.constexpr):
         dloc = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)) * inv
         dscale = (tl.abs(u) - 1.0) * inv
     return lp, dloc, dscale
+
+
+@triton.jit
+def sample_tile(K, B, L, K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The tile of a program on the grid (groups x k-chunks, batch blocks) over z [G, K, B, L]:
+    (group g, first sample k0, batch offsets, batch mask, [BLOCK_B, BLOCK_L] mask, (b, l) offsets
+    within one [B, L] slab)."""
+    n_kc = tl.cdiv(K, K_CHUNK)
+    g = tl.program_id(0) // n_kc
+    k0 = (tl.program_id(0) % n_kc) * K_CHUNK
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_l = tl.arange(0, BLOCK_L)
+    bmask = offs_b < B
+    tmask = bmask[:, None] & (offs_l < L)[None, :]
+    bl = offs_b.to(tl.int64)[:, None] * L + offs_l[None, :]
+    return g, k0, offs_b, bmask, tmask, bl

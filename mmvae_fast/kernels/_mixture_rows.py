@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import acc_dtype, interpreting, log_density_terms
+from ._common import acc_dtype, interpreting, log_density_terms, sample_tile
 
 MAX_L = 8192  # the whole latent vector lives in one tile
 # Samples per program. Forward: few, for parallelism (a GPU wants thousands of programs). Backward:
@@ -57,14 +57,7 @@ def _mixture_fwd_kernel(
     K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     acc = lq_ptr.dtype.element_ty
-    n_kc = tl.cdiv(K, K_CHUNK)
-    r = tl.program_id(0) // n_kc
-    k0 = (tl.program_id(0) % n_kc) * K_CHUNK
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_l = tl.arange(0, BLOCK_L)
-    bmask = offs_b < B
-    tmask = bmask[:, None] & (offs_l < L)[None, :]
-    bl = offs_b.to(tl.int64)[:, None] * L + offs_l[None, :]  # (b, l) offset within one [B, L] slab
+    r, k0, offs_b, bmask, tmask, bl = sample_tile(K, B, L, K_CHUNK, BLOCK_L, BLOCK_B)
     for k in range(k0, tl.minimum(k0 + K_CHUNK, K)):
         rk = r * K + k
         zz = tl.load(z_ptr + rk.to(tl.int64) * B * L + bl, mask=tmask, other=0.0).to(acc)
@@ -99,14 +92,7 @@ def _ratios_fwd_kernel(
     NORMAL: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     acc = ratio_ptr.dtype.element_ty
-    n_kc = tl.cdiv(K, K_CHUNK)
-    d = tl.program_id(0) // n_kc  # the sample group: z_d ~ q_d
-    k0 = (tl.program_id(0) % n_kc) * K_CHUNK
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_l = tl.arange(0, BLOCK_L)
-    bmask = offs_b < B
-    tmask = bmask[:, None] & (offs_l < L)[None, :]
-    bl = offs_b.to(tl.int64)[:, None] * L + offs_l[None, :]
+    d, k0, offs_b, bmask, tmask, bl = sample_tile(K, B, L, K_CHUNK, BLOCK_L, BLOCK_B)  # z_d ~ q_d
     lo_d = tl.load(loc_ptr + d * B * L + bl, mask=tmask, other=0.0).to(acc)
     sc_d = tl.load(scale_ptr + d * B * L + bl, mask=tmask, other=1.0).to(acc)
     for k in range(k0, tl.minimum(k0 + K_CHUNK, K)):
@@ -135,14 +121,7 @@ def _pairwise_bwd_kernel(
              [M, M, K, B]: d ratio / d a = ratio); no dz.
     """
     acc = stat_ptr.dtype.element_ty
-    n_kc = tl.cdiv(K, K_CHUNK)
-    r = tl.program_id(0) // n_kc
-    k0 = (tl.program_id(0) % n_kc) * K_CHUNK
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_l = tl.arange(0, BLOCK_L)
-    bmask = offs_b < B
-    tmask = bmask[:, None] & (offs_l < L)[None, :]
-    bl = offs_b.to(tl.int64)[:, None] * L + offs_l[None, :]
+    r, k0, offs_b, bmask, tmask, bl = sample_tile(K, B, L, K_CHUNK, BLOCK_L, BLOCK_B)
     for mm in range(0, M):
         lo = tl.load(loc_ptr + mm * B * L + bl, mask=tmask, other=0.0).to(acc)
         sc = tl.load(scale_ptr + mm * B * L + bl, mask=tmask, other=1.0).to(acc)

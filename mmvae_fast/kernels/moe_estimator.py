@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import acc_dtype, interpreting, log_density_terms
+from ._common import acc_dtype, interpreting, log_density_terms, sample_tile
 
 MAX_L = 8192  # the whole latent vector lives in one tile
 K_CHUNK_FWD = 2 if interpreting() else 4  # samples per forward program (under the interpreter: cross chunks)
@@ -105,14 +105,7 @@ def _fwd_samples_kernel(
     K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     acc = lw_ptr.dtype.element_ty
-    n_kc = tl.cdiv(K, K_CHUNK)
-    r = tl.program_id(0) // n_kc
-    k0 = (tl.program_id(0) % n_kc) * K_CHUNK
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_l = tl.arange(0, BLOCK_L)
-    bmask = offs_b < B
-    tmask = bmask[:, None] & (offs_l < L)[None, :]
-    bl = offs_b.to(tl.int64)[:, None] * L + offs_l[None, :]  # (b, l) offset within one [B, L] slab
+    r, k0, offs_b, bmask, tmask, bl = sample_tile(K, B, L, K_CHUNK, BLOCK_L, BLOCK_B)
     log_n = tl.log(tl.maximum(_n_present(mask_ptr, M, B, offs_b, bmask, acc, HAS_MASK), 1.0))
     live = _present(mask_ptr, r, B, offs_b, bmask, HAS_MASK)  # expert r present: its samples count
     zmask = tmask & live[:, None]
