@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmvae_fast import objectives as O  # noqa: E402
+from mmvae_fast import objectives as O, profiling  # noqa: E402
 
 OBJECTIVES = ("m_elbo_naive", "m_elbo", "m_iwae", "m_iwae_looser", "m_dreg", "m_dreg_looser")
 SIZES = ((2, 30, 128, 20), (2, 2000, 64, 32), (5, 300, 64, 32), (5, 1000, 32, 64))
@@ -188,16 +188,7 @@ def peak_bytes(step, device):
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    cur = peak = 0
-    for _, n in events:
-        cur += n
-        peak = max(peak, cur)
-    return peak
+    return profiling.peak_bytes(step)
 
 
 def measure(step, repeats, device):

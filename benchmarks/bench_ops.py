@@ -39,6 +39,7 @@ import torch
 import torch.distributions as D
 import mmvae_fast.objectives as objectives
 from mmvae_fast import ops
+from mmvae_fast.profiling import peak_bytes
 from mmvae_fast.models import MMVAE, VAE, ImageLikelihood, MLPDecoder, MLPEncoder, Prior
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
@@ -47,22 +48,6 @@ GB = 1 << 30
 
 
 # ------------------------------------------------------------------------------- measurement
-
-
-def peak_bytes(fn) -> int:
-    """Peak of torch's CPU allocations during fn() above the level at its start (see docstring)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    cur = peak = 0
-    for _, nbytes in events:
-        cur += nbytes
-        peak = max(peak, cur)
-    return peak
 
 
 def measure(step, repeats):

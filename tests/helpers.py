@@ -117,25 +117,6 @@ def experts(M, K, B, L, gen, dtype=torch.float64):
 # ------------------------------------------------------------------ allocations
 
 
-def allocations(fn):
-    """Sizes in bytes of every allocation torch's CPU allocator makes while fn() runs (forward,
-    backward, inside C++ kernels), and the peak it holds above its level at the start, read from
-    the profiler's memory records in time order. A tensor built and freed inside backward shows up
-    here; saved-tensor hooks would not see it."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    cur = peak = 0
-    for _, nbytes in events:
-        cur += nbytes
-        peak = max(peak, cur)
-    return [n for _, n in events if n > 0], peak
-
-
 # ------------------------------------------------------------------ cpu
 
 

@@ -2,7 +2,9 @@
 check that cannot see a table, would hide the bugs the op tests look for."""
 import pytest
 import torch
-from helpers import allocations, check_close
+from helpers import check_close
+
+from mmvae_fast.profiling import allocations
 
 
 def test_check_close_fails_when_a_backend_returns_no_gradient_where_the_reference_has_one():

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from mmvae_fast.profiling import allocations
 from helpers import (
     NAMESPACES,
     library,
     opcheck,
     DIST,
-    allocations,
     FAMILIES,
     T,
     assert_grads,
