@@ -125,9 +125,9 @@ def train_classifiers(experiment, out, data_dir=None, epochs=None, max_train=800
     accs = classifier_accuracy(clfs, DataLoader(test_set, batch_size=512), device)
     os.makedirs(out, exist_ok=True)
     path = classifier_path(out, experiment)
-    from .train import atomic_save
+    from .rundir import save_atomic
 
-    atomic_save(dict(experiment=experiment, arch=CLASSIFIER_ARCH, shapes=[c.shape for c in clfs], state_dicts=[c.state_dict() for c in clfs],
+    save_atomic(dict(experiment=experiment, arch=CLASSIFIER_ARCH, shapes=[c.shape for c in clfs], state_dicts=[c.state_dict() for c in clfs],
                      test_acc=accs, seed=seed, epochs=epochs), path)
     if verbose:
         print(f"classifiers for {experiment}: test accuracy {', '.join(f'm{m + 1} {a:.4f}' for m, a in enumerate(accs))}"
@@ -328,9 +328,9 @@ def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=LL_N, n_joint=10000, lat
         res["log_likelihood"] = dict(K=ll_K, n=len(ll_set), mean=ll.mean().item(),
                                      stderr=(ll.std() / math.sqrt(len(ll))).item() if len(ll) > 1 else float("nan"))
     res["time_s"] = round(time.time() - t0, 1)
-    from .train import _atomic_write_text
+    from .rundir import write_text_atomic
 
-    _atomic_write_text(json.dumps(res, indent=1) + "\n", os.path.join(run_dir, "eval.json"))
+    write_text_atomic(json.dumps(res, indent=1) + "\n", os.path.join(run_dir, "eval.json"))
     if verbose:
         print(markdown_table(res))
         print(f"\nresults: {os.path.join(run_dir, 'eval.json')}")

@@ -275,11 +275,13 @@ def reconcile_metrics(run_dir: str, last_epoch: int) -> list:
     return [json.loads(ln) for ln in keep]
 
 
-def write_text_atomic(text: str, path: str) -> None:
+def _write_atomic(path: str, write, mode: str) -> None:
+    """write(f) into a temporary file beside path, fsynced, then os.replace: a crash leaves the old
+    file or the new one, never half of one, and no temporary file behind (unless killed)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=TMP_PREFIX)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -287,3 +289,12 @@ def write_text_atomic(text: str, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text_atomic(text: str, path: str) -> None:
+    _write_atomic(path, lambda f: f.write(text), "w")
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save, atomically (see _write_atomic)."""
+    _write_atomic(path, lambda f: torch.save(obj, f), "wb")

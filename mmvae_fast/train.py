@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 
 import numpy as np
@@ -210,30 +209,6 @@ def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same directory, then os.replace: a crash leaves the
-    old file or the new one, never half of one."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_text(text: str, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(run_dir: str, map_location="cpu") -> dict:
@@ -448,11 +423,11 @@ def _train(ns: argparse.Namespace, held: list):
                 raise ValueError(f"run directory {out!r} already holds a run; continue it with --resume {out}, "
                                  f"start over with --overwrite, or pick another --out")
             rundir.clear_run(out)
-        _atomic_write_text(json.dumps(vars(a), indent=1, sort_keys=True) + "\n", os.path.join(out, "args.json"))
+        rundir.write_text_atomic(json.dumps(vars(a), indent=1, sort_keys=True) + "\n", os.path.join(out, "args.json"))
         if ck is not None:  # drop epochs past the checkpoint's (and a torn last line)
             rundir.reconcile_metrics(out, ck["epoch"])
         else:
-            _atomic_write_text("", metrics_path)  # a fresh run starts a fresh file
+            rundir.write_text_atomic("", metrics_path)  # a fresh run starts a fresh file
         what = f"{a.obj}{' looser' if a.looser else ''}{f' grad={a.dreg_grad}' if a.obj == 'dreg' else ''}"
         what += f"{f', k_chunk={a.k_chunk}' if a.k_chunk else ''}{f', {a.missing_ratio:.0%} missing' if a.missing_ratio else ''}"
         print(f"mmvae-fast train: {a.experiment}, {what}, K={a.K}, {len(train_set)} train / {len(test_set)} test, "

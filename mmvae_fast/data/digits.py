@@ -124,14 +124,28 @@ def colour(glyphs, g, size=SIZE):
     return img.clamp(0, 1)
 
 
-def _build(split, seed, dm, chunk=4096):
+def cached_split(cache, split, seed, dm, make):
+    """The dataset of (split, seed, dm) from cache, or make(images, labels, ids, g) on the split's
+    source ids with the split's own generator, cached."""
     key = (split, int(seed), int(dm))
-    if key in _CACHE:
-        return _CACHE[key]
-    images, labels = load_sources()
-    train_ids, test_ids = split_sources(labels)
-    ids = train_ids if split == "train" else test_ids
-    g = torch.Generator().manual_seed(int(seed) * 2 + (split == "test"))
+    if key not in cache:
+        images, labels = load_sources()
+        train_ids, test_ids = split_sources(labels)
+        g = torch.Generator().manual_seed(int(seed) * 2 + (split == "test"))
+        cache[key] = make(images, labels, train_ids if split == "train" else test_ids, g)
+    return cache[key]
+
+
+def check_dm(dm):
+    if isinstance(dm, bool) or not isinstance(dm, int) or dm < 1:
+        raise ValueError(f"argument 'dm' must be a positive integer, got {dm!r}")
+
+
+def _build(split, seed, dm, chunk=4096):
+    return cached_split(_CACHE, split, seed, dm, lambda images, labels, ids, g: _make(images, labels, ids, g, dm, chunk))
+
+
+def _make(images, labels, ids, g, dm, chunk):
     s1, s2 = pair_within_class(ids, labels, dm, g)
     m1_store = (grey(images) * 255).round().to(torch.uint8)  # one per source digit
     glyphs = upsample(images)
@@ -141,12 +155,10 @@ def _build(split, seed, dm, chunk=4096):
         m2[lo:hi] = (colour(glyphs[s2[lo:hi]], g) * 255).round().to(torch.uint8)
     ds = PairedDataset([m1_store, m2], [s1, torch.arange(len(s2))], labels[s1], list(NAMES))
     ds.sources = torch.stack([s1, s2], 1)  # sklearn indices of the two source digits of every pair
-    _CACHE[key] = ds
     return ds
 
 
 def get_digits(seed=0, dm=10):
     """(train, test) PairedDatasets of the offline digits experiment (see the module docstring)."""
-    if isinstance(dm, bool) or not isinstance(dm, int) or dm < 1:
-        raise ValueError(f"argument 'dm' must be a positive integer, got {dm!r}")
+    check_dm(dm)
     return _build("train", seed, dm), _build("test", seed, dm)

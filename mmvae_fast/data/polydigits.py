@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import PairedDataset
-from .digits import load_sources, split_sources
+from .digits import cached_split, check_dm
 
 N_MODALITIES, SIZE, GLYPH = 5, 12, 10
 _CACHE = {}
@@ -80,13 +80,10 @@ def group_within_class(ids, labels, dm, n_modalities, g):
 
 
 def _build(split, seed, dm):
-    key = (split, int(seed), int(dm))
-    if key in _CACHE:
-        return _CACHE[key]
-    images, labels = load_sources()
-    train_ids, test_ids = split_sources(labels)
-    ids = train_ids if split == "train" else test_ids
-    g = torch.Generator().manual_seed(int(seed) * 2 + (split == "test"))
+    return cached_split(_CACHE, split, seed, dm, lambda images, labels, ids, g: _make(images, labels, ids, g, dm, seed))
+
+
+def _make(images, labels, ids, g, dm, seed):
     src = group_within_class(ids, labels, dm, N_MODALITIES, g)
     tex = textures(seed)
     stores = [(render(images[src[:, m]], tex[m]) * 255).round().to(torch.uint8) for m in range(N_MODALITIES)]
@@ -94,12 +91,10 @@ def _build(split, seed, dm):
     ds = PairedDataset(stores, [torch.arange(n)] * N_MODALITIES, labels[src[:, 0]],
                        [f"m{m}" for m in range(N_MODALITIES)])
     ds.sources = src  # sklearn indices of every item's M source digits
-    _CACHE[key] = ds
     return ds
 
 
 def get_polydigits(seed=0, dm=4):
     """(train, test) PairedDatasets of the offline five-modality experiment (module docstring)."""
-    if isinstance(dm, bool) or not isinstance(dm, int) or dm < 1:
-        raise ValueError(f"argument 'dm' must be a positive integer, got {dm!r}")
+    check_dm(dm)
     return _build("train", seed, dm), _build("test", seed, dm)
