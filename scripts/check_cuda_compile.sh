@@ -2,7 +2,7 @@
 # Compiles every CUDA source (csrc/cuda/*.cu) with nvcc for sm_80 and sm_90, object files only,
 # against the torch headers of the Python in use and the project's shared headers. Fails if any
 # file fails. Used by CI where nvcc is present; needs no GPU and no CUDA build of torch.
-#   scripts/check_cuda_compile.sh            (PYTHON=... to pick the interpreter, JOBS=N in parallel)
+#   scripts/check_cuda_compile.sh [FILE.cu ...]   (default: all; PYTHON=... to pick the interpreter, JOBS=N in parallel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -33,6 +33,7 @@ FLAGS=("${EXTRA[@]}" -c -O3 -std=c++20 --expt-relaxed-constexpr -DMMVAE_FAST_WIT
 for d in "${INC[@]}"; do FLAGS+=(-I"$d"); done
 shopt -s nullglob
 SOURCES=(csrc/cuda/*.cu)
+[ $# -gt 0 ] && SOURCES=("$@")
 if [ ${#SOURCES[@]} -eq 0 ]; then
   echo "check_cuda_compile: no csrc/cuda/*.cu"
   exit 1

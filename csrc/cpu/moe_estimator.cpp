@@ -3,376 +3,463 @@
 //   a[r, m]  = sum_l log q_m(z[r, k, b, l]),   lq = logsumexp_{m present} a - log n_b
 //   lw       = log p(z) + lpx - lq,            bound from the per-slice (max, log-sum) of lw
 // saving lw, lq and the slices' (max, log-sum): O(M K B). The backward recomputes a[r, :] per sample
-// and writes the gradients of z, loc, scale, the prior's loc and scale and lpx directly. Items are
-// independent (each owns its rows of every gradient), so both passes run in parallel over b.
+// and writes the gradients of z, loc, scale, the prior's loc and scale and lpx directly.
+//
+// Both passes work on tiles of kTile samples of one item (mixture_rows.h), transposed to [L][kTile]
+// so every loop over L runs over whole SIMD registers of samples, with the vectorisable exp / log1p
+// of fastmath.h; loc, scale and the prior's parameter gradients are per-lane partial sums reduced
+// once per item. Items are independent (each owns its rows of every gradient): both passes run in
+// parallel over b.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <limits>
-#include <string>
 #include <tuple>
 #include <vector>
 
-#include "mmvae_fast/host.h"
-#include "mmvae_fast/moe_estimator.h"
+#include "mixture_rows.h"
+#include "mmvae_fast/moe_estimator_args.h"
 
 namespace mmvae_fast::cpu {
 namespace {
 
-int family_code(c10::string_view f) {
-  if (f == "normal") return kNormal;
-  if (f == "laplace") return kLaplace;
-  TORCH_CHECK(false, "moe_estimator: family must be 'normal' or 'laplace', got '", std::string(f), "'");
+template <typename T>
+struct Args {
+  const T *z, *loc, *scale, *ploc, *pscale, *lpx, *lse_in;  // lse_in: the chunked path's normalisers, or null
+  const bool* mask;                                         // [M, B] or null
+  const T* g;                                               // backward: the bound's gradient [B]
+  const T *lw_in, *lq_in, *stats_in;                        // backward: the forward's saved tensors
+  T *bound, *lw, *zw, *lq, *stats;                          // forward outputs (zw may be null)
+  T *gz, *gloc, *gscale, *gploc, *gpscale, *glpx;           // backward outputs
+  int bound_kind, estimator;
+  int64_t M, K, B, L, Kc;
+};
+
+template <typename T>
+MMVAE_ALWAYS_INLINE bool present(const Args<T>& p, int64_t m, int64_t b) {
+  return p.mask == nullptr || p.mask[m * p.B + b];
 }
 
-int bound_code(c10::string_view b) {
-  if (b == "looser") return kLooser;
-  if (b == "stratified") return kStratified;
-  TORCH_CHECK(false, "moe_estimator: bound must be 'looser' or 'stratified', got '", std::string(b), "'");
-}
-
-int estimator_code(c10::string_view e) {
-  if (e == "iwae") return kIwae;
-  if (e == "eq8") return kEq8;
-  if (e == "mixture") return kMixture;
-  if (e == "mixture-centred") return kMixtureCentred;
-  if (e == "released") return kReleased;
-  TORCH_CHECK(false, "moe_estimator: unknown estimator '", std::string(e), "'");
-}
-
-// One item's experts and prior, with 1/scale and the log-normalisers precomputed.
+// One item's present experts and the prior, with 1/scale and sum_l log scale precomputed.
 template <typename T>
 struct Item {
   std::vector<int64_t> present;  // expert indices present in this item
-  std::vector<T> mu, inv, norm;  // [M * L], [M * L], [M]: sum_l log scale + L const
+  std::vector<T> mu, inv, lss;   // [M * L], [M * L], [M]: sum_l log scale
   std::vector<T> pmu, pinv;      // [L]
-  T pnorm = T(0), log_n = T(0);
+  T plss = T(0), log_n = T(0);
 };
 
-template <typename T, typename S>
-void load_item(Item<T>& it, int64_t b, int64_t M, int64_t B, int64_t L, const S* loc, const S* scale, const S* ploc,
-               const S* pscale, const bool* mask, int fam, int pfam) {
+template <int F, int PF, typename T>
+MMVAE_ALWAYS_INLINE void load_item(Item<T>& it, const Args<T>& p, int64_t b) {
+  const int64_t M = p.M, B = p.B, L = p.L;
   it.present.clear();
   it.mu.assign(M * L, T(0));
   it.inv.assign(M * L, T(1));
-  it.norm.assign(M, T(0));
+  it.lss.assign(M, T(0));
   for (int64_t m = 0; m < M; ++m) {
-    if (mask != nullptr && !mask[m * B + b]) continue;
+    if (!present(p, m, b)) continue;
     it.present.push_back(m);
-    T n = T(L) * moe_log_const<T>(fam);
+    T n = T(0);
     for (int64_t l = 0; l < L; ++l) {
-      const T s = T(scale[(m * B + b) * L + l]);
-      it.mu[m * L + l] = T(loc[(m * B + b) * L + l]);
+      const T s = p.scale[(m * B + b) * L + l];
+      it.mu[m * L + l] = p.loc[(m * B + b) * L + l];
       it.inv[m * L + l] = T(1) / s;
       n += std::log(s);
     }
-    it.norm[m] = n;
+    it.lss[m] = n;
   }
   it.log_n = std::log(T(it.present.empty() ? 1 : it.present.size()));
   it.pmu.resize(L);
   it.pinv.resize(L);
-  it.pnorm = T(L) * moe_log_const<T>(pfam);
+  it.plss = T(0);
   for (int64_t l = 0; l < L; ++l) {
-    const T s = T(pscale[b * L + l]);
-    it.pmu[l] = T(ploc[b * L + l]);
+    const T s = p.pscale[b * L + l];
+    it.pmu[l] = p.ploc[b * L + l];
     it.pinv[l] = T(1) / s;
-    it.pnorm += std::log(s);
+    it.plss += std::log(s);
   }
 }
 
-// sum_l log f(z_l; mu_l, 1/inv_l) = -sum_l phi(u_l) - norm
-template <int F, typename T, typename S>
-inline T row_log_density(const S* z, const T* mu, const T* inv, T norm, int64_t L) {
-  T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-  for (int64_t l = 0; l < L; ++l) acc += moe_phi<F>((T(z[l]) - mu[l]) * inv[l]);
-  return -acc - norm;
+// x - x is 0 exactly for finite x (NaN for +-inf and NaN): a branch-free isfinite for SIMD loops.
+template <typename T>
+MMVAE_ALWAYS_INLINE bool finite(T x) {
+  return x - x == T(0);
 }
 
-template <int F, int PF, typename T, typename S>
-void forward_kernel(const S* z, const S* loc, const S* scale, const S* ploc, const S* pscale, const T* lpx,
-                    const bool* mask, const T* lse_in, int bound, int estimator, int64_t M, int64_t K, int64_t B,
-                    int64_t L, int64_t Kc, T* out_bound, T* lw, T* zw, T* lq, T* stats) {
+// The weight of lw in its slice's softmax from the slice's (max, log-sum): moe_wbar, vectorisable.
+template <typename T>
+MMVAE_ALWAYS_INLINE T wbar(T lw, T mx, T ls) {
+  return mx == -std::numeric_limits<T>::infinity() ? T(0) : fast_exp((lw - mx) - ls);
+}
+
+// Per-thread scratch: a tile of z, the experts' log-densities of a tile, and the item's own lw, lq
+// and pi_own rows (contiguous copies of the strided [M, K, B] rows).
+template <typename T>
+struct FwdScratch {
+  std::vector<T> zt, a, lw, lq, pi_own;
+  FwdScratch(int64_t M, int64_t K, int64_t L)
+      : zt(L * kTile), a((M + 1) * kTile), lw(M * K), lq(M * K), pi_own(M * K) {}
+};
+
+template <int F, int PF, typename T>
+MMVAE_ALWAYS_INLINE void forward_item(const Args<T>& p, int64_t b, Item<T>& it, FwdScratch<T>& s) {
+  const int64_t M = p.M, K = p.K, B = p.B, L = p.L;
   const T ninf = -std::numeric_limits<T>::infinity();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    Item<T> it;
-    std::vector<T> a(M), pi_own(M * K);
-    for (int64_t b = b0; b < b1; ++b) {
-      load_item(it, b, M, B, L, loc, scale, ploc, pscale, mask, F, PF);
-      const auto& P = it.present;
-      for (int64_t r = 0; r < M; ++r)
-        if (mask != nullptr && !mask[r * B + b])
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t i = (r * K + k) * B + b;
-            lw[i] = ninf;
-            lq[i] = T(0);
-            if (zw != nullptr) zw[i] = T(0);
-          }
-      for (int64_t r : P)
+  load_item<F, PF>(it, p, b);
+  const auto& P = it.present;
+  for (int64_t r = 0; r < M; ++r)
+    if (!present(p, r, b))
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = (r * K + k) * B + b;
+        p.lw[i] = ninf;
+        p.lq[i] = T(0);
+        if (p.zw != nullptr) p.zw[i] = T(0);
+      }
+  T* lpz = s.a.data() + M * kTile;
+  for (int64_t r : P)
+    for (int64_t j0 = 0; j0 < K; j0 += kTile) {
+      const int64_t n = std::min(kTile, K - j0);
+      load_tile(p.z, r * K + j0, n, B, b, L, s.zt.data());
+      for (int64_t m : P)
+        tile_log_density<F>(s.zt.data(), &it.mu[m * L], &it.inv[m * L], it.lss[m], L, &s.a[m * kTile]);
+      tile_log_density<PF>(s.zt.data(), it.pmu.data(), it.pinv.data(), it.plss, L, lpz);
+      T mx[kTile], sum[kTile], lse[kTile];
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) mx[j] = ninf;
+      for (int64_t m : P) {
+        const T* am = &s.a[m * kTile];
+#pragma omp simd
+        for (int64_t j = 0; j < kTile; ++j) mx[j] = am[j] > mx[j] || am[j] != am[j] ? am[j] : mx[j];
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) sum[j] = T(0);
+      for (int64_t m : P) {
+        const T* am = &s.a[m * kTile];
+#pragma omp simd
+        for (int64_t j = 0; j < kTile; ++j) sum[j] += fast_exp(am[j] - (finite(mx[j]) ? mx[j] : T(0)));
+      }
+      const T* ar = &s.a[r * kTile];
+      T* lw = &s.lw[r * K + j0];
+      T* lq = &s.lq[r * K + j0];
+      T* po = &s.pi_own[r * K + j0];
+      T lpx[kTile];
+      for (int64_t j = 0; j < n; ++j) lpx[j] = p.lpx[((r * K + j0 + j) * B + b)];
+    // the sum is >= 1 when the max is finite (its own term is 1); otherwise the lse is the max
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) lse[j] = finite(mx[j]) ? mx[j] + fast_log1p(sum[j] - T(1)) : mx[j];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        lq[j] = lse[j] - it.log_n;
+        lw[j] = lpz[j] + lpx[j] - lq[j];
+        po[j] = fast_exp(ar[j] - lse[j]);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = (r * K + j0 + j) * B + b;
+        p.lw[i] = lw[j];
+        p.lq[i] = lq[j];
+      }
+    }
+  // the slices' (max, log-sum): per group (looser) or over all present groups (stratified)
+  auto slice_stats = [&](int64_t r_lo, int64_t r_hi, T* st) {
+    T mx = ninf;
+    for (int64_t r = r_lo; r < r_hi; ++r)
+      if (present(p, r, b))
         for (int64_t k = 0; k < K; ++k) {
-          const int64_t i = (r * K + k) * B + b;
-          const S* zr = z + i * L;
-          T mx = ninf;
-          for (int64_t m : P) {
-            a[m] = row_log_density<F>(zr, it.mu.data() + m * L, it.inv.data() + m * L, it.norm[m], L);
-            mx = a[m] > mx || a[m] != a[m] ? a[m] : mx;
-          }
-          const T shift = std::isfinite(mx) ? mx : T(0);
-          T s = T(0);
-          for (int64_t m : P) s += std::exp(a[m] - shift);
-          const T lse = shift + std::log(s);
-          const T lpz = row_log_density<PF>(zr, it.pmu.data(), it.pinv.data(), it.pnorm, L);
-          lq[i] = lse - it.log_n;
-          lw[i] = lpz + lpx[i] - lq[i];
-          pi_own[r * K + k] = std::exp(a[r] - lse);
+          const T v = s.lw[r * K + k];
+          mx = v > mx || v != v ? v : mx;
         }
-      // the slices' (max, log-sum): per group (looser) or over all present groups (stratified)
-      auto slice_stats = [&](int64_t r_lo, int64_t r_hi, T* st) {
-        T mx = ninf;
-        for (int64_t r = r_lo; r < r_hi; ++r)
-          if (mask == nullptr || mask[r * B + b])
-            for (int64_t k = 0; k < K; ++k) {
-              const T v = lw[(r * K + k) * B + b];
-              mx = v > mx || v != v ? v : mx;
-            }
-        T s = T(0);
-        if (mx != ninf)
-          for (int64_t r = r_lo; r < r_hi; ++r)
-            if (mask == nullptr || mask[r * B + b])
-              for (int64_t k = 0; k < K; ++k) s += std::exp(lw[(r * K + k) * B + b] - mx);
-        st[0] = mx;
-        st[1] = mx == ninf ? T(0) : std::log(s);
-      };
-      const T n = T(P.empty() ? 1 : P.size());
-      T value = T(0);
-      if (bound == kLooser) {
-        for (int64_t r = 0; r < M; ++r) {
-          T* st = stats + (r * B + b) * 2;
-          if (lse_in != nullptr) {
-            st[0] = lse_in[r * B + b];
-            st[1] = T(0);
-          } else {
-            slice_stats(r, r + 1, st);
-          }
+    T sum = T(0);
+    if (mx != ninf)
+      for (int64_t r = r_lo; r < r_hi; ++r)
+        if (present(p, r, b)) {
+          const T* lw = &s.lw[r * K];
+#pragma omp simd reduction(+ : sum)
+          for (int64_t k = 0; k < K; ++k) sum += fast_exp(lw[k] - mx);
         }
-        for (int64_t r : P) value += stats[(r * B + b) * 2] + stats[(r * B + b) * 2 + 1];
-        value = value / n - std::log(T(Kc));
+    st[0] = mx;
+    st[1] = mx == ninf ? T(0) : std::log(sum);
+  };
+  const T n = T(P.empty() ? 1 : P.size());
+  T value = T(0);
+  if (p.bound_kind == kLooser) {
+    for (int64_t r = 0; r < M; ++r) {
+      T* st = p.stats + (r * B + b) * 2;
+      if (p.lse_in != nullptr) {
+        st[0] = p.lse_in[r * B + b];
+        st[1] = T(0);
       } else {
-        T* st = stats + b * 2;
-        if (lse_in != nullptr) {
-          st[0] = lse_in[b];
-          st[1] = T(0);
-        } else {
-          slice_stats(0, M, st);
-        }
-        value = st[0] + st[1] - std::log(n * T(Kc));
-      }
-      out_bound[b] = P.empty() ? T(0) : value;
-      if (zw != nullptr)
-        for (int64_t r : P) {
-          const T* st = stats + (bound == kLooser ? r * B + b : b) * 2;
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t i = (r * K + k) * B + b;
-            const T w = moe_wbar(lw[i], st[0], st[1]);
-            zw[i] = estimator == kEq8 ? w : T(1) - pi_own[r * K + k] * (T(1) - w);
-          }
-        }
-    }
-  });
-}
-
-template <int F, int PF, typename T, typename S>
-void backward_kernel(const T* g, const S* z, const S* loc, const S* scale, const S* ploc, const S* pscale,
-                     const bool* mask, const T* lw, const T* lq, const T* stats, int bound, int estimator, int64_t M,
-                     int64_t K, int64_t B, int64_t L, int64_t Kc, S* gz, S* gloc, S* gscale, S* gploc, S* gpscale,
-                     T* glpx) {
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    Item<T> it;
-    std::vector<T> a(M), pi(M), sum_dA(L), dA_own(L), u_own(L), gl(M * L), gs(M * L), gpl(L), gps(L), gzr(L);
-    for (int64_t b = b0; b < b1; ++b) {
-      load_item(it, b, M, B, L, loc, scale, ploc, pscale, mask, F, PF);
-      const auto& P = it.present;
-      const T n = T(P.empty() ? 1 : P.size());
-      const T s = g[b] / (bound == kLooser ? n : T(1));
-      const T c = T(1) / (T(Kc) * (bound == kLooser ? T(1) : n));
-      std::fill(gl.begin(), gl.end(), T(0));
-      std::fill(gs.begin(), gs.end(), T(0));
-      std::fill(gpl.begin(), gpl.end(), T(0));
-      std::fill(gps.begin(), gps.end(), T(0));
-      for (int64_t r = 0; r < M; ++r)
-        if (mask != nullptr && !mask[r * B + b])
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t i = (r * K + k) * B + b;
-            glpx[i] = T(0);
-            for (int64_t l = 0; l < L; ++l) gz[i * L + l] = S(0);
-          }
-      for (int64_t r : P) {
-        const T* st = stats + (bound == kLooser ? r * B + b : b) * 2;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t i = (r * K + k) * B + b;
-          const S* zr = z + i * L;
-          const T w = moe_wbar(lw[i], st[0], st[1]);
-          const MoECoef<T> cf = moe_coef(estimator, s, w, c);
-          glpx[i] = cf.omega;
-          const T base = lq[i] + it.log_n;
-          for (int64_t m : P)
-            pi[m] = std::exp(row_log_density<F>(zr, it.mu.data() + m * L, it.inv.data() + m * L, it.norm[m], L) - base);
-          std::fill(sum_dA.begin(), sum_dA.end(), T(0));
-          for (int64_t m : P) {
-            const T* mu = it.mu.data() + m * L;
-            const T* inv = it.inv.data() + m * L;
-            const T pm = pi[m];
-            const T sc = -(m == r ? cf.score_own : cf.score_other) * pm;
-            T* glm = gl.data() + m * L;
-            T* gsm = gs.data() + m * L;
-            T* sdA = sum_dA.data();
-            const bool own = m == r;
-            T* dAo = dA_own.data();
-            T* uo = u_own.data();
-#pragma omp simd
-            for (int64_t l = 0; l < L; ++l) {
-              const T u = (T(zr[l]) - mu[l]) * inv[l];
-              const T d = moe_dphi<F>(u);
-              const T dA = -d * inv[l];
-              sdA[l] += pm * dA;
-              glm[l] += sc * d * inv[l];
-              gsm[l] += sc * (u * d - T(1)) * inv[l];
-              if (own) {
-                dAo[l] = dA;
-                uo[l] = u;
-              }
-            }
-          }
-          const T om = cf.omega;
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) {
-            const T u = (T(zr[l]) - it.pmu[l]) * it.pinv[l];
-            const T d = moe_dphi<PF>(u);
-            gzr[l] = om * (-d * it.pinv[l] - sum_dA[l]);
-            gpl[l] += om * d * it.pinv[l];
-            gps[l] += om * (u * d - T(1)) * it.pinv[l];
-          }
-          for (int64_t l = 0; l < L; ++l) gz[i * L + l] = S(gzr[l]);
-          if (cf.alias != T(0)) {  // -alias pi_r (dA_r - sum_m pi_m dA_m), through loc_r + scale_r eps
-            const T beta = -cf.alias * pi[r];
-            T* glr = gl.data() + r * L;
-            T* gsr = gs.data() + r * L;
-#pragma omp simd
-            for (int64_t l = 0; l < L; ++l) {
-              const T ga = beta * (dA_own[l] - sum_dA[l]);
-              glr[l] += ga;
-              gsr[l] += ga * u_own[l];
-            }
-          }
-        }
-      }
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t l = 0; l < L; ++l) {
-          gloc[(m * B + b) * L + l] = S(gl[m * L + l]);
-          gscale[(m * B + b) * L + l] = S(gs[m * L + l]);
-        }
-      for (int64_t l = 0; l < L; ++l) {
-        gploc[b * L + l] = S(gpl[l]);
-        gpscale[b * L + l] = S(gps[l]);
+        slice_stats(r, r + 1, st);
       }
     }
-  });
-}
-
-void check_inputs(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& ploc,
-                  const at::Tensor& pscale, const at::Tensor& lpx, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(z.dim() == 4, "moe_estimator: z must be [M, K, B, L]");
-  const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
-  TORCH_CHECK(loc.sizes() == at::IntArrayRef({M, B, L}) && scale.sizes() == loc.sizes(),
-              "moe_estimator: loc and scale must be [M, B, L]");
-  TORCH_CHECK(ploc.sizes() == at::IntArrayRef({B, L}) && pscale.sizes() == ploc.sizes(),
-              "moe_estimator: the prior's loc and scale must be [B, L]");
-  TORCH_CHECK(lpx.sizes() == at::IntArrayRef({M, K, B}), "moe_estimator: lpx must be [M, K, B]");
-  TORCH_CHECK(lpx.scalar_type() == acc_type(z), "moe_estimator: lpx must be in the accumulation dtype");
-  for (const auto* t : {&loc, &scale, &ploc, &pscale})
-    TORCH_CHECK(t->scalar_type() == z.scalar_type(), "moe_estimator: z, loc, scale and the prior share one dtype");
-  if (mask.has_value())
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == at::IntArrayRef({M, B}),
-                "moe_estimator: mask must be bool [M, B]");
-}
-
-template <typename Fn>
-void dispatch_families(int fam, int pfam, Fn&& fn) {
-  if (fam == kNormal) {
-    if (pfam == kNormal) fn(std::integral_constant<int, kNormal>{}, std::integral_constant<int, kNormal>{});
-    else fn(std::integral_constant<int, kNormal>{}, std::integral_constant<int, kLaplace>{});
+    for (int64_t r : P) value += p.stats[(r * B + b) * 2] + p.stats[(r * B + b) * 2 + 1];
+    value = value / n - std::log(T(p.Kc));
   } else {
-    if (pfam == kNormal) fn(std::integral_constant<int, kLaplace>{}, std::integral_constant<int, kNormal>{});
-    else fn(std::integral_constant<int, kLaplace>{}, std::integral_constant<int, kLaplace>{});
+    T* st = p.stats + b * 2;
+    if (p.lse_in != nullptr) {
+      st[0] = p.lse_in[b];
+      st[1] = T(0);
+    } else {
+      slice_stats(0, M, st);
+    }
+    value = st[0] + st[1] - std::log(n * T(p.Kc));
+  }
+  p.bound[b] = P.empty() ? T(0) : value;
+  if (p.zw == nullptr) return;
+  const bool eq8 = p.estimator == kEq8;
+  for (int64_t r : P) {
+    const T* st = p.stats + (p.bound_kind == kLooser ? r * B + b : b) * 2;
+    const T mx = st[0], ls = st[1];
+    T* lw = &s.lw[r * K];
+    const T* po = &s.pi_own[r * K];
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {  // lw's row becomes z_weight's
+      const T w = wbar(lw[k], mx, ls);
+      lw[k] = eq8 ? w : T(1) - po[k] * (T(1) - w);
+    }
+    for (int64_t k = 0; k < K; ++k) p.zw[(r * K + k) * B + b] = lw[k];
   }
 }
+
+// Per-thread scratch of the backward: a tile of z and of its gradient, per-lane coefficients, and
+// per-lane partial sums of the item's loc / scale gradients [M][L][kTile] and the prior's [L][kTile].
+template <typename T>
+struct BwdScratch {
+  std::vector<T> zt, gzt, a, sc, gl, gs, gpl, gps;
+  BwdScratch(int64_t M, int64_t L)
+      : zt(L * kTile),
+        gzt(L * kTile),
+        a(M * kTile),
+        sc(M * kTile),
+        gl(M * L * kTile),
+        gs(M * L * kTile),
+        gpl(L * kTile),
+        gps(L * kTile) {}
+};
+
+template <int F, int PF, typename T>
+MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it, BwdScratch<T>& s) {
+  const int64_t M = p.M, K = p.K, B = p.B, L = p.L;
+  load_item<F, PF>(it, p, b);
+  const auto& P = it.present;
+  const bool looser = p.bound_kind == kLooser;
+  const T n_b = T(P.empty() ? 1 : P.size());
+  const T sg = p.g[b] / (looser ? n_b : T(1));
+  const T c = T(1) / (T(p.Kc) * (looser ? T(1) : n_b));
+  const int est = p.estimator;
+  const bool alias = est == kMixture || est == kMixtureCentred;
+  std::fill(s.gl.begin(), s.gl.end(), T(0));
+  std::fill(s.gs.begin(), s.gs.end(), T(0));
+  std::fill(s.gpl.begin(), s.gpl.end(), T(0));
+  std::fill(s.gps.begin(), s.gps.end(), T(0));
+  for (int64_t r = 0; r < M; ++r)
+    if (!present(p, r, b))
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = (r * K + k) * B + b;
+        p.glpx[i] = T(0);
+        for (int64_t l = 0; l < L; ++l) p.gz[i * L + l] = T(0);
+      }
+  for (int64_t r : P) {
+    const T* st = p.stats_in + (looser ? r * B + b : b) * 2;
+    const T mx = st[0], ls = st[1];
+    for (int64_t j0 = 0; j0 < K; j0 += kTile) {
+      const int64_t n = std::min(kTile, K - j0);
+      load_tile(p.z, r * K + j0, n, B, b, L, s.zt.data());
+      T lw[kTile], base[kTile];
+      for (int64_t j = 0; j < kTile; ++j) {
+        const int64_t i = (r * K + j0 + j) * B + b;
+        lw[j] = j < n ? p.lw_in[i] : T(0);
+        base[j] = j < n ? p.lq_in[i] + it.log_n : T(0);
+      }
+      // the estimator's coefficients per sample (moe_coef), 0 in the padding lanes
+      T om[kTile], s_own[kTile], s_other[kTile], al[kTile];
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) {
+        const T w = wbar(lw[j], mx, ls);
+        const bool on = j < n;
+        const T o = on ? sg * w : T(0);
+        const T centred = on ? sg * (w - c) : T(0);
+        om[j] = o;
+        s_own[j] = est == kIwae ? o : T(0);
+        s_other[j] = est == kIwae || est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
+        al[j] = est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
+      }
+      for (int64_t j = 0; j < n; ++j) p.glpx[(r * K + j0 + j) * B + b] = om[j];
+      // pi_m = q_m(z) / sum_m' q_m'(z) from the saved lq; sc_m = -score_m pi_m
+      for (int64_t m : P) {
+        T* am = &s.a[m * kTile];
+        T* scm = &s.sc[m * kTile];
+        tile_log_density<F>(s.zt.data(), &it.mu[m * L], &it.inv[m * L], it.lss[m], L, am);
+        const T* sm = m == r ? s_own : s_other;
+#pragma omp simd
+        for (int64_t j = 0; j < kTile; ++j) {
+          am[j] = j < n ? fast_exp(am[j] - base[j]) : T(0);  // a becomes pi
+          scm[j] = -sm[j] * am[j];
+        }
+      }
+      T beta[kTile];
+      const T* pir = &s.a[r * kTile];
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) beta[j] = -al[j] * pir[j];
+      for (int64_t l = 0; l < L; ++l) {
+        const T* zl = &s.zt[l * kTile];
+        T sdA[kTile];  // sum_m pi_m d log q_m / dz
+#pragma omp simd
+        for (int64_t j = 0; j < kTile; ++j) sdA[j] = T(0);
+        for (int64_t m : P) {
+          const T lo = it.mu[m * L + l], iv = it.inv[m * L + l];
+          const T* pim = &s.a[m * kTile];
+          const T* scm = &s.sc[m * kTile];
+          T* glm = &s.gl[(m * L + l) * kTile];
+          T* gsm = &s.gs[(m * L + l) * kTile];
+#pragma omp simd
+          for (int64_t j = 0; j < kTile; ++j) {
+            const T u = (zl[j] - lo) * iv;
+            const T d = moe_dphi<F>(u);
+            sdA[j] += pim[j] * (-d * iv);
+            glm[j] += scm[j] * d * iv;
+            gsm[j] += scm[j] * (u * d - T(1)) * iv;
+          }
+        }
+        if (alias) {  // -alias pi_r (dA_r - sum_m pi_m dA_m), through loc_r + scale_r eps
+          const T lo = it.mu[r * L + l], iv = it.inv[r * L + l];
+          T* glr = &s.gl[(r * L + l) * kTile];
+          T* gsr = &s.gs[(r * L + l) * kTile];
+#pragma omp simd
+          for (int64_t j = 0; j < kTile; ++j) {
+            const T u = (zl[j] - lo) * iv;
+            const T ga = beta[j] * (-moe_dphi<F>(u) * iv - sdA[j]);
+            glr[j] += ga;
+            gsr[j] += ga * u;
+          }
+        }
+        const T plo = it.pmu[l], piv = it.pinv[l];
+        T* gzl = &s.gzt[l * kTile];
+        T* gpl = &s.gpl[l * kTile];
+        T* gps = &s.gps[l * kTile];
+#pragma omp simd
+        for (int64_t j = 0; j < kTile; ++j) {
+          const T u = (zl[j] - plo) * piv;
+          const T d = moe_dphi<PF>(u);
+          gzl[j] = om[j] * (-d * piv - sdA[j]);
+          gpl[j] += om[j] * d * piv;
+          gps[j] += om[j] * (u * d - T(1)) * piv;
+        }
+      }
+      store_tile(s.gzt.data(), r * K + j0, n, B, b, L, p.gz);
+    }
+  }
+  auto lane_sum = [](const T* v) {
+    T acc = T(0);
+    for (int64_t j = 0; j < kTile; ++j) acc += v[j];
+    return acc;
+  };
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t l = 0; l < L; ++l) {
+      p.gloc[(m * B + b) * L + l] = lane_sum(&s.gl[(m * L + l) * kTile]);
+      p.gscale[(m * B + b) * L + l] = lane_sum(&s.gs[(m * L + l) * kTile]);
+    }
+  for (int64_t l = 0; l < L; ++l) {
+    p.gploc[b * L + l] = lane_sum(&s.gpl[l * kTile]);
+    p.gpscale[b * L + l] = lane_sum(&s.gps[l * kTile]);
+  }
+}
+
+template <int F, int PF, typename T>
+MMVAE_ALWAYS_INLINE void forward_range_t(const Args<T>& p, int64_t b0, int64_t b1) {
+  Item<T> it;
+  FwdScratch<T> s(p.M, p.K, p.L);
+  for (int64_t b = b0; b < b1; ++b) forward_item<F, PF>(p, b, it, s);
+}
+
+template <int F, int PF, typename T>
+MMVAE_ALWAYS_INLINE void backward_range_t(const Args<T>& p, int64_t b0, int64_t b1) {
+  Item<T> it;
+  BwdScratch<T> s(p.M, p.L);
+  for (int64_t b = b0; b < b1; ++b) backward_item<F, PF>(p, b, it, s);
+}
+
+// The families as template constants, inside the per-ISA clones below (a lambda would be compiled
+// once, for the baseline ISA).
+#define MMVAE_MOE_FAMILIES(fam, pfam, FN, ...)                   \
+  do {                                                           \
+    if ((fam) == kNormal) {                                      \
+      if ((pfam) == kNormal) FN<kNormal, kNormal>(__VA_ARGS__);  \
+      else FN<kNormal, kLaplace>(__VA_ARGS__);                   \
+    } else {                                                     \
+      if ((pfam) == kNormal) FN<kLaplace, kNormal>(__VA_ARGS__); \
+      else FN<kLaplace, kLaplace>(__VA_ARGS__);                  \
+    }                                                            \
+  } while (0)
+
+MMVAE_CPU_MULTIVERSION void fwd_f32(int f, int pf, const Args<float>& p, int64_t b0, int64_t b1) {
+  MMVAE_MOE_FAMILIES(f, pf, forward_range_t, p, b0, b1);
+}
+MMVAE_CPU_MULTIVERSION void fwd_f64(int f, int pf, const Args<double>& p, int64_t b0, int64_t b1) {
+  MMVAE_MOE_FAMILIES(f, pf, forward_range_t, p, b0, b1);
+}
+MMVAE_CPU_MULTIVERSION void bwd_f32(int f, int pf, const Args<float>& p, int64_t b0, int64_t b1) {
+  MMVAE_MOE_FAMILIES(f, pf, backward_range_t, p, b0, b1);
+}
+MMVAE_CPU_MULTIVERSION void bwd_f64(int f, int pf, const Args<double>& p, int64_t b0, int64_t b1) {
+  MMVAE_MOE_FAMILIES(f, pf, backward_range_t, p, b0, b1);
+}
+void run_fwd(int f, int pf, const Args<float>& p, int64_t b0, int64_t b1) { fwd_f32(f, pf, p, b0, b1); }
+void run_fwd(int f, int pf, const Args<double>& p, int64_t b0, int64_t b1) { fwd_f64(f, pf, p, b0, b1); }
+void run_bwd(int f, int pf, const Args<float>& p, int64_t b0, int64_t b1) { bwd_f32(f, pf, p, b0, b1); }
+void run_bwd(int f, int pf, const Args<double>& p, int64_t b0, int64_t b1) { bwd_f64(f, pf, p, b0, b1); }
+
+// Items per thread chunk: about 1e5 density terms per chunk, so small problems stay on one thread.
+int64_t item_grain(int64_t M, int64_t K, int64_t L) { return task_grain((M + 1) * M * K * L); }
 
 }  // namespace
 
-// -> (bound [B], lw [M, K, B], z_weight [M, K, B] or [0], lq [M, K, B], stats [S, 2])
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_cpu(
-    const at::Tensor& z_, const at::Tensor& loc_, const at::Tensor& scale_, const at::Tensor& ploc_,
-    const at::Tensor& pscale_, const at::Tensor& lpx_, c10::string_view family, c10::string_view prior_family,
-    c10::string_view bound_s, c10::string_view estimator_s, const c10::optional<at::Tensor>& mask_,
-    const c10::optional<at::Tensor>& lse_, c10::optional<int64_t> num_samples) {
-  check_inputs(z_, loc_, scale_, ploc_, pscale_, lpx_, mask_);
-  const int fam = family_code(family), pfam = family_code(prior_family);
-  const int bound = bound_code(bound_s), estimator = estimator_code(estimator_s);
-  const auto z = z_.contiguous(), loc = loc_.contiguous(), scale = scale_.contiguous();
-  const auto ploc = ploc_.contiguous(), pscale = pscale_.contiguous(), lpx = lpx_.contiguous();
-  const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
-  const int64_t Kc = num_samples.has_value() ? *num_samples : K;
-  const auto acc = z.options().dtype(acc_type(z));
-  auto out_bound = at::empty({B}, acc), lw = at::empty({M, K, B}, acc), lq = at::empty({M, K, B}, acc);
-  const bool want_zw = estimator == kEq8 || estimator == kMixture || estimator == kMixtureCentred;
-  auto zw = want_zw ? at::empty({M, K, B}, acc) : at::empty({0}, acc);
-  auto stats = at::empty({bound == kLooser ? M * B : B, 2}, acc);
-  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
-  at::Tensor lse;
-  if (lse_.has_value()) lse = lse_->to(acc_type(z)).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "moe_estimator_cpu", [&] {
+    const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& ploc,
+    const at::Tensor& pscale, const at::Tensor& lpx, c10::string_view family, c10::string_view prior_family,
+    c10::string_view bound, c10::string_view estimator, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& lse, c10::optional<int64_t> num_samples) {
+  const MoEForward f = moe_forward_setup(z, loc, scale, ploc, pscale, lpx, family, prior_family, bound, estimator, mask,
+                                         lse, num_samples);
+  AT_DISPATCH_FLOATING_TYPES(f.z.scalar_type(), "moe_estimator_cpu", [&] {
     using T = scalar_t;  // float or double: the accumulation dtype is the input's
-    dispatch_families(fam, pfam, [&](auto F, auto PF) {
-      forward_kernel<decltype(F)::value, decltype(PF)::value, T, scalar_t>(
-          z.data_ptr<scalar_t>(), loc.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), ploc.data_ptr<scalar_t>(),
-          pscale.data_ptr<scalar_t>(), lpx.data_ptr<T>(), mask.defined() ? mask.data_ptr<bool>() : nullptr,
-          lse.defined() ? lse.data_ptr<T>() : nullptr, bound, estimator, M, K, B, L, Kc, out_bound.data_ptr<T>(),
-          lw.data_ptr<T>(), want_zw ? zw.data_ptr<T>() : nullptr, lq.data_ptr<T>(), stats.data_ptr<T>());
-    });
+    Args<T> p{};
+    p.z = f.z.data_ptr<T>(), p.loc = f.loc.data_ptr<T>(), p.scale = f.scale.data_ptr<T>();
+    p.ploc = f.ploc.data_ptr<T>(), p.pscale = f.pscale.data_ptr<T>(), p.lpx = f.lpx.data_ptr<T>();
+    p.lse_in = f.lse.defined() ? f.lse.data_ptr<T>() : nullptr;
+    p.mask = f.mask.defined() ? f.mask.data_ptr<bool>() : nullptr;
+    p.bound = f.bound.data_ptr<T>(), p.lw = f.lw.data_ptr<T>(), p.lq = f.lq.data_ptr<T>();
+    p.zw = f.want_zw ? f.zw.data_ptr<T>() : nullptr, p.stats = f.stats.data_ptr<T>();
+    p.bound_kind = f.bound_kind, p.estimator = f.estimator;
+    p.M = f.M, p.K = f.K, p.B = f.B, p.L = f.L, p.Kc = f.Kc;
+    at::parallel_for(0, f.B, item_grain(f.M, f.K, f.L),
+                     [&](int64_t b0, int64_t b1) { run_fwd(f.fam, f.pfam, p, b0, b1); });
   });
-  return {out_bound, lw, zw, lq, stats};
+  return f.outputs();
 }
 
-// -> (grad z, grad loc, grad scale, grad prior loc [B, L], grad prior scale [B, L], grad lpx)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_backward_cpu(
-    const at::Tensor& grad_, const at::Tensor& z_, const at::Tensor& loc_, const at::Tensor& scale_,
-    const at::Tensor& ploc_, const at::Tensor& pscale_, const c10::optional<at::Tensor>& mask_, const at::Tensor& lw_,
-    const at::Tensor& lq_, const at::Tensor& stats_, c10::string_view family, c10::string_view prior_family,
-    c10::string_view bound_s, c10::string_view estimator_s, c10::optional<int64_t> num_samples) {
-  const int fam = family_code(family), pfam = family_code(prior_family);
-  const int bound = bound_code(bound_s), estimator = estimator_code(estimator_s);
-  const auto z = z_.contiguous(), loc = loc_.contiguous(), scale = scale_.contiguous();
-  const auto ploc = ploc_.contiguous(), pscale = pscale_.contiguous();
-  const auto lw = lw_.contiguous(), lq = lq_.contiguous(), stats = stats_.contiguous();
-  const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
-  const int64_t Kc = num_samples.has_value() ? *num_samples : K;
-  const auto grad = grad_.to(acc_type(z)).contiguous();
-  auto gz = at::empty_like(z), gloc = at::empty_like(loc), gscale = at::empty_like(scale);
-  auto gploc = at::empty_like(ploc), gpscale = at::empty_like(pscale), glpx = at::empty_like(lw);
-  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "moe_estimator_backward_cpu", [&] {
-    using T = scalar_t;  // float or double: the accumulation dtype is the input's
-    dispatch_families(fam, pfam, [&](auto F, auto PF) {
-      backward_kernel<decltype(F)::value, decltype(PF)::value, T, scalar_t>(
-          grad.data_ptr<T>(), z.data_ptr<scalar_t>(), loc.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
-          ploc.data_ptr<scalar_t>(), pscale.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr,
-          lw.data_ptr<T>(), lq.data_ptr<T>(), stats.data_ptr<T>(), bound, estimator, M, K, B, L, Kc,
-          gz.data_ptr<scalar_t>(), gloc.data_ptr<scalar_t>(), gscale.data_ptr<scalar_t>(), gploc.data_ptr<scalar_t>(),
-          gpscale.data_ptr<scalar_t>(), glpx.data_ptr<T>());
-    });
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& ploc,
+    const at::Tensor& pscale, const c10::optional<at::Tensor>& mask, const at::Tensor& lw, const at::Tensor& lq,
+    const at::Tensor& stats, c10::string_view family, c10::string_view prior_family, c10::string_view bound,
+    c10::string_view estimator, c10::optional<int64_t> num_samples) {
+  const MoEBackward q = moe_backward_setup(grad, z, loc, scale, ploc, pscale, mask, lw, lq, stats, family, prior_family,
+                                           bound, estimator, num_samples);
+  AT_DISPATCH_FLOATING_TYPES(q.z.scalar_type(), "moe_estimator_backward_cpu", [&] {
+    using T = scalar_t;
+    Args<T> p{};
+    p.g = q.grad.data_ptr<T>(), p.z = q.z.data_ptr<T>(), p.loc = q.loc.data_ptr<T>(), p.scale = q.scale.data_ptr<T>();
+    p.ploc = q.ploc.data_ptr<T>(), p.pscale = q.pscale.data_ptr<T>();
+    p.mask = q.mask.defined() ? q.mask.data_ptr<bool>() : nullptr;
+    p.lw_in = q.lw.data_ptr<T>(), p.lq_in = q.lq.data_ptr<T>(), p.stats_in = q.stats.data_ptr<T>();
+    p.gz = q.gz.data_ptr<T>(), p.gloc = q.gloc.data_ptr<T>(), p.gscale = q.gscale.data_ptr<T>();
+    p.gploc = q.gploc.data_ptr<T>(), p.gpscale = q.gpscale.data_ptr<T>(), p.glpx = q.glpx.data_ptr<T>();
+    p.bound_kind = q.bound_kind, p.estimator = q.estimator;
+    p.M = q.M, p.K = q.K, p.B = q.B, p.L = q.L, p.Kc = q.Kc;
+    at::parallel_for(0, q.B, item_grain(q.M, q.K, q.L),
+                     [&](int64_t b0, int64_t b1) { run_bwd(q.fam, q.pfam, p, b0, b1); });
   });
-  return {gz, gloc, gscale, gploc, gpscale, glpx};
+  return q.outputs();
 }
 
 }  // namespace mmvae_fast::cpu

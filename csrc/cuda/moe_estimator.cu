@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "mmvae_fast/moe_estimator.h"
+#include "mmvae_fast/moe_estimator_args.h"
 #include "reduce.cuh"
 
 namespace mmvae_fast {
@@ -35,27 +36,6 @@ constexpr int kStatLanes = 8;   // ... and k-lanes along y
 constexpr int kBwdWarps = 4;    // backward: warps per block (each its own (b, chunk))
 constexpr int64_t kBwdTargetWarps = 2048;
 constexpr size_t kSmemBudget = 48 * 1024;
-
-int family_code(c10::string_view f) {
-  if (f == "normal") return kNormal;
-  if (f == "laplace") return kLaplace;
-  TORCH_CHECK(false, "moe_estimator: family must be 'normal' or 'laplace', got '", std::string(f), "'");
-}
-
-int bound_code(c10::string_view b) {
-  if (b == "looser") return kLooser;
-  if (b == "stratified") return kStratified;
-  TORCH_CHECK(false, "moe_estimator: bound must be 'looser' or 'stratified', got '", std::string(b), "'");
-}
-
-int estimator_code(c10::string_view e) {
-  if (e == "iwae") return kIwae;
-  if (e == "eq8") return kEq8;
-  if (e == "mixture") return kMixture;
-  if (e == "mixture-centred") return kMixtureCentred;
-  if (e == "released") return kReleased;
-  TORCH_CHECK(false, "moe_estimator: unknown estimator '", std::string(e), "'");
-}
 
 __device__ __forceinline__ bool present(const bool* mask, int64_t m, int64_t b, int64_t B) {
   return mask == nullptr || mask[m * B + b];
@@ -345,37 +325,12 @@ __global__ void reduce_backward_kernel(const T* __restrict__ partial, int64_t M,
   }
 }
 
-// The same host checks as the CPU kernel, plus the device.
-void check_inputs(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& ploc,
-                  const at::Tensor& pscale, const at::Tensor& lpx, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(z.dim() == 4, "moe_estimator: z must be [M, K, B, L]");
-  const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
-  TORCH_CHECK(loc.sizes() == at::IntArrayRef({M, B, L}) && scale.sizes() == loc.sizes(),
-              "moe_estimator: loc and scale must be [M, B, L]");
-  TORCH_CHECK(ploc.sizes() == at::IntArrayRef({B, L}) && pscale.sizes() == ploc.sizes(),
-              "moe_estimator: the prior's loc and scale must be [B, L]");
-  TORCH_CHECK(lpx.sizes() == at::IntArrayRef({M, K, B}), "moe_estimator: lpx must be [M, K, B]");
-  TORCH_CHECK(lpx.scalar_type() == acc_type(z), "moe_estimator: lpx must be in the accumulation dtype");
-  for (const auto* t : {&loc, &scale, &ploc, &pscale})
-    TORCH_CHECK(t->scalar_type() == z.scalar_type(), "moe_estimator: z, loc, scale and the prior share one dtype");
+// The device checks (the rest: moe_forward_setup).
+void check_devices(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& ploc,
+                   const at::Tensor& pscale, const at::Tensor& lpx, const c10::optional<at::Tensor>& mask) {
   for (const auto* t : {&z, &loc, &scale, &ploc, &pscale, &lpx})
     TORCH_CHECK(t->is_cuda() && t->device() == z.device(), "moe_estimator: every tensor on z's CUDA device");
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == at::IntArrayRef({M, B}),
-                "moe_estimator: mask must be bool [M, B]");
-    TORCH_CHECK(mask->device() == z.device(), "moe_estimator: mask must be on z's device");
-  }
-}
-
-template <typename Fn>
-void dispatch_families(int fam, int pfam, Fn&& fn) {
-  if (fam == kNormal) {
-    if (pfam == kNormal) fn(std::integral_constant<int, kNormal>{}, std::integral_constant<int, kNormal>{});
-    else fn(std::integral_constant<int, kNormal>{}, std::integral_constant<int, kLaplace>{});
-  } else {
-    if (pfam == kNormal) fn(std::integral_constant<int, kLaplace>{}, std::integral_constant<int, kNormal>{});
-    else fn(std::integral_constant<int, kLaplace>{}, std::integral_constant<int, kLaplace>{});
-  }
+  if (mask.has_value()) TORCH_CHECK(mask->device() == z.device(), "moe_estimator: mask must be on z's device");
 }
 
 // 1/scale and the log-normalisers of the experts and the prior: ([(M + 1) B, L], [(M + 1) B]).
@@ -399,36 +354,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estim
     const at::Tensor& pscale_, const at::Tensor& lpx_, c10::string_view family, c10::string_view prior_family,
     c10::string_view bound_s, c10::string_view estimator_s, const c10::optional<at::Tensor>& mask_,
     const c10::optional<at::Tensor>& lse_, c10::optional<int64_t> num_samples) {
-  check_inputs(z_, loc_, scale_, ploc_, pscale_, lpx_, mask_);
-  const int fam = family_code(family), pfam = family_code(prior_family);
-  const int bound = bound_code(bound_s), estimator = estimator_code(estimator_s);
+  check_devices(z_, loc_, scale_, ploc_, pscale_, lpx_, mask_);
   const c10::cuda::CUDAGuard guard(z_.device());
-  const auto z = z_.contiguous(), loc = loc_.contiguous(), scale = scale_.contiguous();
-  const auto ploc = ploc_.contiguous(), pscale = pscale_.contiguous(), lpx = lpx_.contiguous();
-  const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
-  const int64_t Kc = num_samples.has_value() ? *num_samples : K;
-  const auto acc = z.options().dtype(acc_type(z));
-  auto out_bound = at::empty({B}, acc), lw = at::empty({M, K, B}, acc), lq = at::empty({M, K, B}, acc);
-  const bool want_zw = estimator == kEq8 || estimator == kMixture || estimator == kMixtureCentred;
-  auto zw = want_zw ? at::empty({M, K, B}, acc) : at::empty({0}, acc);
-  auto stats = at::empty({bound == kLooser ? M * B : B, 2}, acc);
-  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
-  at::Tensor lse;
-  if (lse_.has_value()) {
-    TORCH_CHECK(lse_->device() == z.device(), "moe_estimator: lse must be on z's device");
-    lse = lse_->to(acc_type(z)).contiguous();
-    TORCH_CHECK(lse.numel() == (bound == kLooser ? M * B : B), "moe_estimator: lse must be [M, B] (looser) or [B]");
-  }
+  const MoEForward f = moe_forward_setup(z_, loc_, scale_, ploc_, pscale_, lpx_, family, prior_family, bound_s,
+                                         estimator_s, mask_, lse_, num_samples);
+  const auto &z = f.z, &loc = f.loc, &scale = f.scale, &ploc = f.ploc, &pscale = f.pscale, &lpx = f.lpx;
+  const auto &mask = f.mask, &lse = f.lse;
+  const auto &out_bound = f.bound, &lw = f.lw, &zw = f.zw, &lq = f.lq, &stats = f.stats;
+  const int fam = f.fam, pfam = f.pfam, bound = f.bound_kind, estimator = f.estimator;
+  const bool want_zw = f.want_zw;
+  const int64_t M = f.M, K = f.K, B = f.B, L = f.L, Kc = f.Kc;
   if (M == 0 || B == 0) {
     out_bound.zero_();
-    return {out_bound, lw, zw, lq, stats};
+    return f.outputs();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool* mk = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "moe_estimator_cuda", [&] {
     using T = scalar_t;  // float or double: the accumulation dtype is the input's
     const auto [inv, norm] = prepare<T>(scale, pscale, mk, fam, pfam, M, B, L, stream);
-    dispatch_families(fam, pfam, [&](auto F, auto PF) {
+    moe_dispatch_families(fam, pfam, [&](auto F, auto PF) {
       sample_forward_kernel<decltype(F)::value, decltype(PF)::value, T>
           <<<grid_for(M * K * B, kWarpsPerBlock), kBlock, 0, stream>>>(
               z.const_data_ptr<T>(), loc.const_data_ptr<T>(), ploc.const_data_ptr<T>(), inv.const_data_ptr<T>(),
@@ -446,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estim
         want_zw ? zw.data_ptr<T>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out_bound, lw, zw, lq, stats};
+  return f.outputs();
 }
 
 // -> (grad z, grad loc, grad scale, grad prior loc [B, L], grad prior scale [B, L], grad lpx)
@@ -455,24 +400,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& ploc_, const at::Tensor& pscale_, const c10::optional<at::Tensor>& mask_, const at::Tensor& lw_,
     const at::Tensor& lq_, const at::Tensor& stats_, c10::string_view family, c10::string_view prior_family,
     c10::string_view bound_s, c10::string_view estimator_s, c10::optional<int64_t> num_samples) {
-  const int fam = family_code(family), pfam = family_code(prior_family);
-  const int bound = bound_code(bound_s), estimator = estimator_code(estimator_s);
   const c10::cuda::CUDAGuard guard(z_.device());
-  const auto z = z_.contiguous(), loc = loc_.contiguous(), scale = scale_.contiguous();
-  const auto ploc = ploc_.contiguous(), pscale = pscale_.contiguous();
-  const auto lw = lw_.contiguous(), lq = lq_.contiguous(), stats = stats_.contiguous();
-  const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
-  TORCH_CHECK(lw.sizes() == at::IntArrayRef({M, K, B}) && lq.sizes() == lw.sizes(),
-              "moe_estimator_backward: lw and lq must be [M, K, B]");
-  TORCH_CHECK(stats.numel() == (bound == kLooser ? M * B : B) * 2, "moe_estimator_backward: stats has the wrong size");
-  const int64_t Kc = num_samples.has_value() ? *num_samples : K;
-  const auto grad = grad_.to(acc_type(z)).contiguous();
-  auto gz = at::empty_like(z), gloc = at::empty_like(loc), gscale = at::empty_like(scale);
-  auto gploc = at::empty_like(ploc), gpscale = at::empty_like(pscale), glpx = at::empty_like(lw);
-  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  const MoEBackward q = moe_backward_setup(grad_, z_, loc_, scale_, ploc_, pscale_, mask_, lw_, lq_, stats_, family,
+                                           prior_family, bound_s, estimator_s, num_samples);
+  const auto &grad = q.grad, &z = q.z, &loc = q.loc, &ploc = q.ploc, &mask = q.mask;
+  const auto &lw = q.lw, &lq = q.lq, &stats = q.stats, &scale = q.scale, &pscale = q.pscale;
+  const auto &gz = q.gz, &gloc = q.gloc, &gscale = q.gscale, &gploc = q.gploc, &gpscale = q.gpscale, &glpx = q.glpx;
+  const int fam = q.fam, pfam = q.pfam, bound = q.bound_kind, estimator = q.estimator;
+  const int64_t M = q.M, K = q.K, B = q.B, L = q.L, Kc = q.Kc;
   if (M == 0 || B == 0) {
-    for (auto* t : {&gz, &gloc, &gscale, &gploc, &gpscale, &glpx}) t->zero_();
-    return {gz, gloc, gscale, gploc, gpscale, glpx};
+    for (const auto* t : {&gz, &gloc, &gscale, &gploc, &gpscale, &glpx}) t->zero_();
+    return q.outputs();
   }
   // (item, k-chunk) tasks, a warp each: about kBwdTargetWarps of them, every chunk non-empty
   int64_t C = std::max<int64_t>(1, std::min<int64_t>(K, ceil_div(kBwdTargetWarps, B)));
@@ -493,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (!in_smem) W = kBwdWarps;
     const size_t smem = size_t(W) * (in_smem ? per_warp : size_t(M) * sizeof(T));
     TORCH_CHECK(smem <= kSmemBudget, "moe_estimator_backward: too many experts (M = ", M, ")");
-    dispatch_families(fam, pfam, [&](auto F, auto PF) {
+    moe_dispatch_families(fam, pfam, [&](auto F, auto PF) {
       sample_backward_kernel<decltype(F)::value, decltype(PF)::value, T>
           <<<static_cast<unsigned>(ceil_div(B * C, W)), W * kWarp, smem, stream>>>(
               grad.const_data_ptr<T>(), z.const_data_ptr<T>(), loc.const_data_ptr<T>(), ploc.const_data_ptr<T>(),
@@ -507,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         gpscale.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {gz, gloc, gscale, gploc, gpscale, glpx};
+  return q.outputs();
 }
 
 }  // namespace cuda

@@ -1,0 +1,155 @@
+// Host code of the moe_estimator op shared by the CPU and CUDA kernel files: the string arguments'
+// codes, the argument checks, and the switch that turns the two families into template constants.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#include "mmvae_fast/host.h"
+#include "mmvae_fast/moe_estimator.h"
+
+namespace mmvae_fast {
+
+inline int moe_family_code(c10::string_view f) {
+  if (f == "normal") return kNormal;
+  if (f == "laplace") return kLaplace;
+  TORCH_CHECK(false, "moe_estimator: family must be 'normal' or 'laplace', got '", std::string(f), "'");
+}
+
+inline int moe_bound_code(c10::string_view b) {
+  if (b == "looser") return kLooser;
+  if (b == "stratified") return kStratified;
+  TORCH_CHECK(false, "moe_estimator: bound must be 'looser' or 'stratified', got '", std::string(b), "'");
+}
+
+inline int moe_estimator_code(c10::string_view e) {
+  if (e == "iwae") return kIwae;
+  if (e == "eq8") return kEq8;
+  if (e == "mixture") return kMixture;
+  if (e == "mixture-centred") return kMixtureCentred;
+  if (e == "released") return kReleased;
+  TORCH_CHECK(false, "moe_estimator: unknown estimator '", std::string(e), "'");
+}
+
+// Whether the forward makes the z path's per-sample weight (the DReG estimators but `released`).
+inline bool moe_wants_z_weight(int estimator) {
+  return estimator == kEq8 || estimator == kMixture || estimator == kMixtureCentred;
+}
+
+inline void moe_check_inputs(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
+                             const at::Tensor& ploc, const at::Tensor& pscale, const at::Tensor& lpx,
+                             const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(z.dim() == 4, "moe_estimator: z must be [M, K, B, L]");
+  const int64_t M = z.size(0), K = z.size(1), B = z.size(2), L = z.size(3);
+  TORCH_CHECK(loc.sizes() == at::IntArrayRef({M, B, L}) && scale.sizes() == loc.sizes(),
+              "moe_estimator: loc and scale must be [M, B, L]");
+  TORCH_CHECK(ploc.sizes() == at::IntArrayRef({B, L}) && pscale.sizes() == ploc.sizes(),
+              "moe_estimator: the prior's loc and scale must be [B, L]");
+  TORCH_CHECK(lpx.sizes() == at::IntArrayRef({M, K, B}), "moe_estimator: lpx must be [M, K, B]");
+  TORCH_CHECK(lpx.scalar_type() == acc_type(z), "moe_estimator: lpx must be in the accumulation dtype");
+  for (const auto* t : {&loc, &scale, &ploc, &pscale})
+    TORCH_CHECK(t->scalar_type() == z.scalar_type(), "moe_estimator: z, loc, scale and the prior share one dtype");
+  if (mask.has_value())
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == at::IntArrayRef({M, B}),
+                "moe_estimator: mask must be bool [M, B]");
+}
+
+// fn(F, PF) with the experts' and the prior's family as std::integral_constant.
+template <typename Fn>
+void moe_dispatch_families(int fam, int pfam, Fn&& fn) {
+  using N = std::integral_constant<int, kNormal>;
+  using La = std::integral_constant<int, kLaplace>;
+  if (fam == kNormal) {
+    if (pfam == kNormal) fn(N{}, N{});
+    else fn(N{}, La{});
+  } else {
+    if (pfam == kNormal) fn(La{}, N{});
+    else fn(La{}, La{});
+  }
+}
+
+// The forward's inputs made contiguous, its codes and sizes, and its outputs, allocated:
+//   bound [B], lw [M, K, B], z_weight [M, K, B] ([0] for iwae / released), lq [M, K, B],
+//   stats [S, 2] (each softmax's (max, log-sum); S = M B looser, B stratified).
+struct MoEForward {
+  at::Tensor z, loc, scale, ploc, pscale, lpx, mask, lse;  // mask, lse undefined when not given
+  at::Tensor bound, lw, zw, lq, stats;
+  int fam, pfam, bound_kind, estimator;
+  bool want_zw;
+  int64_t M, K, B, L, Kc;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {bound, lw, zw, lq, stats};
+  }
+};
+
+inline MoEForward moe_forward_setup(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
+                                    const at::Tensor& ploc, const at::Tensor& pscale, const at::Tensor& lpx,
+                                    c10::string_view family, c10::string_view prior_family, c10::string_view bound,
+                                    c10::string_view estimator, const c10::optional<at::Tensor>& mask,
+                                    const c10::optional<at::Tensor>& lse, c10::optional<int64_t> num_samples) {
+  moe_check_inputs(z, loc, scale, ploc, pscale, lpx, mask);
+  MoEForward f;
+  f.fam = moe_family_code(family), f.pfam = moe_family_code(prior_family);
+  f.bound_kind = moe_bound_code(bound), f.estimator = moe_estimator_code(estimator);
+  f.z = z.contiguous(), f.loc = loc.contiguous(), f.scale = scale.contiguous();
+  f.ploc = ploc.contiguous(), f.pscale = pscale.contiguous(), f.lpx = lpx.contiguous();
+  f.M = z.size(0), f.K = z.size(1), f.B = z.size(2), f.L = z.size(3);
+  f.Kc = num_samples.has_value() ? *num_samples : f.K;
+  const int64_t S = f.bound_kind == kLooser ? f.M * f.B : f.B;
+  if (mask.has_value()) f.mask = mask->contiguous();
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->device() == z.device(), "moe_estimator: lse must be on z's device");
+    TORCH_CHECK(lse->numel() == S, "moe_estimator: lse must be [M, B] (looser) or [B] (stratified)");
+    f.lse = lse->to(acc_type(z)).contiguous();
+  }
+  const auto acc = z.options().dtype(acc_type(z));
+  f.want_zw = moe_wants_z_weight(f.estimator);
+  f.bound = at::empty({f.B}, acc), f.lw = at::empty({f.M, f.K, f.B}, acc), f.lq = at::empty({f.M, f.K, f.B}, acc);
+  f.zw = f.want_zw ? at::empty({f.M, f.K, f.B}, acc) : at::empty({0}, acc);
+  f.stats = at::empty({S, 2}, acc);
+  return f;
+}
+
+// The backward's inputs made contiguous (grad in the accumulation dtype), its codes and sizes, and
+// its outputs, allocated: the gradients of z, loc, scale, the prior's loc and scale [B, L], and lpx.
+struct MoEBackward {
+  at::Tensor grad, z, loc, scale, ploc, pscale, mask, lw, lq, stats;
+  at::Tensor gz, gloc, gscale, gploc, gpscale, glpx;
+  int fam, pfam, bound_kind, estimator;
+  int64_t M, K, B, L, Kc;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {gz, gloc, gscale, gploc, gpscale, glpx};
+  }
+};
+
+inline MoEBackward moe_backward_setup(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& loc,
+                                      const at::Tensor& scale, const at::Tensor& ploc, const at::Tensor& pscale,
+                                      const c10::optional<at::Tensor>& mask, const at::Tensor& lw, const at::Tensor& lq,
+                                      const at::Tensor& stats, c10::string_view family, c10::string_view prior_family,
+                                      c10::string_view bound, c10::string_view estimator,
+                                      c10::optional<int64_t> num_samples) {
+  MoEBackward p;
+  p.fam = moe_family_code(family), p.pfam = moe_family_code(prior_family);
+  p.bound_kind = moe_bound_code(bound), p.estimator = moe_estimator_code(estimator);
+  p.z = z.contiguous(), p.loc = loc.contiguous(), p.scale = scale.contiguous();
+  p.ploc = ploc.contiguous(), p.pscale = pscale.contiguous();
+  p.lw = lw.contiguous(), p.lq = lq.contiguous(), p.stats = stats.contiguous();
+  p.M = z.size(0), p.K = z.size(1), p.B = z.size(2), p.L = z.size(3);
+  TORCH_CHECK(p.lw.sizes() == at::IntArrayRef({p.M, p.K, p.B}) && p.lq.sizes() == p.lw.sizes(),
+              "moe_estimator_backward: lw and lq must be [M, K, B]");
+  TORCH_CHECK(p.stats.numel() == (p.bound_kind == kLooser ? p.M * p.B : p.B) * 2,
+              "moe_estimator_backward: stats has the wrong size");
+  p.Kc = num_samples.has_value() ? *num_samples : p.K;
+  p.grad = grad.to(acc_type(z)).contiguous();
+  if (mask.has_value()) p.mask = mask->contiguous();
+  p.gz = at::empty_like(p.z), p.gloc = at::empty_like(p.loc), p.gscale = at::empty_like(p.scale);
+  p.gploc = at::empty_like(p.ploc), p.gpscale = at::empty_like(p.pscale), p.glpx = at::empty_like(p.lw);
+  return p;
+}
+
+}  // namespace mmvae_fast
