@@ -17,7 +17,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu
 	touch $@
 
 # The main job: DReG on the looser bound (the library's default objective and gradient) with the
-# offline digits default's recipe (16x16 grey + colour digits, MLPs, K=10, batch 64, 3 epochs),
+# offline digits default's recipe (16x16 grey + colour digits, MLPs, K=10, batch 64, 10 epochs),
 # then its evaluation (digit classifiers trained on first use, coherence table, log-likelihood on
 # 500 test items).
 MAIN_RUN := runs/main
