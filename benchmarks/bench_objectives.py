@@ -10,6 +10,8 @@ Rows, per size:
   compiled   torch.compile of that function (model included; default mode)
   fused      mmvae_fast.objectives.<name> with its default gradient (m_dreg*: the unbiased "mixture")
   fused eq8  m_dreg*, grad="eq8"
+  model      the model alone: model(x, K) and a backward through every sample and decoder output,
+             no objective; both sides pay it, so research / model bounds any objective's speed-up
 Sizes (M, K, B, L): a tiny MMVAE (Laplace experts and prior, linear encoders, linear decoders to 4-dim
 Laplace modalities) so the objective's own maths dominates: (2,30,128,20), (2,2000,64,32), (5,300,64,32),
 (5,1000,32,64); and the library's MNIST-SVHN model (Table 6 networks) at K = 30 (B = 32) and K = 1000
@@ -218,6 +220,14 @@ def make_step(model, fn):
     return step
 
 
+def model_alone(model, x, K):
+    """The floor: the model's forward, and a backward reaching every sample, decoder and encoder."""
+    out = model(x, K)
+    zss, px_zs = out[2], out[1]
+    dec = [p for row in px_zs for p in row if p is not None]
+    return sum(z.sum() for z in zss) + sum(getattr(p, "loc", getattr(p, "logits", None)).sum() for p in dec)
+
+
 def tiny_case(M, K, B, L, device, seed=0):
     torch.manual_seed(seed)
     model = TinyMMVAE(M, L).to(device)
@@ -260,7 +270,10 @@ def run(args):
     for label, build, K, k_chunk, names in cases:
         model, x = build()
         for name in names:
-            for variant, fn in rows_for(name, model, x, K, args, k_chunk):
+            variants = rows_for(name, model, x, K, args, k_chunk)
+            if k_chunk is None:
+                variants.append(("model", lambda model=model, x=x, K=K: model_alone(model, x, K)))
+            for variant, fn in variants:
                 try:
                     ms, peak = measure(make_step(model, fn), args.repeats if k_chunk is None else 3, args.device)
                 except Exception as e:  # noqa: BLE001 - a benchmark reports, never stops

@@ -40,6 +40,14 @@ def shape(name: str, t, expected, what: str) -> None:
         raise ValueError(f"argument '{name}' must have shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
 
 
+def broadcasts(name: str, t, to_name: str, to) -> None:
+    """t broadcasts to the shape of `to` (one-way). A loop over the dims: torch.broadcast_shapes
+    runs a Python reference implementation that costs more than the ops it guards."""
+    a, b = tuple(t.shape), tuple(to.shape)
+    if len(a) > len(b) or any(x not in (1, y) for x, y in zip(a[::-1], b[::-1])):
+        raise ValueError(f"argument '{name}' of shape {a} does not broadcast to {to_name} {b}")
+
+
 def positive(name: str, t) -> None:
     """scale > 0. On a GPU the check must not wait for the device: it is an asynchronous assertion
     (a device-side error at the next sync) unless MMVAE_FAST_SYNC_CHECKS=1 asks for the immediate

@@ -41,13 +41,15 @@ def likelihood_sum(x, params, *, family, scale=None, backend=None):
     if family in ("laplace", "normal"):
         if scale is None:
             raise ValueError(f"argument 'scale' is required for family {family!r}")
-        scale = torch.as_tensor(scale, dtype=params.dtype, device=params.device)
-        _validate.tensor("scale", scale)
-        _validate.positive("scale", scale)
-        try:
-            torch.broadcast_shapes(scale.shape, params.shape)
-        except RuntimeError:
-            raise ValueError(f"argument 'scale' of shape {tuple(scale.shape)} does not broadcast to params {tuple(params.shape)}") from None
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            if not scale > 0:  # a number: checked here, without a tensor op
+                raise ValueError("argument 'scale' must be strictly positive (it is a scale)")
+            scale = torch.tensor(scale, dtype=params.dtype, device=params.device)
+        else:
+            scale = torch.as_tensor(scale, dtype=params.dtype, device=params.device)
+            _validate.tensor("scale", scale)
+            _validate.positive("scale", scale)
+        _validate.broadcasts("scale", scale, "params", params)
     elif family == "categorical":
         if x.is_floating_point() or x.dtype == torch.bool:
             raise TypeError(f"argument 'x' must hold integer class indices for 'categorical', got {x.dtype}")
