@@ -120,6 +120,7 @@ MMVAE_ALWAYS_INLINE void forward_item(const Args<T>& p, int64_t b, Item<T>& it, 
   for (int64_t r : P)
     for (int64_t j0 = 0; j0 < K; j0 += kTile) {
       const int64_t n = std::min(kTile, K - j0);
+      if (j0 + kTile < K) prefetch_tile(p.z, r * K + j0 + kTile, std::min(kTile, K - j0 - kTile), B, b, L);
       load_tile(p.z, r * K + j0, n, B, b, L, s.zt.data());
       for (int64_t m : P)
         tile_log_density<F>(s.zt.data(), &it.mu[m * L], &it.inv[m * L], it.lss[m], L, &s.a[m * kTile]);
@@ -264,6 +265,7 @@ MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it,
     const T mx = st[0], ls = st[1];
     for (int64_t j0 = 0; j0 < K; j0 += kTile) {
       const int64_t n = std::min(kTile, K - j0);
+      if (j0 + kTile < K) prefetch_tile(p.z, r * K + j0 + kTile, std::min(kTile, K - j0 - kTile), B, b, L);
       load_tile(p.z, r * K + j0, n, B, b, L, s.zt.data());
       T lw[kTile], base[kTile];
       for (int64_t j = 0; j < kTile; ++j) {
