@@ -351,7 +351,7 @@ def _no_expert_grid():
             yield pytest.param(b.values[0], bound, marks=list(b.marks), id=f"{b.id}-{bound}")
 
 
-@pytest.mark.parametrize("backend,bound", _no_expert_grid(), indirect=["backend"])
+@pytest.mark.parametrize("backend,bound", list(_no_expert_grid()), indirect=["backend"])
 def test_an_item_with_no_expert_has_bound_zero(backend, bound):
     """An item whose experts are all absent: bound 0, lw -inf, z_weight 0, no gradient from it."""
     p = Problem(M=2, K=2, B=2, seed=17)
