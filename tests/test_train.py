@@ -163,5 +163,5 @@ def test_option_combinations_are_checked():
     d = T.resolve_args(_ns())
     assert (d.experiment, d.obj, d.looser, d.dreg_grad, d.latent_dim, d.lr, d.learn_prior) == \
         ("digits", "dreg", True, "mixture", 20, 1e-3, True)
-    assert (d.K, d.epochs, d.batch_size) == (10, 3, 64)
+    assert (d.K, d.epochs, d.batch_size) == (10, 10, 64)
     assert T.resolve_args(_ns(no_looser=None, looser=False)).looser is False
