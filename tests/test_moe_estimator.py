@@ -85,7 +85,8 @@ def grads(loss, p):
     return torch.autograd.grad(loss, p.params(), allow_unused=True)
 
 
-def fused(p, bound, estimator, backend, mask=None):
+def _estimate(p, bound, estimator, backend, mask):
+    """The op on p's samples, its z path hooked on them."""
     zs, scale = p.sample()
     z = torch.stack(zs)
     est = ops.moe_estimator(
@@ -93,6 +94,11 @@ def fused(p, bound, estimator, backend, mask=None):
         estimator=estimator, mask=mask, backend=backend,
     )
     ops.apply_z_weight(zs, est.z_weight)
+    return est
+
+
+def fused(p, bound, estimator, backend, mask=None):
+    est = _estimate(p, bound, estimator, backend, mask)
     return est, grads(est.bound.sum(), p)
 
 
@@ -168,13 +174,7 @@ def test_mask_equals_the_present_experts_alone(backend, estimator, bound):
 
 
 def fused_item(p, bound, estimator, backend, mask, b):
-    zs, scale = p.sample()
-    z = torch.stack(zs)
-    est = ops.moe_estimator(
-        z, p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), p.lpx(z), family=p.family, bound=bound,
-        estimator=estimator, mask=mask, backend=backend,
-    )
-    ops.apply_z_weight(zs, est.z_weight)
+    est = _estimate(p, bound, estimator, backend, mask)
     g = torch.autograd.grad(est.bound[b], p.params(), allow_unused=True)
     return est, [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, p.params())]
 
