@@ -141,30 +141,34 @@ def _fwd_samples_kernel(
 
 
 @triton.jit
+def _lw_block(lw_ptr, mask_ptr, r, k0, K, B, offs_b, bmask, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """lw[r, k0:k0+BLOCK_K, offs_b] as [BLOCK_K, BLOCK_B] (-inf outside, and for absent experts),
+    and its mask."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    live = _present(mask_ptr, r, B, offs_b, bmask, HAS_MASK)
+    m2 = (ks < K)[:, None] & (bmask & live)[None, :]
+    v = tl.load(lw_ptr + (r * K + ks).to(tl.int64)[:, None] * B + offs_b[None, :], mask=m2, other=float("-inf"))
+    return v, m2
+
+
+@triton.jit
 def _slice_stats(lw_ptr, mask_ptr, r_lo, r_hi, K, B, offs_b, bmask,
                  acc: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """(max, log-sum) of lw over the samples of the present groups r_lo..r_hi-1 of each item: two
     passes, as the CPU kernel; an all -inf slice gives (-inf, 0), a NaN gives NaN."""
     mx = tl.full([BLOCK_B], float("-inf"), acc)
     nan = tl.zeros([BLOCK_B], tl.int32)
-    offs_k = tl.arange(0, BLOCK_K)
     for r in range(r_lo, r_hi):
-        live = _present(mask_ptr, r, B, offs_b, bmask, HAS_MASK)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
-            m2 = (ks < K)[:, None] & (bmask & live)[None, :]
-            v = tl.load(lw_ptr + (r * K + ks).to(tl.int64)[:, None] * B + offs_b[None, :], mask=m2, other=float("-inf"))
+            v, _m2 = _lw_block(lw_ptr, mask_ptr, r, k0, K, B, offs_b, bmask, HAS_MASK, BLOCK_K)
             mx = tl.maximum(mx, tl.max(tl.where(v != v, float("-inf"), v), 0))
             nan = tl.maximum(nan, tl.max((v != v).to(tl.int32), 0))
     mx = tl.where(nan > 0, float("nan"), mx)
     shift = tl.where(mx == float("-inf"), 0.0, mx)
     s = tl.zeros([BLOCK_B], acc)
     for r in range(r_lo, r_hi):
-        live = _present(mask_ptr, r, B, offs_b, bmask, HAS_MASK)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
-            m2 = (ks < K)[:, None] & (bmask & live)[None, :]
-            v = tl.load(lw_ptr + (r * K + ks).to(tl.int64)[:, None] * B + offs_b[None, :], mask=m2, other=float("-inf"))
+            v, m2 = _lw_block(lw_ptr, mask_ptr, r, k0, K, B, offs_b, bmask, HAS_MASK, BLOCK_K)
             s += tl.sum(tl.where(m2, tl.exp(v - shift[None, :]), 0.0), 0)
     ls = tl.where(mx == float("-inf"), 0.0, tl.log(s))
     return mx, ls
