@@ -1,5 +1,6 @@
-"""Numerics grids shared by the op tests of every backend (test_ops.py; test_triton.py runs them on
-the Triton interpreter): each op's outputs and gradients against a float64 truth at extreme inputs.
+"""Numerics grids shared by the per-op tests (tests/test_<op>.py, on every backend; the Triton cases
+run on the interpreter in the `pytest -m triton` process): each op's outputs and gradients against a
+float64 truth at extreme inputs.
 """
 import math
 
@@ -92,7 +93,7 @@ def check_second_order(op, backend):
         raise AssertionError(f"{op} on {backend}: a second-order gradient gave numbers instead of an error")
 
 
-# ---- DESIGN.md section 2's NaN / inf policy at extreme inputs, the same on every backend: -inf log
+# ---- docs/design.md section 2's NaN / inf policy at extreme inputs, the same on every backend: -inf log
 # densities are legal (zero weight, zero gradient, never NaN), NaN in gives NaN out, and an absent
 # expert (masked out) is not part of the mixture at all, whatever its parameters hold.
 def _grads(out, inputs):

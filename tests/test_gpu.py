@@ -144,7 +144,7 @@ def test_opcheck_gpu_ops(backend):
     if backend == "triton":
         from mmvae_fast.ops import _triton
 
-        for op in ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum"):
+        for op in ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum", "moe_estimator"):
             _triton._load(op)
     lib = torch.ops.mmvae_fast if backend == "cuda" else torch.ops.mmvae_fast_triton
     lw = randn(4, 33, 2, seed=0, dtype=torch.float64).requires_grad_()
@@ -158,6 +158,16 @@ def test_opcheck_gpu_ops(backend):
     scale = (0.5 + randn(1, 1, 7, seed=4, dtype=torch.float64).abs()).requires_grad_()
     torch.library.opcheck(lib.likelihood_sum.default, (x, params, scale, 0))  # normal
     torch.library.opcheck(lib.likelihood_sum.default, (x.sigmoid().round(), params, None, 2))  # bernoulli
+    z, loc, scale, ploc, pscale, lpx = moe_inputs(2, 5, 3, 4, seed=1, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, False, True]], device=DEV)
+    for bound, estimator, m in [("looser", "mixture", mask), ("stratified", "eq8", None)]:
+        args = (z, loc, scale, ploc, pscale, lpx, "laplace", "normal", bound, estimator, m, None, None)
+        torch.library.opcheck(lib.moe_estimator.default, args)
+        d = [t.detach() for t in args[:6]]
+        _b, lw, _zw, lq, stats = lib.moe_estimator(*d, *args[6:])
+        g = torch.randn(z.shape[2], device=DEV, dtype=lw.dtype)
+        torch.library.opcheck(lib.moe_estimator_backward.default,
+                              (g, *d[:5], m, lw, lq, stats, "laplace", "normal", bound, estimator, None))
 
 
 OBJECTIVES = [

@@ -7,12 +7,15 @@ import torch
 from helpers import (
     DIST,
     FAMILIES,
+    NAMESPACES,
     T,
     assert_grads,
     check_close,
     cpu_experts,
     cpu_test,
     experts,
+    library,
+    opcheck,
     rand,
     triton_experts,
     triton_test,
@@ -73,6 +76,16 @@ def test_cpu_gradcheck_ratios(family):
 # ------------------------------------------------------------------ triton
 
 
+@NAMESPACES
+@pytest.mark.parametrize("family", FAMILIES)
+def test_opcheck_importance_ratios(family, ns):
+    lib = library(ns, "importance_ratios")
+    d = [t.detach() for t in cpu_experts(2, 3, 4, 5, seed=5)]
+    opcheck(lib.importance_ratios.default, tuple(d) + (family,))
+    ratio = lib.importance_ratios(*d, family)
+    opcheck(lib.importance_ratios_backward.default, (torch.randn_like(ratio), ratio, *d, family))
+
+
 @triton_test
 @pytest.mark.parametrize("family", ["normal", "laplace"])
 @pytest.mark.parametrize("M,K,B,L", [(3, 3, 5, 3), (1, 2, 2, 3), (2, 1, 1, 1)])
@@ -98,6 +111,6 @@ def test_triton_ratios_half_inputs_and_nan():
 
 
 # issue 16: second-order gradients (the reference gives them, the fused backends refuse clearly)
-# and DESIGN.md section 2's NaN / inf policy at extreme inputs, on every backend
+# and docs/design.md section 2's NaN / inf policy at extreme inputs, on every backend
 def test_importance_ratios_second_order(backend):
     numerics.check_second_order("importance_ratios", backend)

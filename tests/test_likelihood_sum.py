@@ -254,7 +254,7 @@ def test_triton_likelihood_gradcheck_float64():
 
 
 # issue 16: second-order gradients (the reference gives them, the fused backends refuse clearly)
-# and DESIGN.md section 2's NaN / inf policy at extreme inputs, on every backend
+# and docs/design.md section 2's NaN / inf policy at extreme inputs, on every backend
 def test_likelihood_sum_second_order(backend):
     numerics.check_second_order("likelihood_sum", backend)
 

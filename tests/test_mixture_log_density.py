@@ -138,21 +138,18 @@ def test_cpu_any_subset_of_incoming_and_outgoing_grads(use, wrt):
 
 @NAMESPACES
 @pytest.mark.parametrize("family", FAMILIES)
-def test_opcheck_mixture_ops(family, ns):
+def test_opcheck_mixture_log_density(family, ns):
     z, loc, scale = cpu_experts(2, 3, 4, 5, seed=5)
     mask = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)
-    lib = library(ns, "mixture_log_density", "importance_ratios")
+    lib = library(ns, "mixture_log_density")
     for m in (None, mask):
         opcheck(lib.mixture_log_density.default, (z, loc, scale, family, m))
         opcheck(lib.mixture_log_density_pairwise.default, (z, loc, scale, family, m))
-    opcheck(lib.importance_ratios.default, (z.detach(), loc, scale, family))
     d = [t.detach() for t in (z, loc, scale)]
     lq = lib.mixture_log_density(*d, family, mask)
     glq, ga = torch.randn_like(lq), torch.randn(2, 2, 3, 4, dtype=lq.dtype)
     opcheck(lib.mixture_log_density_backward.default, (glq, ga, *d, lq, family, mask, [True, False, True]))
     opcheck(lib.mixture_log_density_backward.default, (None, ga, *d, lq, family, None, [False, True, True]))
-    ratio = lib.importance_ratios(*d, family)
-    opcheck(lib.importance_ratios_backward.default, (torch.randn_like(ratio), ratio, *d, family))
 
 
 @cpu_test
@@ -280,7 +277,7 @@ def test_triton_mixture_gradcheck_float64():
 
 
 # issue 16: second-order gradients (the reference gives them, the fused backends refuse clearly)
-# and DESIGN.md section 2's NaN / inf policy at extreme inputs, on every backend
+# and docs/design.md section 2's NaN / inf policy at extreme inputs, on every backend
 def test_mixture_log_density_second_order(backend):
     numerics.check_second_order("mixture_log_density", backend)
 

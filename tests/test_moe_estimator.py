@@ -24,10 +24,14 @@ from mmvae_fast.ops import _dispatch
 ESTIMATORS = ops.moe_estimator.__globals__["ESTIMATORS"]
 BOUNDS = ("looser", "stratified")
 CPU_BACKENDS = [b for b in ("reference", "cpu") if _dispatch.available("moe_estimator", b, "cpu")]
-# (device, backend) for conftest's `backend` fixture: Triton on CPU tensors is its interpreter
+# (device, backend) for conftest's `backend` fixture: Triton on CPU tensors is its interpreter; where
+# a CUDA device is present, CUDA tensors on every CUDA backend (the whole grid: no interpreter there)
 TRITON = pytest.param(("cpu", "triton"), id="triton", marks=[
     pytest.mark.triton, pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install triton)")])
-BACKENDS = [pytest.param(("cpu", b), id=b) for b in CPU_BACKENDS] + [TRITON]
+CUDA_BACKENDS = ops.available_backends("cuda", op="moe_estimator") if torch.cuda.is_available() else []
+DEVICE_BACKENDS = [pytest.param(("cpu", b), id=b) for b in CPU_BACKENDS] + [
+    pytest.param(("cuda", b), id=f"cuda-{b}") for b in CUDA_BACKENDS]
+BACKENDS = DEVICE_BACKENDS + [TRITON]
 ALL = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
@@ -53,8 +57,9 @@ class Problem:
     """A small MoE model with every kind of parameter: experts (loc, scale), prior, decoder."""
 
     def __init__(self, M=2, K=3, B=4, L=5, family="laplace", seed=0, dtype=torch.float64, prior_shape=None):
-        g = torch.Generator().manual_seed(seed)
-        r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+        # drawn on the CPU (seeded), then moved to the test's device: every device sees the same inputs
+        g, dev = torch.Generator().manual_seed(seed), torch.get_default_device()
+        r = lambda *s: torch.randn(*s, generator=g, dtype=dtype, device="cpu").to(dev)  # noqa: E731
         self.M, self.K, self.B, self.L, self.family = M, K, B, L, family
         self.loc = (0.7 * r(M, B, L)).requires_grad_()
         self.log_scale = (0.3 * r(M, B, L)).requires_grad_()
@@ -64,7 +69,7 @@ class Problem:
         self.W = (0.5 * r(L, 3)).requires_grad_()
         self.x = r(B, 3)
         if family == "laplace":
-            u = torch.rand(M, K, B, L, generator=g, dtype=dtype) - 0.5
+            u = torch.rand(M, K, B, L, generator=g, dtype=dtype, device="cpu").to(dev) - 0.5
             self.eps = -torch.sign(u) * torch.log1p(-2 * u.abs())
         else:
             self.eps = r(M, K, B, L)
@@ -140,7 +145,7 @@ def test_equals_the_tensor_level_estimators(backend, estimator, bound, M, family
     assert_grads_close(got, want)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(("cpu", b), id=b) for b in CPU_BACKENDS], indirect=True)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, indirect=True)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("bound", BOUNDS)
 def test_mask_equals_the_present_experts_alone(backend, estimator, bound):
@@ -292,6 +297,34 @@ def test_opcheck_cpu(estimator, mask):
 def test_opcheck_triton(estimator):
     """The Triton op's schema and autograd registration (its fake-tensor tests need a GPU: tests/test_gpu.py)."""
     opcheck(library("mmvae_fast_triton", "moe_estimator").moe_estimator.default, _op_args(True, estimator))
+
+
+def _backward_args(lib, estimator, bound, mask):
+    """moe_estimator_backward's arguments: the forward's saved tensors and an incoming gradient."""
+    a = _op_args(mask, estimator)
+    z, loc, scale, ploc, pscale, lpx = (t.detach() for t in a[:6])
+    _b, lw, _zw, lq, stats = lib.moe_estimator(z, loc, scale, ploc, pscale, lpx, "laplace", "normal", bound,
+                                               estimator, a[10], None, None)
+    g = torch.randn(z.shape[2], generator=torch.Generator().manual_seed(3), dtype=lw.dtype)
+    return (g, z, loc, scale, ploc, pscale, a[10], lw, lq, stats, "laplace", "normal", bound, estimator, None)
+
+
+BACKWARD_CASES = [("mixture", "looser", True), ("mixture-centred", "stratified", False), ("eq8", "looser", False),
+                  ("iwae", "stratified", True)]
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("estimator,bound,mask", BACKWARD_CASES)
+def test_opcheck_backward_cpu(estimator, bound, mask):
+    lib = torch.ops.mmvae_fast
+    torch.library.opcheck(lib.moe_estimator_backward.default, _backward_args(lib, estimator, bound, mask))
+
+
+@triton_test
+@pytest.mark.parametrize("estimator,bound,mask", BACKWARD_CASES[:2])
+def test_opcheck_backward_triton(estimator, bound, mask):
+    lib = library("mmvae_fast_triton", "moe_estimator")
+    opcheck(lib.moe_estimator_backward.default, _backward_args(lib, estimator, bound, mask))
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")

@@ -150,7 +150,7 @@ def _pairwise_bwd_kernel(
                 if HAS_GA:
                     G += tl.load(ga_ptr + ((r * M + mm) * K + k).to(tl.int64) * B + offs_b, mask=bmask, other=0.0).to(acc)
             G2 = G[:, None]
-            zero = G2 == 0.0  # a term of zero weight contributes 0, not 0 * inf = NaN (DESIGN.md section 2)
+            zero = G2 == 0.0  # a term of zero weight contributes 0, not 0 * inf = NaN (docs/design.md section 2)
             dl = tl.where(zero, 0.0, G2 * dl)
             ds = tl.where(zero, 0.0, G2 * ds)
             dloc += dl

@@ -13,7 +13,7 @@ def log_density(x, loc, scale, family: str):
     """Elementwise log f(x; loc, scale) for f Normal or Laplace, in the accumulation dtype.
 
     Where |x - loc| / scale overflows (its square, for the Normal) the density is -inf with zero
-    gradients (DESIGN.md section 2), not the 0 * inf = NaN that autograd would give: those entries
+    gradients (docs/design.md section 2), not the 0 * inf = NaN that autograd would give: those entries
     are computed from a harmless stand-in (u = 0) and then set to -inf. NaN still propagates."""
     dt = acc_dtype(torch.promote_types(torch.promote_types(x.dtype, loc.dtype), scale.dtype))
     x, loc, scale = x.to(dt), loc.to(dt), scale.to(dt)
