@@ -1,4 +1,5 @@
-"""GPU benchmark of the fused ops: Triton vs CUDA extension vs reference eager vs torch.compile.
+"""GPU benchmark of the fused ops (the moe_estimator at the MMVAE sizes included): Triton vs CUDA
+extension vs reference eager vs torch.compile.
 
     python benchmarks/bench_gpu.py            # on a machine with a CUDA GPU
     python benchmarks/bench_gpu.py --quick    # fewer sizes
@@ -100,9 +101,25 @@ def cases(quick: bool):
         xb = B * E * (8 if fam == "categorical" else 4)
         return ("likelihood_sum", f"{fam} S={S} B={B} E={E}" + (f" V={V}" if V else ""), make, 4 * n + xb + 4 * S * B)
 
+    def moe(M, K, B, L):
+        def make():
+            z = torch.randn(M, K, B, L, device="cuda", requires_grad=True)
+            loc = torch.randn(M, B, L, device="cuda", requires_grad=True)
+            sc = (0.5 + torch.rand(M, B, L, device="cuda")).requires_grad_()
+            ploc = torch.zeros(B, L, device="cuda", requires_grad=True)
+            psc = torch.ones(B, L, device="cuda", requires_grad=True)
+            lpx = torch.randn(M, K, B, device="cuda", requires_grad=True)
+            kw = dict(family="laplace", prior_family="laplace", bound="looser", estimator="mixture")
+            return (z, loc, sc, ploc, psc, lpx), kw, [z, loc, sc, ploc, psc, lpx]
+
+        # inputs once; outputs bound, lw, z_weight and the saved lq and slice stats
+        nbytes = 4 * (M * K * B * L + 2 * M * B * L + 2 * B * L + M * K * B + B + 3 * M * K * B + 2 * M * B)
+        return ("moe_estimator", f"M={M} K={K} B={B} L={L}", make, nbytes)
+
     out += [iw(128, 30 * 2, f32), iw(4096, 1000, f32), iw(4096, 1000, torch.bfloat16), iw(1, 2**20, f32)]
     out += [mix(2, 30, 128, 64, False), mix(4, 64, 256, 32, False), mix(2, 30, 128, 64, True)]
     out += [rat(2, 30, 128, 64), rat(4, 64, 256, 32)]
+    out += [moe(2, 30, 128, 20), moe(2, 30, 32, 64), moe(2, 1000, 8, 64), moe(5, 300, 64, 32)]
     out += [lik("bernoulli", 30, 128, 784), lik("laplace", 30, 128, 3 * 32 * 32), lik("categorical", 30, 64, 32, 2**15 // 8)]
     if quick:
         out = out[::2]
@@ -117,6 +134,8 @@ def reference_fn(op):
         return lambda z, loc, sc, family, return_pairwise: ref.mixture_log_density(z, loc, sc, family, None, return_pairwise)
     if op == "importance_ratios":
         return lambda z, loc, sc, family: ref.importance_ratios(z, loc, sc, family)
+    if op == "moe_estimator":
+        return lambda *a, **kw: ref.moe_estimator(*a, **kw)
     return lambda x, p, family, scale=None: ref.likelihood_sum(x, p, family, None if scale is None else torch.tensor(scale, device=p.device))
 
 
@@ -155,7 +174,8 @@ def main():
             a, kw, leaves = make()
             try:
                 outs = fn(*a, **kw)  # compile / autotune outside the timing
-                loss = sum(o.float().sum() for o in (outs if isinstance(outs, (tuple, list)) else [outs]) if o.numel())
+                loss = sum(o.float().sum() for o in (outs if isinstance(outs, (tuple, list)) else [outs])
+                           if o is not None and o.numel())
                 torch.autograd.grad(loss, leaves)
                 with torch.no_grad():
                     ms_f = measure(lambda: fn(*a, **kw))
