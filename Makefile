@@ -2,7 +2,7 @@
 # Both set up .venv first: pinned CPU torch, the package with its C++ extension.
 PY := .venv/bin/python
 TORCH := torch==2.13.0
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/include/mmvae_fast/*.h)
+SOURCES := setup.py pyproject.toml csrc/build.cfg $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/include/mmvae_fast/*.h)
 
 .PHONY: main poly test lint format clean cuda-check gpu-check
 

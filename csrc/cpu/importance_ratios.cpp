@@ -21,21 +21,21 @@ struct RatioArgs {
   int64_t M, K, B, L, chunks;
 };
 
-// Forward of one tile (batch entry b, samples dk = d * K + k in [j0, j0 + n)); A: [M][kTile].
+// Forward of one tile (batch entry b, samples dk = d * K + k in [j0, j0 + n)); A: [M][kSampleTile].
 template <int F, typename T>
 MMVAE_ALWAYS_INLINE void fwd_tile_t(const RatioArgs<T>& p, int64_t b, int64_t j0, int64_t n, T* zt, T* A) {
   const int64_t M = p.M, K = p.K, B = p.B, L = p.L, KB = K * B;
   load_tile(p.z, j0, n, B, b, L, zt);
   for (int64_t m = 0; m < M; ++m) {
     const int64_t o = (m * B + b) * L;
-    tile_log_density<F>(zt, p.loc + o, p.inv + o, p.lss[m * B + b], L, A + m * kTile);
+    tile_log_density<F>(zt, p.loc + o, p.inv + o, p.lss[m * B + b], L, A + m * kSampleTile);
   }
-  T own[kTile], ratio[kTile];
-  for (int64_t j = 0; j < kTile; ++j) own[j] = j < n ? A[((j0 + j) / K) * kTile + j] : T(0);  // a[d, d]
+  T own[kSampleTile], ratio[kSampleTile];
+  for (int64_t j = 0; j < kSampleTile; ++j) own[j] = j < n ? A[((j0 + j) / K) * kSampleTile + j] : T(0);  // a[d, d]
   for (int64_t r = 0; r < M; ++r) {
-    const T* ar = A + r * kTile;
+    const T* ar = A + r * kSampleTile;
 #pragma omp simd
-    for (int64_t j = 0; j < kTile; ++j) ratio[j] = importance_ratio(ar[j], own[j]);
+    for (int64_t j = 0; j < kSampleTile; ++j) ratio[j] = importance_ratio(ar[j], own[j]);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t dk = j0 + j, d = dk / K;
       p.out[(r * M + d) * KB + (dk % K) * B + b] = r == d ? T(1) : ratio[j];
@@ -43,21 +43,21 @@ MMVAE_ALWAYS_INLINE void fwd_tile_t(const RatioArgs<T>& p, int64_t b, int64_t j0
   }
 }
 
-// Backward of one task: batch entry b, tiles [t0, t1) of chunk c. Scratch: zt [L][kTile],
-// G [kTile], lanes of grad_loc and grad_scale [M][L][kTile] each.
+// Backward of one task: batch entry b, tiles [t0, t1) of chunk c. Scratch: zt [L][kSampleTile],
+// G [kSampleTile], lanes of grad_loc and grad_scale [M][L][kSampleTile] each.
 template <int F, typename T>
 MMVAE_ALWAYS_INLINE void bwd_task_t(const RatioArgs<T>& p, int64_t b, int64_t c, T* scratch) {
   const int64_t M = p.M, K = p.K, B = p.B, L = p.L, KB = K * B, rows = M * K, tiles = num_tiles(rows);
   const int64_t t0 = c * tiles / p.chunks, t1 = (c + 1) * tiles / p.chunks;
-  T *zt = scratch, *G = zt + L * kTile, *gl = G + kTile, *gs = gl + M * L * kTile;
-  std::fill(gl, gl + 2 * M * L * kTile, T(0));
+  T *zt = scratch, *G = zt + L * kSampleTile, *gl = G + kSampleTile, *gs = gl + M * L * kSampleTile;
+  std::fill(gl, gl + 2 * M * L * kSampleTile, T(0));
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t j0 = t * kTile, n = std::min(kTile, rows - j0);
+    const int64_t j0 = t * kSampleTile, n = std::min(kSampleTile, rows - j0);
     load_tile(p.z, j0, n, B, b, L, zt);
-    if (t + 1 < t1) prefetch_tile(p.z, j0 + kTile, std::min(kTile, rows - j0 - kTile), B, b, L);
+    if (t + 1 < t1) prefetch_tile(p.z, j0 + kSampleTile, std::min(kSampleTile, rows - j0 - kSampleTile), B, b, L);
     for (int64_t r = 0; r < M; ++r) {
       bool any = false;
-      for (int64_t j = 0; j < kTile; ++j) {
+      for (int64_t j = 0; j < kSampleTile; ++j) {
         const int64_t dk = j0 + j, d = dk / K;
         G[j] = T(0);
         if (j < n && d != r) {  // the diagonal is the constant 1
@@ -68,8 +68,8 @@ MMVAE_ALWAYS_INLINE void bwd_task_t(const RatioArgs<T>& p, int64_t b, int64_t c,
       }
       if (!any) continue;
       const int64_t o = (r * B + b) * L;
-      tile_grad<F, false, true>(G, zt, p.loc + o, p.inv + o, L, static_cast<T*>(nullptr), gl + r * L * kTile,
-                                gs + r * L * kTile);
+      tile_grad<F, false, true>(G, zt, p.loc + o, p.inv + o, L, static_cast<T*>(nullptr), gl + r * L * kSampleTile,
+                                gs + r * L * kSampleTile);
     }
   }
   reduce_lanes(gl, M, B, b, L, p.gloc + c * M * B * L);
@@ -79,15 +79,15 @@ MMVAE_ALWAYS_INLINE void bwd_task_t(const RatioArgs<T>& p, int64_t b, int64_t c,
 template <typename T>
 MMVAE_ALWAYS_INLINE void fwd_rows(int family, const RatioArgs<T>& p, int64_t begin, int64_t end) {
   const int64_t rows = p.M * p.K;
-  std::vector<T> buf((p.L + p.M) * kTile);
+  std::vector<T> buf((p.L + p.M) * kSampleTile);
   for (int64_t t = begin; t < end; ++t) {  // t = tile * B + b: neighbouring tasks read neighbouring rows of z
-    const int64_t b = t % p.B, j0 = (t / p.B) * kTile, n = std::min(kTile, rows - j0);
-    MMVAE_DISPATCH_FAMILY(family, F, fwd_tile_t<F>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile));
+    const int64_t b = t % p.B, j0 = (t / p.B) * kSampleTile, n = std::min(kSampleTile, rows - j0);
+    MMVAE_DISPATCH_FAMILY(family, F, fwd_tile_t<F>(p, b, j0, n, buf.data(), buf.data() + p.L * kSampleTile));
   }
 }
 template <typename T>
 MMVAE_ALWAYS_INLINE void bwd_tasks(int family, const RatioArgs<T>& p, int64_t begin, int64_t end) {
-  std::vector<T> scratch((p.L + 1 + 2 * p.M * p.L) * kTile);
+  std::vector<T> scratch((p.L + 1 + 2 * p.M * p.L) * kSampleTile);
   for (int64_t t = begin; t < end; ++t) {  // t = c * B + b
     MMVAE_DISPATCH_FAMILY(family, F, bwd_task_t<F>(p, t % p.B, t / p.B, scratch.data()));
   }
@@ -105,7 +105,7 @@ void run_bwd(int f, const RatioArgs<double>& p, int64_t b, int64_t e) { bwd_f64(
 
 at::Tensor importance_ratios_cpu(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
                                  c10::string_view family) {
-  const int fam = parse_family(std::string(family));
+  const int fam = parse_family(family);
   const Experts e = prepare_experts(z, loc, scale, "mmvae_fast::importance_ratios", at::kCPU);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   at::Tensor out = at::empty({M, M, K, B}, e.z.options());
@@ -115,7 +115,7 @@ at::Tensor importance_ratios_cpu(const at::Tensor& z, const at::Tensor& loc, con
     const RatioArgs<T> p{e.z.data_ptr<T>(), e.loc.data_ptr<T>(), e.inv.data_ptr<T>(), e.log_scale_sum.data_ptr<T>(),
                          nullptr, nullptr, out.data_ptr<T>(), nullptr, nullptr, M, K, B, L, 1};
     // clang-format on
-    at::parallel_for(0, B * num_tiles(M * K), task_grain(kTile * M * L),
+    at::parallel_for(0, B * num_tiles(M * K), task_grain(kSampleTile * M * L),
                      [&](int64_t begin, int64_t end) { run_fwd(fam, p, begin, end); });
   });
   return out;
@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cpu(const at::Tens
                                                                   const at::Tensor& z, const at::Tensor& loc,
                                                                   const at::Tensor& scale, c10::string_view family) {
   const char* op = "mmvae_fast::importance_ratios_backward";
-  const int fam = parse_family(std::string(family));
+  const int fam = parse_family(family);
   const Experts e = prepare_experts(z, loc, scale, op, at::kCPU);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
   const auto acc = e.z.scalar_type();

@@ -5,7 +5,7 @@
 //   wbar      = exp(lw - lse),  wbar_sq = wbar^2
 // Q == 1 (reduced dims last): one pass per row over chunks of kChunk values, each chunk's max then
 // exp(x - max) into the wbar buffer, the chunk states merged with the online log-sum-exp of
-// math.h; then a cheap rescale of each chunk by exp(max_c - lse). Q > 1: tiles of kTile adjacent
+// math.h; then a cheap rescale of each chunk by exp(max_c - lse). Q > 1: tiles of kColumnTile adjacent
 // columns, vectorised across the columns: their max, then exp(x - max) and the sums, then the
 // rescale by 1/sum. Either way one exp per element. lse comes with its rounding residual lse_lo
 // (math.h's lse_split): the weights are exp((lw - lse) - lse_lo), right to float precision however
@@ -32,7 +32,6 @@ namespace mmvae_fast {
 namespace {
 
 constexpr int64_t kChunk = 256;
-constexpr int64_t kTile = kColumnTile;
 
 template <typename T>
 MMVAE_ALWAYS_INLINE LseSplit<T> forward_row_impl(const T* x, int64_t n, T* w, T* w2, T* chunk_max, T* chunk_sum) {
@@ -107,13 +106,13 @@ MMVAE_ALWAYS_INLINE void backward_row_impl(const T* x, int64_t n, T lse, T lse_l
   }
 }
 
-// Columns: x[j * stride + t] for j < n, t < width <= kTile; lse[t], lse_lo[t] out.
+// Columns: x[j * stride + t] for j < n, t < width <= kColumnTile; lse[t], lse_lo[t] out.
 template <typename T>
 MMVAE_ALWAYS_INLINE void forward_cols_impl(const T* x, int64_t n, int64_t stride, int64_t width, T* w, T* w2, T* lse,
                                            T* lse_lo) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  T m[kTile], s[kTile], inv[kTile];
-  for (int64_t t = 0; t < kTile; ++t) m[t] = kNegInf, s[t] = T(0);
+  T m[kColumnTile], s[kColumnTile], inv[kColumnTile];
+  for (int64_t t = 0; t < kColumnTile; ++t) m[t] = kNegInf, s[t] = T(0);
   for (int64_t j = 0; j < n; ++j) {
     const T* xr = x + j * stride;
 #pragma omp simd
@@ -150,8 +149,8 @@ MMVAE_ALWAYS_INLINE void forward_cols_impl(const T* x, int64_t n, int64_t stride
 template <typename T, bool kHasW, bool kHasW2>
 MMVAE_ALWAYS_INLINE void backward_cols_impl(const T* x, int64_t n, int64_t stride, int64_t width, const T* lse,
                                             const T* lse_lo, const T* gb, const T* gw, const T* gw2, T* gx) {
-  T L[kTile], Lo[kTile], A[kTile], C[kTile], base[kTile];
-  for (int64_t t = 0; t < kTile; ++t) {
+  T L[kColumnTile], Lo[kColumnTile], A[kColumnTile], C[kColumnTile], base[kColumnTile];
+  for (int64_t t = 0; t < kColumnTile; ++t) {
     // An all -inf column (lse = -inf) has x = -inf everywhere: exp(x - 0) = 0 gives zero gradients.
     const bool live = t < width && lse[t] != -std::numeric_limits<T>::infinity();
     L[t] = live ? lse[t] : T(0);
@@ -193,7 +192,7 @@ MMVAE_ALWAYS_INLINE void backward_cols_dispatch(const T* x, int64_t n, int64_t s
 }
 
 // The multiversioned entry points (one clone per ISA level, chosen at load time). A full tile
-// passes the constant kTile so its inner loops compile to whole vectors.
+// passes the constant kColumnTile so its inner loops compile to whole vectors.
 MMVAE_CPU_MULTIVERSION LseSplit<float> forward_row(const float* x, int64_t n, float* w, float* w2, float* cm,
                                                    float* cs) {
   return forward_row_impl(x, n, w, w2, cm, cs);
@@ -206,12 +205,12 @@ MMVAE_CPU_MULTIVERSION LseSplit<double> forward_row(const double* x, int64_t n, 
 #define MMVAE_COLS(T)                                                                                                 \
   MMVAE_CPU_MULTIVERSION void forward_cols(const T* x, int64_t n, int64_t stride, int64_t width, T* w, T* w2, T* lse, \
                                            T* lo) {                                                                   \
-    if (width == kTile) forward_cols_impl(x, n, stride, kTile, w, w2, lse, lo);                                       \
+    if (width == kColumnTile) forward_cols_impl(x, n, stride, kColumnTile, w, w2, lse, lo);                           \
     else forward_cols_impl(x, n, stride, width, w, w2, lse, lo);                                                      \
   }                                                                                                                   \
   MMVAE_CPU_MULTIVERSION void backward_cols(const T* x, int64_t n, int64_t stride, int64_t width, const T* lse,       \
                                             const T* lo, const T* gb, const T* gw, const T* gw2, T* gx) {             \
-    if (width == kTile) backward_cols_dispatch(x, n, stride, kTile, lse, lo, gb, gw, gw2, gx);                        \
+    if (width == kColumnTile) backward_cols_dispatch(x, n, stride, kColumnTile, lse, lo, gb, gw, gw2, gx);            \
     else backward_cols_dispatch(x, n, stride, width, lse, lo, gb, gw, gw2, gx);                                       \
   }
 MMVAE_COLS(float)
@@ -242,13 +241,13 @@ void check_lw(const at::Tensor& lw, const char* op) {
   TORCH_CHECK(lw.size(1) > 0, op, ": 'lw' needs at least one sample (N > 0)");
 }
 
-// Work items: rows (Q == 1) or tiles of kTile columns; enough per chunk to be worth a thread.
+// Work items: rows (Q == 1) or tiles of kColumnTile columns; enough per chunk to be worth a thread.
 struct Items {
   int64_t P, N, Q, tiles, count, grain;
   Items(int64_t P_, int64_t N_, int64_t Q_) : P(P_), N(N_), Q(Q_) {
-    tiles = Q == 1 ? 1 : (Q + kTile - 1) / kTile;
+    tiles = Q == 1 ? 1 : (Q + kColumnTile - 1) / kColumnTile;
     count = P * tiles;
-    grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N * std::min(Q, kTile), 1));
+    grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N * std::min(Q, kColumnTile), 1));
   }
 };
 
@@ -278,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> importance_weights_cp
           plse[i] = l.hi, plo[i] = l.lo;
           continue;
         }
-        const int64_t p = i / it.tiles, q0 = (i % it.tiles) * kTile, width = std::min(kTile, Q - q0);
+        const int64_t p = i / it.tiles, q0 = (i % it.tiles) * kColumnTile, width = std::min(kColumnTile, Q - q0);
         const int64_t off = p * N * Q + q0;
         forward_cols(px + off, N, Q, width, pw + off, pw2 + off, plse + p * Q + q0, plo + p * Q + q0);
       }
@@ -327,7 +326,7 @@ at::Tensor importance_weights_backward_cpu(const at::Tensor& lw_in, const at::Te
                        pgw2 ? pgw2 + i * N : nullptr, pgx + i * N);
           continue;
         }
-        const int64_t p = i / it.tiles, q0 = (i % it.tiles) * kTile, width = std::min(kTile, Q - q0);
+        const int64_t p = i / it.tiles, q0 = (i % it.tiles) * kColumnTile, width = std::min(kColumnTile, Q - q0);
         const int64_t off = p * N * Q + q0;
         backward_cols(px + off, N, Q, width, plse + p * Q + q0, plo + p * Q + q0, pgb ? pgb + p * Q + q0 : nullptr,
                       pgw ? pgw + off : nullptr, pgw2 ? pgw2 + off : nullptr, pgx + off);

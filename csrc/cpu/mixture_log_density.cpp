@@ -25,23 +25,23 @@ struct Args {
   int64_t M, K, B, L, chunks;
 };
 
-// Forward of one tile (batch entry b, samples rk in [j0, j0 + n)); A: [M][kTile] scratch.
+// Forward of one tile (batch entry b, samples rk in [j0, j0 + n)); A: [M][kSampleTile] scratch.
 template <int F, typename T>
 MMVAE_ALWAYS_INLINE void fwd_tile_t(const Args<T>& p, int64_t b, int64_t j0, int64_t n, T* zt, T* A) {
   const int64_t M = p.M, K = p.K, B = p.B, L = p.L, KB = K * B;
   load_tile(p.z, j0, n, B, b, L, zt);
-  T mx[kTile], sum[kTile];
+  T mx[kSampleTile], sum[kSampleTile];
 #pragma omp simd
-  for (int64_t j = 0; j < kTile; ++j) mx[j] = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < kSampleTile; ++j) mx[j] = -std::numeric_limits<T>::infinity();
   for (int64_t m = 0; m < M; ++m) {
     const bool on = p.present[m * B + b];
     if (!on && p.a == nullptr) continue;  // absent and not asked for: skip the work
     const int64_t o = (m * B + b) * L;
-    T* am = A + m * kTile;
+    T* am = A + m * kSampleTile;
     tile_log_density<F>(zt, p.loc + o, p.inv + o, p.lss[m * B + b], L, am);
     if (on) {
 #pragma omp simd
-      for (int64_t j = 0; j < kTile; ++j) mx[j] = nan_max(mx[j], am[j]);
+      for (int64_t j = 0; j < kSampleTile; ++j) mx[j] = nan_max(mx[j], am[j]);
     }
     if (p.a != nullptr)
       for (int64_t j = 0; j < n; ++j) {
@@ -50,15 +50,15 @@ MMVAE_ALWAYS_INLINE void fwd_tile_t(const Args<T>& p, int64_t b, int64_t j0, int
       }
   }
 #pragma omp simd
-  for (int64_t j = 0; j < kTile; ++j) {
+  for (int64_t j = 0; j < kSampleTile; ++j) {
     mx[j] = lse_shift(mx[j]);
     sum[j] = T(0);
   }
   for (int64_t m = 0; m < M; ++m) {
     if (!p.present[m * B + b]) continue;
-    const T* am = A + m * kTile;
+    const T* am = A + m * kSampleTile;
 #pragma omp simd
-    for (int64_t j = 0; j < kTile; ++j) sum[j] += fast_exp(am[j] - mx[j]);
+    for (int64_t j = 0; j < kSampleTile; ++j) sum[j] += fast_exp(am[j] - mx[j]);
   }
   for (int64_t j = 0; j < n; ++j) p.lq[(j0 + j) * B + b] = mixture_lq_from_sum(mx[j], sum[j], p.count[b]);
 }
@@ -66,50 +66,52 @@ MMVAE_ALWAYS_INLINE void fwd_tile_t(const Args<T>& p, int64_t b, int64_t j0, int
 template <typename T>
 MMVAE_ALWAYS_INLINE void fwd_tasks(int family, const Args<T>& p, int64_t begin, int64_t end) {
   const int64_t rows = p.M * p.K;
-  std::vector<T> buf((p.L + p.M) * kTile);
+  std::vector<T> buf((p.L + p.M) * kSampleTile);
   for (int64_t t = begin; t < end; ++t) {  // t = tile * B + b: neighbouring tasks read neighbouring rows of z
-    const int64_t b = t % p.B, j0 = (t / p.B) * kTile, n = std::min(kTile, rows - j0);
-    MMVAE_DISPATCH_FAMILY(family, F, fwd_tile_t<F>(p, b, j0, n, buf.data(), buf.data() + p.L * kTile));
+    const int64_t b = t % p.B, j0 = (t / p.B) * kSampleTile, n = std::min(kSampleTile, rows - j0);
+    MMVAE_DISPATCH_FAMILY(family, F, fwd_tile_t<F>(p, b, j0, n, buf.data(), buf.data() + p.L * kSampleTile));
   }
 }
 
-// Backward of one task: batch entry b, tiles [t0, t1) of chunk c. Scratch: zt, gzt [L][kTile],
-// A (then G) [M][kTile], lanes of grad_loc and grad_scale [M][L][kTile] each.
+// Backward of one task: batch entry b, tiles [t0, t1) of chunk c. Scratch: zt, gzt [L][kSampleTile],
+// A (then G) [M][kSampleTile], lanes of grad_loc and grad_scale [M][L][kSampleTile] each.
 template <int F, bool GX, bool GP, typename T>
 MMVAE_ALWAYS_INLINE void bwd_task_t(const Args<T>& p, int64_t b, int64_t c, T* scratch) {
   const int64_t M = p.M, K = p.K, B = p.B, L = p.L, KB = K * B, rows = M * K, tiles = num_tiles(rows);
   const int64_t t0 = c * tiles / p.chunks, t1 = (c + 1) * tiles / p.chunks;
-  T *zt = scratch, *gzt = zt + L * kTile, *G = gzt + L * kTile, *gl = G + M * kTile, *gs = gl + M * L * kTile;
-  if (GP) std::fill(gl, gl + 2 * M * L * kTile, T(0));
+  T *zt = scratch, *gzt = zt + L * kSampleTile, *G = gzt + L * kSampleTile, *gl = G + M * kSampleTile,
+    *gs = gl + M * L * kSampleTile;
+  if (GP) std::fill(gl, gl + 2 * M * L * kSampleTile, T(0));
   const T log_n = log_expert_count<T>(p.count[b]);
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t j0 = t * kTile, n = std::min(kTile, rows - j0);
+    const int64_t j0 = t * kSampleTile, n = std::min(kSampleTile, rows - j0);
     load_tile(p.z, j0, n, B, b, L, zt);
     if (t + 1 < t1) {
-      const int64_t n1 = std::min(kTile, rows - j0 - kTile);
-      prefetch_tile(p.z, j0 + kTile, n1, B, b, L);
-      if (GX) prefetch_tile(p.gz, j0 + kTile, n1, B, b, L);
+      const int64_t n1 = std::min(kSampleTile, rows - j0 - kSampleTile);
+      prefetch_tile(p.z, j0 + kSampleTile, n1, B, b, L);
+      if (GX) prefetch_tile(p.gz, j0 + kSampleTile, n1, B, b, L);
       for (int64_t j = 0; j < n1; ++j) {
-        __builtin_prefetch(p.lq + (j0 + kTile + j) * B + b);
-        if (p.glq != nullptr) __builtin_prefetch(p.glq + (j0 + kTile + j) * B + b);
+        __builtin_prefetch(p.lq + (j0 + kSampleTile + j) * B + b);
+        if (p.glq != nullptr) __builtin_prefetch(p.glq + (j0 + kSampleTile + j) * B + b);
       }
     }
     // G[m][j] = grad_lq * pi_m + grad_a[m] for the samples of the tile (0 in unused lanes)
-    T g[kTile], lq[kTile];
-    for (int64_t j = 0; j < kTile; ++j) {
+    T g[kSampleTile], lq[kSampleTile];
+    for (int64_t j = 0; j < kSampleTile; ++j) {
       g[j] = (p.glq != nullptr && j < n) ? p.glq[(j0 + j) * B + b] : T(0);
       lq[j] = j < n ? p.lq[(j0 + j) * B + b] : T(0);
     }
     for (int64_t m = 0; m < M; ++m) {
-      T* Gm = G + m * kTile;
+      T* Gm = G + m * kSampleTile;
       const bool on = p.glq != nullptr && p.present[m * B + b];
       if (on) {
         const int64_t o = (m * B + b) * L;
         tile_log_density<F>(zt, p.loc + o, p.inv + o, p.lss[m * B + b], L, Gm);
 #pragma omp simd
-        for (int64_t j = 0; j < kTile; ++j) Gm[j] = g[j] != T(0) ? g[j] * responsibility(Gm[j], lq[j], log_n) : T(0);
+        for (int64_t j = 0; j < kSampleTile; ++j)
+          Gm[j] = g[j] != T(0) ? g[j] * responsibility(Gm[j], lq[j], log_n) : T(0);
       } else {
-        for (int64_t j = 0; j < kTile; ++j) Gm[j] = T(0);
+        for (int64_t j = 0; j < kSampleTile; ++j) Gm[j] = T(0);
       }
       if (p.ga != nullptr)
         for (int64_t j = 0; j < n; ++j) {
@@ -117,11 +119,12 @@ MMVAE_ALWAYS_INLINE void bwd_task_t(const Args<T>& p, int64_t b, int64_t c, T* s
           Gm[j] += p.ga[((rk / K) * M + m) * KB + (rk % K) * B + b];
         }
     }
-    if (GX) std::fill(gzt, gzt + L * kTile, T(0));
+    if (GX) std::fill(gzt, gzt + L * kSampleTile, T(0));
     for (int64_t m = 0; m < M; ++m) {
       if (!(p.ga != nullptr || (p.glq != nullptr && p.present[m * B + b]))) continue;  // absent, no grad_a
       const int64_t o = (m * B + b) * L;
-      tile_grad<F, GX, GP>(G + m * kTile, zt, p.loc + o, p.inv + o, L, gzt, gl + m * L * kTile, gs + m * L * kTile);
+      tile_grad<F, GX, GP>(G + m * kSampleTile, zt, p.loc + o, p.inv + o, L, gzt, gl + m * L * kSampleTile,
+                           gs + m * L * kSampleTile);
     }
     if (GX) store_tile(gzt, j0, n, B, b, L, p.gz);
   }
@@ -133,7 +136,7 @@ MMVAE_ALWAYS_INLINE void bwd_task_t(const Args<T>& p, int64_t b, int64_t c, T* s
 
 template <typename T>
 MMVAE_ALWAYS_INLINE void bwd_tasks(int family, const Args<T>& p, int64_t begin, int64_t end) {
-  std::vector<T> scratch((2 * p.L + p.M + 2 * p.M * p.L) * kTile);
+  std::vector<T> scratch((2 * p.L + p.M + 2 * p.M * p.L) * kSampleTile);
   const bool gx = p.gz != nullptr, gp = p.gloc != nullptr;
   for (int64_t t = begin; t < end; ++t) {  // t = c * B + b
     const int64_t b = t % p.B, c = t / p.B;
@@ -183,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const at::T
                     B,
                     L,
                     1};
-    at::parallel_for(0, B * num_tiles(M * K), task_grain(kTile * M * L),
+    at::parallel_for(0, B * num_tiles(M * K), task_grain(kSampleTile * M * L),
                      [&](int64_t begin, int64_t end) { run_fwd(fam, p, begin, end); });
   });
   return {lq, a};
@@ -209,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cpu(
     const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& lq, c10::string_view family,
     const c10::optional<at::Tensor>& mask, std::array<bool, 3> output_mask) {
   const char* op = "mmvae_fast::mixture_log_density_backward";
-  const int fam = parse_family(std::string(family));
+  const int fam = parse_family(family);
   const Experts e = prepare_experts(z, loc, scale, op, at::kCPU);
   const auto [present, count] = prepare_mask(mask, e.M, e.B, z.device(), op);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;

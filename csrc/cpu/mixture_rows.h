@@ -12,20 +12,19 @@
 namespace mmvae_fast {
 namespace cpu {
 
-// The kernels work on tiles of kTile samples of one batch entry b, transposed to [L][kTile] so
+// The kernels work on tiles of kSampleTile samples of one batch entry b, transposed to [L][kSampleTile] so
 // that the loops over L run over whole SIMD registers of samples (loc and 1/scale of one expert
 // are broadcast): no horizontal reductions, no remainder lanes for L = 20, and each tile is
 // loaded once for all M experts. Samples of a tile: rows rk = r * K + k in [j0, j0 + n).
-constexpr int64_t kTile = kSampleTile;
 
 template <typename T>
 MMVAE_ALWAYS_INLINE void load_tile(const T* z, int64_t j0, int64_t n, int64_t B, int64_t b, int64_t L, T* zt) {
   for (int64_t j = 0; j < n; ++j) {
     const T* row = z + ((j0 + j) * B + b) * L;
-    for (int64_t l = 0; l < L; ++l) zt[l * kTile + j] = row[l];
+    for (int64_t l = 0; l < L; ++l) zt[l * kSampleTile + j] = row[l];
   }
-  for (int64_t j = n; j < kTile; ++j)
-    for (int64_t l = 0; l < L; ++l) zt[l * kTile + j] = T(0);
+  for (int64_t j = n; j < kSampleTile; ++j)
+    for (int64_t l = 0; l < L; ++l) zt[l * kSampleTile + j] = T(0);
 }
 
 // Prefetch the rows of the tile [j0, j0 + n) of batch entry b (rows are B * L apart, so the
@@ -44,25 +43,25 @@ template <typename T>
 MMVAE_ALWAYS_INLINE void store_tile(const T* zt, int64_t j0, int64_t n, int64_t B, int64_t b, int64_t L, T* z) {
   for (int64_t j = 0; j < n; ++j) {
     T* row = z + ((j0 + j) * B + b) * L;
-    for (int64_t l = 0; l < L; ++l) row[l] = zt[l * kTile + j];
+    for (int64_t l = 0; l < L; ++l) row[l] = zt[l * kSampleTile + j];
   }
 }
 
-// a[j] = sum_l log f(zt[l][j]; loc[l], 1/inv[l]) for the kTile samples of a tile against one
+// a[j] = sum_l log f(zt[l][j]; loc[l], 1/inv[l]) for the kSampleTile samples of a tile against one
 // expert; log_scale_sum = sum_l log scale[l] is subtracted once.
 template <int F, typename T>
 MMVAE_ALWAYS_INLINE void tile_log_density(const T* zt, const T* loc, const T* inv, T log_scale_sum, int64_t L, T* a) {
-  T acc[kTile];
+  T acc[kSampleTile];
 #pragma omp simd
-  for (int64_t j = 0; j < kTile; ++j) acc[j] = T(0);
+  for (int64_t j = 0; j < kSampleTile; ++j) acc[j] = T(0);
   for (int64_t l = 0; l < L; ++l) {
     const T lo = loc[l], iv = inv[l];
-    const T* zl = zt + l * kTile;
+    const T* zl = zt + l * kSampleTile;
 #pragma omp simd
-    for (int64_t j = 0; j < kTile; ++j) acc[j] += log_density_unscaled<F, T>(zl[j], lo, iv);
+    for (int64_t j = 0; j < kSampleTile; ++j) acc[j] += log_density_unscaled<F, T>(zl[j], lo, iv);
   }
 #pragma omp simd
-  for (int64_t j = 0; j < kTile; ++j) a[j] = acc[j] - log_scale_sum;
+  for (int64_t j = 0; j < kSampleTile; ++j) a[j] = acc[j] - log_scale_sum;
 }
 
 // For one expert: gzt[l][j] += G[j] * d/dz, glt[l][j] += G[j] * d/dloc, gst[l][j] += G[j] * d/dscale
@@ -73,14 +72,14 @@ MMVAE_ALWAYS_INLINE void tile_grad(const T* G, const T* zt, const T* loc, const 
                                    T* gst) {
   for (int64_t l = 0; l < L; ++l) {
     const T lo = loc[l], iv = inv[l];
-    const T* zl = zt + l * kTile;
+    const T* zl = zt + l * kSampleTile;
 #pragma omp simd
-    for (int64_t j = 0; j < kTile; ++j) {
+    for (int64_t j = 0; j < kSampleTile; ++j) {
       const DensityGrad<T> d = log_density_grad<T>(F, zl[j], lo, iv);
-      if (GX) gzt[l * kTile + j] += weighted_grad(G[j], d.dx);
+      if (GX) gzt[l * kSampleTile + j] += weighted_grad(G[j], d.dx);
       if (GP) {
-        glt[l * kTile + j] += weighted_grad(G[j], d.dloc);
-        gst[l * kTile + j] += weighted_grad(G[j], d.dscale);
+        glt[l * kSampleTile + j] += weighted_grad(G[j], d.dloc);
+        gst[l * kSampleTile + j] += weighted_grad(G[j], d.dscale);
       }
     }
   }
@@ -91,9 +90,9 @@ template <typename T>
 MMVAE_ALWAYS_INLINE void reduce_lanes(const T* lanes, int64_t M, int64_t B, int64_t b, int64_t L, T* out) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t l = 0; l < L; ++l) {
-      const T* v = lanes + (m * L + l) * kTile;
+      const T* v = lanes + (m * L + l) * kSampleTile;
       T s = T(0);
-      for (int64_t j = 0; j < kTile; ++j) s += v[j];
+      for (int64_t j = 0; j < kSampleTile; ++j) s += v[j];
       out[(m * B + b) * L + l] += s;
     }
 }
@@ -104,7 +103,7 @@ inline int64_t task_grain(int64_t work) {
   return std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, work));
 }
 
-inline int64_t num_tiles(int64_t rows) { return (rows + kTile - 1) / kTile; }
+inline int64_t num_tiles(int64_t rows) { return (rows + kSampleTile - 1) / kSampleTile; }
 
 // Work split of the backward passes over (batch entry, chunk of tiles): each task owns the
 // parameter gradients of its batch entry in its own chunk buffer, so there are no races; with

@@ -5,7 +5,7 @@
 // saving lw, lq and the slices' (max, log-sum): O(M K B). The backward recomputes a[r, :] per sample
 // and writes the gradients of z, loc, scale, the prior's loc and scale and lpx directly.
 //
-// Both passes work on tiles of kTile samples of one item (mixture_rows.h), transposed to [L][kTile]
+// Both passes work on tiles of kSampleTile samples of one item (mixture_rows.h), transposed to [L][kSampleTile]
 // so every loop over L runs over whole SIMD registers of samples, with the vectorisable exp / log1p
 // of fastmath.h; loc, scale and the prior's parameter gradients are per-lane partial sums reduced
 // once per item. Items are independent (each owns its rows of every gradient): both passes run in
@@ -99,7 +99,7 @@ template <typename T>
 struct FwdScratch {
   std::vector<T> zt, a, lw, lq, pi_own;
   FwdScratch(int64_t M, int64_t K, int64_t L)
-      : zt(L * kTile), a((M + 1) * kTile), lw(M * K), lq(M * K), pi_own(M * K) {}
+      : zt(L * kSampleTile), a((M + 1) * kSampleTile), lw(M * K), lq(M * K), pi_own(M * K) {}
 };
 
 template <int F, int PF, typename T>
@@ -116,39 +116,40 @@ MMVAE_ALWAYS_INLINE void forward_item(const Args<T>& p, int64_t b, Item<T>& it, 
         p.lq[i] = T(0);
         if (p.zw != nullptr) p.zw[i] = T(0);
       }
-  T* lpz = s.a.data() + M * kTile;
+  T* lpz = s.a.data() + M * kSampleTile;
   for (int64_t r : P)
-    for (int64_t j0 = 0; j0 < K; j0 += kTile) {
-      const int64_t n = std::min(kTile, K - j0);
-      if (j0 + kTile < K) prefetch_tile(p.z, r * K + j0 + kTile, std::min(kTile, K - j0 - kTile), B, b, L);
+    for (int64_t j0 = 0; j0 < K; j0 += kSampleTile) {
+      const int64_t n = std::min(kSampleTile, K - j0);
+      if (j0 + kSampleTile < K)
+        prefetch_tile(p.z, r * K + j0 + kSampleTile, std::min(kSampleTile, K - j0 - kSampleTile), B, b, L);
       load_tile(p.z, r * K + j0, n, B, b, L, s.zt.data());
       for (int64_t m : P)
-        tile_log_density<F>(s.zt.data(), &it.mu[m * L], &it.inv[m * L], it.lss[m], L, &s.a[m * kTile]);
+        tile_log_density<F>(s.zt.data(), &it.mu[m * L], &it.inv[m * L], it.lss[m], L, &s.a[m * kSampleTile]);
       tile_log_density<PF>(s.zt.data(), it.pmu.data(), it.pinv.data(), it.plss, L, lpz);
-      T mx[kTile], sum[kTile], lse[kTile];
+      T mx[kSampleTile], sum[kSampleTile], lse[kSampleTile];
 #pragma omp simd
-      for (int64_t j = 0; j < kTile; ++j) mx[j] = ninf;
+      for (int64_t j = 0; j < kSampleTile; ++j) mx[j] = ninf;
       for (int64_t m : P) {
-        const T* am = &s.a[m * kTile];
+        const T* am = &s.a[m * kSampleTile];
 #pragma omp simd
-        for (int64_t j = 0; j < kTile; ++j) mx[j] = am[j] > mx[j] || am[j] != am[j] ? am[j] : mx[j];
+        for (int64_t j = 0; j < kSampleTile; ++j) mx[j] = am[j] > mx[j] || am[j] != am[j] ? am[j] : mx[j];
       }
 #pragma omp simd
-      for (int64_t j = 0; j < kTile; ++j) sum[j] = T(0);
+      for (int64_t j = 0; j < kSampleTile; ++j) sum[j] = T(0);
       for (int64_t m : P) {
-        const T* am = &s.a[m * kTile];
+        const T* am = &s.a[m * kSampleTile];
 #pragma omp simd
-        for (int64_t j = 0; j < kTile; ++j) sum[j] += fast_exp(am[j] - (finite(mx[j]) ? mx[j] : T(0)));
+        for (int64_t j = 0; j < kSampleTile; ++j) sum[j] += fast_exp(am[j] - (finite(mx[j]) ? mx[j] : T(0)));
       }
-      const T* ar = &s.a[r * kTile];
+      const T* ar = &s.a[r * kSampleTile];
       T* lw = &s.lw[r * K + j0];
       T* lq = &s.lq[r * K + j0];
       T* po = &s.pi_own[r * K + j0];
-      T lpx[kTile];
+      T lpx[kSampleTile];
       for (int64_t j = 0; j < n; ++j) lpx[j] = p.lpx[((r * K + j0 + j) * B + b)];
     // the sum is >= 1 when the max is finite (its own term is 1); otherwise the lse is the max
 #pragma omp simd
-      for (int64_t j = 0; j < kTile; ++j) lse[j] = finite(mx[j]) ? mx[j] + fast_log1p(sum[j] - T(1)) : mx[j];
+      for (int64_t j = 0; j < kSampleTile; ++j) lse[j] = finite(mx[j]) ? mx[j] + fast_log1p(sum[j] - T(1)) : mx[j];
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         lq[j] = lse[j] - it.log_n;
@@ -223,19 +224,19 @@ MMVAE_ALWAYS_INLINE void forward_item(const Args<T>& p, int64_t b, Item<T>& it, 
 }
 
 // Per-thread scratch of the backward: a tile of z and of its gradient, per-lane coefficients, and
-// per-lane partial sums of the item's loc / scale gradients [M][L][kTile] and the prior's [L][kTile].
+// per-lane partial sums of the item's loc / scale gradients [M][L][kSampleTile] and the prior's [L][kSampleTile].
 template <typename T>
 struct BwdScratch {
   std::vector<T> zt, gzt, a, sc, gl, gs, gpl, gps;
   BwdScratch(int64_t M, int64_t L)
-      : zt(L * kTile),
-        gzt(L * kTile),
-        a(M * kTile),
-        sc(M * kTile),
-        gl(M * L * kTile),
-        gs(M * L * kTile),
-        gpl(L * kTile),
-        gps(L * kTile) {}
+      : zt(L * kSampleTile),
+        gzt(L * kSampleTile),
+        a(M * kSampleTile),
+        sc(M * kSampleTile),
+        gl(M * L * kSampleTile),
+        gs(M * L * kSampleTile),
+        gpl(L * kSampleTile),
+        gps(L * kSampleTile) {}
 };
 
 template <int F, int PF, typename T>
@@ -263,20 +264,21 @@ MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it,
   for (int64_t r : P) {
     const T* st = p.stats_in + (looser ? r * B + b : b) * 2;
     const T mx = st[0], ls = st[1];
-    for (int64_t j0 = 0; j0 < K; j0 += kTile) {
-      const int64_t n = std::min(kTile, K - j0);
-      if (j0 + kTile < K) prefetch_tile(p.z, r * K + j0 + kTile, std::min(kTile, K - j0 - kTile), B, b, L);
+    for (int64_t j0 = 0; j0 < K; j0 += kSampleTile) {
+      const int64_t n = std::min(kSampleTile, K - j0);
+      if (j0 + kSampleTile < K)
+        prefetch_tile(p.z, r * K + j0 + kSampleTile, std::min(kSampleTile, K - j0 - kSampleTile), B, b, L);
       load_tile(p.z, r * K + j0, n, B, b, L, s.zt.data());
-      T lw[kTile], base[kTile];
-      for (int64_t j = 0; j < kTile; ++j) {
+      T lw[kSampleTile], base[kSampleTile];
+      for (int64_t j = 0; j < kSampleTile; ++j) {
         const int64_t i = (r * K + j0 + j) * B + b;
         lw[j] = j < n ? p.lw_in[i] : T(0);
         base[j] = j < n ? p.lq_in[i] + it.log_n : T(0);
       }
       // the estimator's coefficients per sample (moe_coef), 0 in the padding lanes
-      T om[kTile], s_own[kTile], s_other[kTile], al[kTile];
+      T om[kSampleTile], s_own[kSampleTile], s_other[kSampleTile], al[kSampleTile];
 #pragma omp simd
-      for (int64_t j = 0; j < kTile; ++j) {
+      for (int64_t j = 0; j < kSampleTile; ++j) {
         const T w = wbar(lw[j], mx, ls);
         const bool on = j < n;
         const T o = on ? sg * w : T(0);
@@ -289,35 +291,35 @@ MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it,
       for (int64_t j = 0; j < n; ++j) p.glpx[(r * K + j0 + j) * B + b] = om[j];
       // pi_m = q_m(z) / sum_m' q_m'(z) from the saved lq; sc_m = -score_m pi_m
       for (int64_t m : P) {
-        T* am = &s.a[m * kTile];
-        T* scm = &s.sc[m * kTile];
+        T* am = &s.a[m * kSampleTile];
+        T* scm = &s.sc[m * kSampleTile];
         tile_log_density<F>(s.zt.data(), &it.mu[m * L], &it.inv[m * L], it.lss[m], L, am);
         const T* sm = m == r ? s_own : s_other;
 #pragma omp simd
-        for (int64_t j = 0; j < kTile; ++j) {
+        for (int64_t j = 0; j < kSampleTile; ++j) {
           am[j] = j < n ? fast_exp(am[j] - base[j]) : T(0);  // a becomes pi
           scm[j] = -sm[j] * am[j];
         }
       }
-      T beta[kTile];
-      const T* pir = &s.a[r * kTile];
+      T beta[kSampleTile];
+      const T* pir = &s.a[r * kSampleTile];
 #pragma omp simd
-      for (int64_t j = 0; j < kTile; ++j) beta[j] = -al[j] * pir[j];
+      for (int64_t j = 0; j < kSampleTile; ++j) beta[j] = -al[j] * pir[j];
       for (int64_t l = 0; l < L; ++l) {
-        const T* zl = &s.zt[l * kTile];
-        T sdA[kTile];  // sum_m pi_m d log q_m / dz
+        const T* zl = &s.zt[l * kSampleTile];
+        T sdA[kSampleTile];  // sum_m pi_m d log q_m / dz
 #pragma omp simd
-        for (int64_t j = 0; j < kTile; ++j) sdA[j] = T(0);
+        for (int64_t j = 0; j < kSampleTile; ++j) sdA[j] = T(0);
         for (int64_t m : P) {
           const T lo = it.mu[m * L + l], iv = it.inv[m * L + l];
-          const T* pim = &s.a[m * kTile];
-          const T* scm = &s.sc[m * kTile];
-          T* glm = &s.gl[(m * L + l) * kTile];
-          T* gsm = &s.gs[(m * L + l) * kTile];
+          const T* pim = &s.a[m * kSampleTile];
+          const T* scm = &s.sc[m * kSampleTile];
+          T* glm = &s.gl[(m * L + l) * kSampleTile];
+          T* gsm = &s.gs[(m * L + l) * kSampleTile];
 #pragma omp simd
-          for (int64_t j = 0; j < kTile; ++j) {
+          for (int64_t j = 0; j < kSampleTile; ++j) {
             const T u = (zl[j] - lo) * iv;
-            const T d = moe_dphi<F>(u);
+            const T d = dphi<F>(u);
             sdA[j] += pim[j] * (-d * iv);
             glm[j] += scm[j] * d * iv;
             gsm[j] += scm[j] * (u * d - T(1)) * iv;
@@ -325,24 +327,24 @@ MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it,
         }
         if (alias) {  // -alias pi_r (dA_r - sum_m pi_m dA_m), through loc_r + scale_r eps
           const T lo = it.mu[r * L + l], iv = it.inv[r * L + l];
-          T* glr = &s.gl[(r * L + l) * kTile];
-          T* gsr = &s.gs[(r * L + l) * kTile];
+          T* glr = &s.gl[(r * L + l) * kSampleTile];
+          T* gsr = &s.gs[(r * L + l) * kSampleTile];
 #pragma omp simd
-          for (int64_t j = 0; j < kTile; ++j) {
+          for (int64_t j = 0; j < kSampleTile; ++j) {
             const T u = (zl[j] - lo) * iv;
-            const T ga = beta[j] * (-moe_dphi<F>(u) * iv - sdA[j]);
+            const T ga = beta[j] * (-dphi<F>(u) * iv - sdA[j]);
             glr[j] += ga;
             gsr[j] += ga * u;
           }
         }
         const T plo = it.pmu[l], piv = it.pinv[l];
-        T* gzl = &s.gzt[l * kTile];
-        T* gpl = &s.gpl[l * kTile];
-        T* gps = &s.gps[l * kTile];
+        T* gzl = &s.gzt[l * kSampleTile];
+        T* gpl = &s.gpl[l * kSampleTile];
+        T* gps = &s.gps[l * kSampleTile];
 #pragma omp simd
-        for (int64_t j = 0; j < kTile; ++j) {
+        for (int64_t j = 0; j < kSampleTile; ++j) {
           const T u = (zl[j] - plo) * piv;
-          const T d = moe_dphi<PF>(u);
+          const T d = dphi<PF>(u);
           gzl[j] = om[j] * (-d * piv - sdA[j]);
           gpl[j] += om[j] * d * piv;
           gps[j] += om[j] * (u * d - T(1)) * piv;
@@ -353,17 +355,17 @@ MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it,
   }
   auto lane_sum = [](const T* v) {
     T acc = T(0);
-    for (int64_t j = 0; j < kTile; ++j) acc += v[j];
+    for (int64_t j = 0; j < kSampleTile; ++j) acc += v[j];
     return acc;
   };
   for (int64_t m = 0; m < M; ++m)
     for (int64_t l = 0; l < L; ++l) {
-      p.gloc[(m * B + b) * L + l] = lane_sum(&s.gl[(m * L + l) * kTile]);
-      p.gscale[(m * B + b) * L + l] = lane_sum(&s.gs[(m * L + l) * kTile]);
+      p.gloc[(m * B + b) * L + l] = lane_sum(&s.gl[(m * L + l) * kSampleTile]);
+      p.gscale[(m * B + b) * L + l] = lane_sum(&s.gs[(m * L + l) * kSampleTile]);
     }
   for (int64_t l = 0; l < L; ++l) {
-    p.gploc[b * L + l] = lane_sum(&s.gpl[l * kTile]);
-    p.gpscale[b * L + l] = lane_sum(&s.gps[l * kTile]);
+    p.gploc[b * L + l] = lane_sum(&s.gpl[l * kSampleTile]);
+    p.gpscale[b * L + l] = lane_sum(&s.gps[l * kSampleTile]);
   }
 }
 
@@ -381,31 +383,23 @@ MMVAE_ALWAYS_INLINE void backward_range_t(const Args<T>& p, int64_t b0, int64_t 
   for (int64_t b = b0; b < b1; ++b) backward_item<F, PF>(p, b, it, s);
 }
 
-// The families as template constants, inside the per-ISA clones below (a lambda would be compiled
-// once, for the baseline ISA).
-#define MMVAE_MOE_FAMILIES(fam, pfam, FN, ...)                   \
-  do {                                                           \
-    if ((fam) == kNormal) {                                      \
-      if ((pfam) == kNormal) FN<kNormal, kNormal>(__VA_ARGS__);  \
-      else FN<kNormal, kLaplace>(__VA_ARGS__);                   \
-    } else {                                                     \
-      if ((pfam) == kNormal) FN<kLaplace, kNormal>(__VA_ARGS__); \
-      else FN<kLaplace, kLaplace>(__VA_ARGS__);                  \
-    }                                                            \
-  } while (0)
+// The families as template constants, expanded inside each per-ISA clone (a lambda would be
+// compiled once, for the baseline ISA).
+#define MMVAE_MOE_RUN(FN) MMVAE_DISPATCH_FAMILY(f, F, MMVAE_DISPATCH_FAMILY(pf, PF, FN<F, PF>(p, b0, b1)))
 
 MMVAE_CPU_MULTIVERSION void fwd_f32(int f, int pf, const Args<float>& p, int64_t b0, int64_t b1) {
-  MMVAE_MOE_FAMILIES(f, pf, forward_range_t, p, b0, b1);
+  MMVAE_MOE_RUN(forward_range_t);
 }
 MMVAE_CPU_MULTIVERSION void fwd_f64(int f, int pf, const Args<double>& p, int64_t b0, int64_t b1) {
-  MMVAE_MOE_FAMILIES(f, pf, forward_range_t, p, b0, b1);
+  MMVAE_MOE_RUN(forward_range_t);
 }
 MMVAE_CPU_MULTIVERSION void bwd_f32(int f, int pf, const Args<float>& p, int64_t b0, int64_t b1) {
-  MMVAE_MOE_FAMILIES(f, pf, backward_range_t, p, b0, b1);
+  MMVAE_MOE_RUN(backward_range_t);
 }
 MMVAE_CPU_MULTIVERSION void bwd_f64(int f, int pf, const Args<double>& p, int64_t b0, int64_t b1) {
-  MMVAE_MOE_FAMILIES(f, pf, backward_range_t, p, b0, b1);
+  MMVAE_MOE_RUN(backward_range_t);
 }
+#undef MMVAE_MOE_RUN
 void run_fwd(int f, int pf, const Args<float>& p, int64_t b0, int64_t b1) { fwd_f32(f, pf, p, b0, b1); }
 void run_fwd(int f, int pf, const Args<double>& p, int64_t b0, int64_t b1) { fwd_f64(f, pf, p, b0, b1); }
 void run_bwd(int f, int pf, const Args<float>& p, int64_t b0, int64_t b1) { bwd_f32(f, pf, p, b0, b1); }

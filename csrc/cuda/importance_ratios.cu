@@ -63,7 +63,7 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
 at::Tensor importance_ratios_cuda(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
                                   c10::string_view family) {
   const char* op = "mmvae_fast::importance_ratios";
-  const int fam = parse_family(std::string(family));
+  const int fam = parse_family(family);
   const c10::cuda::CUDAGuard guard(z.device());
   const Experts e = prepare_experts(z, loc, scale, op, at::kCUDA);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cuda(const at::Ten
                                                                    const at::Tensor& z, const at::Tensor& loc,
                                                                    const at::Tensor& scale, c10::string_view family) {
   const char* op = "mmvae_fast::importance_ratios_backward";
-  const int fam = parse_family(std::string(family));
+  const int fam = parse_family(family);
   const c10::cuda::CUDAGuard guard(z.device());
   const Experts e = prepare_experts(z, loc, scale, op, at::kCUDA);
   const int64_t M = e.M, K = e.K, B = e.B, L = e.L;

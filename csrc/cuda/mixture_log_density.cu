@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_log_density_backward_cuda
     const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& lq, c10::string_view family,
     const c10::optional<at::Tensor>& mask, std::array<bool, 3> output_mask) {
   const char* op = "mmvae_fast::mixture_log_density_backward";
-  const int fam = parse_family(std::string(family));
+  const int fam = parse_family(family);
   const c10::cuda::CUDAGuard guard(z.device());
   const Experts e = prepare_experts(z, loc, scale, op, at::kCUDA);
   const auto [present, count] = prepare_mask(mask, e.M, e.B, z.device(), op);

@@ -71,7 +71,7 @@ __global__ void prep_kernel(const T* __restrict__ scale, const T* __restrict__ p
       acc += std::log(sl);
     }
     acc = warp_sum(acc);
-    if (lane == 0) norm[j] = T(L) * moe_log_const<T>(prior ? pfam : fam) + acc;
+    if (lane == 0) norm[j] = T(L) * log_const<T>(prior ? pfam : fam) + acc;
   }
 }
 
@@ -79,7 +79,7 @@ __global__ void prep_kernel(const T* __restrict__ scale, const T* __restrict__ p
 template <int F, typename T>
 __device__ __forceinline__ T warp_log_density(const T* z, const T* mu, const T* inv, T norm, int64_t L, int lane) {
   T acc = T(0);
-  for (int64_t l = lane; l < L; l += kWarp) acc += moe_phi<F>((z[l] - mu[l]) * inv[l]);
+  for (int64_t l = lane; l < L; l += kWarp) acc += phi<F>((z[l] - mu[l]) * inv[l]);
   return -warp_sum(acc) - norm;
 }
 
@@ -276,7 +276,7 @@ __global__ void sample_backward_kernel(const T* __restrict__ g, const T* __restr
           const int64_t o = (m * B + b) * L + l;
           const T iv = inv[o];
           const T u = (zl - loc[o]) * iv;
-          const T d = moe_dphi<F>(u);
+          const T d = dphi<F>(u);
           const T dA = -d * iv;
           const T pm = pi[m];
           const T sc = -(m == r ? cf.score_own : cf.score_other) * pm;
@@ -289,7 +289,7 @@ __global__ void sample_backward_kernel(const T* __restrict__ g, const T* __restr
           }
         }
         const T pu = (zl - pmu[l]) * pinv[l];
-        const T pd = moe_dphi<PF>(pu);
+        const T pd = dphi<PF>(pu);
         gz[i * L + l] = om * (-pd * pinv[l] - sum_dA);
         acc[2 * M * L + l] += om * pd * pinv[l];
         acc[(2 * M + 1) * L + l] += om * (pu * pd - T(1)) * pinv[l];

@@ -9,18 +9,37 @@ namespace mmvae_fast {
 
 enum Family : int { kNormal = 0, kLaplace = 1 };
 
+// Both families in one form: with u = (x - loc) / scale,
+//   log f = -phi(u) - log scale - log_const,  phi(u) = u^2/2 (Normal) or |u| (Laplace),
+// and with dphi = phi'(u):
+//   d log f / dx = -dphi / scale,  d log f / dloc = dphi / scale,  d log f / dscale = (u dphi - 1) / scale.
+template <int F, typename T>
+MMVAE_HD T phi(T u) {
+  return F == kNormal ? T(0.5) * u * u : std::abs(u);
+}
+
+template <int F, typename T>
+MMVAE_HD T dphi(T u) {
+  return F == kNormal ? u : T((u > T(0)) - (u < T(0)));  // sign(0) = 0, as torch's abs backward
+}
+
+// The log-density's constant per coordinate: 0.5 log(2 pi) (Normal) or log 2 (Laplace).
+template <typename T>
+MMVAE_HD T log_const(int family) {
+  return family == kNormal ? T(kHalfLog2Pi) : T(kLog2);
+}
+
 // log f(x; loc, scale), given inv_scale = 1/scale and log_scale = log(scale) precomputed per
 // (b, l) so the inner loops over samples pay one multiply instead of a divide and a log.
 template <typename T>
 MMVAE_HD T log_density(int family, T x, T loc, T inv_scale, T log_scale) {
   const T u = (x - loc) * inv_scale;
-  if (family == kNormal) return T(-0.5) * u * u - log_scale - T(kHalfLog2Pi);
-  return -std::abs(u) - log_scale - T(kLog2);
+  return -(family == kNormal ? phi<kNormal>(u) : phi<kLaplace>(u)) - log_scale - log_const<T>(family);
 }
 
 // G * d for a cotangent G and a local derivative d, with G == 0 contributing exactly 0: a term of
 // zero weight (an expert whose density underflowed to -inf, say) can have an infinite derivative,
-// and 0 * inf would be NaN (DESIGN.md section 2: -inf is legal, with zero gradients). A NaN G
+// and 0 * inf would be NaN (docs/design.md section 2: -inf is legal, with zero gradients). A NaN G
 // still propagates.
 template <typename T>
 MMVAE_HD T weighted_grad(T G, T d) {
@@ -38,14 +57,9 @@ struct DensityGrad {
 template <typename T>
 MMVAE_HD DensityGrad<T> log_density_grad(int family, T x, T loc, T inv_scale) {
   const T u = (x - loc) * inv_scale;
-  if (family == kNormal) {
-    const T dx = -u * inv_scale;                   // -(x - loc) / scale^2
-    return {dx, -dx, (u * u - T(1)) * inv_scale};  // ((x-loc)^2/scale^2 - 1) / scale
-  }
-  // Laplace: the subgradient sign(0) = 0 at x == loc, as torch's abs backward.
-  const T s = T((u > T(0)) - (u < T(0)));
-  const T dx = -s * inv_scale;
-  return {dx, -dx, (std::abs(u) - T(1)) * inv_scale};
+  const T d = family == kNormal ? dphi<kNormal>(u) : dphi<kLaplace>(u);
+  const T dx = -d * inv_scale;
+  return {dx, -dx, (u * d - T(1)) * inv_scale};
 }
 
 }  // namespace mmvae_fast

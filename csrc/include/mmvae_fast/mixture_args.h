@@ -14,12 +14,6 @@
 
 namespace mmvae_fast {
 
-inline int parse_family(const std::string& family) {
-  if (family == "normal") return kNormal;
-  if (family == "laplace") return kLaplace;
-  TORCH_CHECK(false, "argument 'family' must be 'normal' or 'laplace', got '", family, "'");
-}
-
 // The experts' parameters in the accumulation dtype: z [M, K, B, L], loc and 1/scale [M, B, L],
 // sum_l log(scale) [M, B], all contiguous on z's device.
 struct Experts {

@@ -3,9 +3,7 @@
 // Codes match the Python strings of mmvae_fast.reference.moe_estimator:
 //   bound:     "looser" -> kLooser, "stratified" -> kStratified
 //   estimator: "iwae", "eq8", "mixture", "mixture-centred", "released"
-// With u = (z - loc) / scale, log f = -phi(u) - log scale - const, phi(u) = u^2/2 (Normal) or |u|
-// (Laplace), and dphi = phi'(u):
-//   d log f / dz = -dphi / scale,  d log f / dloc = dphi / scale,  d log f / dscale = (u dphi - 1) / scale.
+// The densities' phi, dphi and log_const: densities.h.
 #pragma once
 
 #include <cstdint>
@@ -18,22 +16,6 @@ namespace mmvae_fast {
 
 enum MoEBound : int { kLooser = 0, kStratified = 1 };
 enum MoEEstimator : int { kIwae = 0, kEq8 = 1, kMixture = 2, kMixtureCentred = 3, kReleased = 4 };
-
-template <int F, typename T>
-MMVAE_HD T moe_phi(T u) {
-  return F == kNormal ? T(0.5) * u * u : std::abs(u);
-}
-
-template <int F, typename T>
-MMVAE_HD T moe_dphi(T u) {
-  return F == kNormal ? u : T((u > T(0)) - (u < T(0)));  // sign(0) = 0, as torch's abs backward
-}
-
-// The log-density's constant per coordinate: 0.5 log(2 pi) (Normal) or log 2 (Laplace).
-template <typename T>
-MMVAE_HD T moe_log_const(int family) {
-  return family == kNormal ? T(kHalfLog2Pi) : T(kLog2);
-}
 
 // Per sample: the weight of its lw in the bound's softmax, from the slice's (max, log-sum) pair;
 // lw - mx is exact for lw near mx, so the weight keeps its accuracy for any |lw| (a single rounded

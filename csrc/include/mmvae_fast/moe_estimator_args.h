@@ -13,12 +13,6 @@
 
 namespace mmvae_fast {
 
-inline int moe_family_code(c10::string_view f) {
-  if (f == "normal") return kNormal;
-  if (f == "laplace") return kLaplace;
-  TORCH_CHECK(false, "moe_estimator: family must be 'normal' or 'laplace', got '", std::string(f), "'");
-}
-
 inline int moe_bound_code(c10::string_view b) {
   if (b == "looser") return kLooser;
   if (b == "stratified") return kStratified;
@@ -93,7 +87,7 @@ inline MoEForward moe_forward_setup(const at::Tensor& z, const at::Tensor& loc, 
                                     const c10::optional<at::Tensor>& lse, c10::optional<int64_t> num_samples) {
   moe_check_inputs(z, loc, scale, ploc, pscale, lpx, mask);
   MoEForward f;
-  f.fam = moe_family_code(family), f.pfam = moe_family_code(prior_family);
+  f.fam = parse_family(family, "family"), f.pfam = parse_family(prior_family, "prior_family");
   f.bound_kind = moe_bound_code(bound), f.estimator = moe_estimator_code(estimator);
   f.z = z.contiguous(), f.loc = loc.contiguous(), f.scale = scale.contiguous();
   f.ploc = ploc.contiguous(), f.pscale = pscale.contiguous(), f.lpx = lpx.contiguous();
@@ -134,7 +128,7 @@ inline MoEBackward moe_backward_setup(const at::Tensor& grad, const at::Tensor& 
                                       c10::string_view bound, c10::string_view estimator,
                                       c10::optional<int64_t> num_samples) {
   MoEBackward p;
-  p.fam = moe_family_code(family), p.pfam = moe_family_code(prior_family);
+  p.fam = parse_family(family, "family"), p.pfam = parse_family(prior_family, "prior_family");
   p.bound_kind = moe_bound_code(bound), p.estimator = moe_estimator_code(estimator);
   p.z = z.contiguous(), p.loc = loc.contiguous(), p.scale = scale.contiguous();
   p.ploc = ploc.contiguous(), p.pscale = pscale.contiguous();
