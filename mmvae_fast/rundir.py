@@ -173,25 +173,20 @@ def write_checkpoint(obj, run_dir: str, fault: str = None) -> str:
     payload = buf.getvalue()
     header = _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
     path = os.path.join(run_dir, CHECKPOINT)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=TMP_PREFIX, suffix=CHECKPOINT)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload[: len(payload) // 2])
-            if fault:
-                f.flush()
-                fault_point(fault)  # a kill in the middle of the write
-            f.write(payload[len(payload) // 2:])
+
+    def write(f):
+        f.write(header)
+        f.write(payload[: len(payload) // 2])
+        if fault:
             f.flush()
-            os.fsync(f.fileno())
+            fault_point(fault)  # a kill in the middle of the write
+        f.write(payload[len(payload) // 2:])
+
+    def keep_previous():
         if os.path.exists(path):
             os.replace(path, os.path.join(run_dir, PREVIOUS))
-        os.replace(tmp, path)
-        _fsync_dir(run_dir)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    _write_atomic(path, write, "wb", before_replace=keep_previous)
     return path
 
 
@@ -275,16 +270,21 @@ def reconcile_metrics(run_dir: str, last_epoch: int) -> list:
     return [json.loads(ln) for ln in keep]
 
 
-def _write_atomic(path: str, write, mode: str) -> None:
-    """write(f) into a temporary file beside path, fsynced, then os.replace: a crash leaves the old
-    file or the new one, never half of one, and no temporary file behind (unless killed)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=TMP_PREFIX)
+def _write_atomic(path: str, write, mode: str, before_replace=None) -> None:
+    """write(f) into a temporary file beside path, fsynced, then (after before_replace(), if given)
+    os.replace and an fsync of the directory: a crash leaves the old file or the new one, never half
+    of one, and no temporary file behind (a kill's leftover is removed by remove_temporaries)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
+        _fsync_dir(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
