@@ -49,9 +49,13 @@ def broadcasts(name: str, t, to_name: str, to) -> None:
 
 
 def positive(name: str, t) -> None:
-    """scale > 0. On a GPU the check must not wait for the device: it is an asynchronous assertion
-    (a device-side error at the next sync) unless MMVAE_FAST_SYNC_CHECKS=1 asks for the immediate
-    ValueError; on a CPU it is immediate."""
+    """scale > 0, for a tensor or a Python number (checked without a tensor op). On a GPU the check
+    must not wait for the device: it is an asynchronous assertion (a device-side error at the next
+    sync) unless MMVAE_FAST_SYNC_CHECKS=1 asks for the immediate ValueError; on a CPU it is immediate."""
+    if isinstance(t, (int, float)):
+        if not t > 0:
+            raise ValueError(f"argument '{name}' must be strictly positive (it is a scale)")
+        return
     if not _checks_enabled(t):
         return
     if t.device.type == "cpu" or os.environ.get("MMVAE_FAST_SYNC_CHECKS") == "1":

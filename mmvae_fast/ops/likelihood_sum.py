@@ -42,8 +42,7 @@ def likelihood_sum(x, params, *, family, scale=None, backend=None):
         if scale is None:
             raise ValueError(f"argument 'scale' is required for family {family!r}")
         if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            if not scale > 0:  # a number: checked here, without a tensor op
-                raise ValueError("argument 'scale' must be strictly positive (it is a scale)")
+            _validate.positive("scale", scale)
             scale = torch.tensor(scale, dtype=params.dtype, device=params.device)
         else:
             scale = torch.as_tensor(scale, dtype=params.dtype, device=params.device)
