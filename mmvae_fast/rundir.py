@@ -29,6 +29,7 @@ import torch
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 METRICS = "metrics.jsonl"
+ARGS = "args.json"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
 _MAGIC = b"MMVAE-FAST-CKPT1\n"  # then 64 hex digits of SHA-256 and a newline, then the payload
@@ -151,11 +152,26 @@ def holds_a_run(run_dir: str) -> bool:
     return os.path.isfile(m) and os.path.getsize(m) > 0
 
 
+def check_run_dir(run_dir: str, flag: str = "--out") -> None:
+    """RunDirError unless run_dir can hold a run: a directory (or a path to one not made yet) whose
+    checkpoints, metrics and args.json are regular files. Reads only: called before anything is written."""
+    d = os.path.abspath(run_dir)
+    while not os.path.lexists(d):  # the nearest part that exists ("/" does)
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise RunDirError(f"{flag} {run_dir!r}: {d} is not a directory; pick another {flag}")
+    for n in (CHECKPOINT, PREVIOUS, METRICS, ARGS):
+        p = os.path.join(run_dir, n)
+        if os.path.lexists(p) and not os.path.isfile(p):
+            raise RunDirError(f"{p} is not a file (a directory?), so the run directory cannot be used; move it "
+                              f"out of {run_dir!r} or pick another {flag}")
+
+
 def clear_run(run_dir: str) -> None:
     """--overwrite: remove a previous run's checkpoints, metrics and images."""
     import shutil
 
-    for n in (CHECKPOINT, PREVIOUS, METRICS, "args.json"):
+    for n in (CHECKPOINT, PREVIOUS, METRICS, ARGS):
         p = os.path.join(run_dir, n)
         if os.path.exists(p):
             os.remove(p)
@@ -190,9 +206,9 @@ def write_checkpoint(obj, run_dir: str, fault: str = None) -> str:
     return path
 
 
-def read_checkpoint(path: str, map_location="cpu") -> dict:
-    """A checkpoint that verifies, else RunDirError saying what is wrong with the file.
-    Files without the header (written before checksums) load unverified."""
+def read_checkpoint(path: str, map_location="cpu", need=()) -> dict:
+    """A checkpoint that verifies and holds the keys in need, else RunDirError saying what is wrong
+    with the file. Files without the header (written before checksums) load unverified."""
     if not os.path.isfile(path):
         raise RunDirError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
@@ -208,24 +224,29 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     else:
         payload = data
     try:
-        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+        ck = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
     except Exception as e:  # an unverified legacy file that does not unpickle
         raise RunDirError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    missing = [repr(k) for k in need if not isinstance(ck, dict) or k not in ck]  # a file of some other program
+    if missing:
+        raise RunDirError(f"checkpoint {path} is not one mmvae-fast train wrote: it has no {', '.join(missing)}; "
+                          f"pass the run directory of an mmvae-fast training")
+    return ck
 
 
-def load_latest(run_dir: str, map_location="cpu") -> dict:
-    """checkpoint.pt, or if it does not verify, checkpoint.prev.pt with a warning naming both;
-    RunDirError when neither does."""
+def load_latest(run_dir: str, map_location="cpu", need=()) -> dict:
+    """checkpoint.pt, or if it does not verify (or lacks a key in need), checkpoint.prev.pt with a
+    warning naming both; RunDirError when neither does."""
     path, prev = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, PREVIOUS)
     if not os.path.exists(path) and not os.path.exists(prev):
         raise FileNotFoundError(f"no {CHECKPOINT} in run directory {run_dir!r}")
     try:
-        return read_checkpoint(path, map_location)
+        return read_checkpoint(path, map_location, need)
     except RunDirError as newest:
         if not os.path.exists(prev):
             raise
         try:
-            ck = read_checkpoint(prev, map_location)
+            ck = read_checkpoint(prev, map_location, need)
         except RunDirError as older:
             raise RunDirError(f"no usable checkpoint in {run_dir!r}: {newest}; {older}") from None
         warnings.warn(f"{newest}; falling back to the previous good checkpoint {prev} (epoch {ck.get('epoch')})",

@@ -212,16 +212,20 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def load_checkpoint(run_dir: str, map_location="cpu") -> dict:
-    """The run's newest checkpoint that verifies (see rundir.load_latest)."""
-    return rundir.load_latest(run_dir, map_location)
+# What a checkpoint holds: `load_checkpoint` refuses a file without them (KeyError deep inside otherwise).
+CHECKPOINT_KEYS = ("args", "model", "optimizer", "epoch", "rng")
+
+
+def load_checkpoint(run_dir: str, map_location="cpu", need=CHECKPOINT_KEYS) -> dict:
+    """The run's newest checkpoint that verifies and holds the keys in need (see rundir.load_latest)."""
+    return rundir.load_latest(run_dir, map_location, need)
 
 
 def load_model(run_dir: str, device="cpu"):
     """The trained model of a run directory, in eval mode, and the run's args (a Namespace)."""
     from .models import build_model
 
-    ck = load_checkpoint(run_dir)
+    ck = load_checkpoint(run_dir, need=("args", "model"))
     a = argparse.Namespace(**ck["args"])
     model = build_model(a.experiment, latent_dim=a.latent_dim, learn_prior=a.learn_prior, llik_scaling=a.llik_scaling)
     model.load_state_dict(ck["model"])
@@ -251,11 +255,20 @@ def _distributed(device_arg):
         return dist.get_rank(), world, device
     if device_arg is None:
         device_arg = "cuda" if cuda else "cpu"
-    device = torch.device(device_arg)
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise ValueError(f"--device {device_arg} is not a device type torch knows; use --device cpu, cuda or "
+                         f"cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device_arg} asks for CUDA, but this torch has no CUDA device "
                          f"(torch {torch.__version__}, CUDA {'built in' if torch.backends.cuda.is_built() else 'not built in'}); "
                          f"use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+    try:  # one number through the device now, not at the first step: meta holds no data, cuda:N may not exist
+        torch.ones(1, device=device).add(1).item()
+    except Exception as e:
+        raise ValueError(f"--device {device_arg} cannot train here ({str(e).strip().splitlines()[0]}); use "
+                         f"--device cpu, or cuda / cuda:N on a machine with a GPU") from None
     return 0, 1, device
 
 
@@ -363,10 +376,12 @@ def _train(ns: argparse.Namespace, held: list):
     lead = int(os.environ.get("RANK", "0")) == 0
     ck = None
     if ns.resume:
+        rundir.check_run_dir(ns.resume, "--resume")
         if lead and os.path.isdir(ns.resume):
             _lock(ns.resume, held)  # before reading: no other training writes it meanwhile
         ck = load_checkpoint(ns.resume)
     a = resolve_args(ns, ck["args"] if ck else None)
+    rundir.check_run_dir(a.out)
     overwrite = bool(getattr(ns, "overwrite", None))
     if ck is not None and a.epochs <= ck["epoch"]:
         raise ValueError(f"run {ns.resume!r} is already trained to epoch {ck['epoch']}: nothing to do for --epochs "

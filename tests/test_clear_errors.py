@@ -102,3 +102,56 @@ def test_mnist_svhn_missing_files_message_and_no_directories_left(tmp_path, caps
     assert rc == 2 and "files not found" in err
     assert "pass download=True" not in err  # no advice the CLI cannot follow
     assert not (tmp_path / "no").exists() and not (tmp_path / "o").exists()
+
+
+# ---- run directories and devices the train CLI cannot use: a one-line error, nothing written
+TINY = ["--epochs", "1", "--limit", "16", "--K", "2", "--latent-dim", "4", "--batch-size", "16"]
+
+
+def _clear_error(capsys, argv):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_out_that_is_a_file(tmp_path, capsys, under):
+    f = tmp_path / "afile"
+    f.write_text("mine\n")
+    out = f / "run" if under else f
+    err = _clear_error(capsys, ["train", *TINY, "--device", "cpu", "--out", str(out)])
+    assert "not a directory" in err and str(f) in err and f.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta"])
+def test_device_that_cannot_train(tmp_path, capsys, device):
+    out = tmp_path / "run"
+    err = _clear_error(capsys, ["train", *TINY, "--device", device, "--out", str(out)])
+    assert f"--device {device}" in err and "--device cpu" in err
+    assert not out.exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_checkpoint_without_args(tmp_path, capsys, command):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": {}, "epoch": 1}, run / "checkpoint.pt")  # unpickles, no header, no 'args'
+    argv = ["train", "--resume", str(run), "--epochs", "2"] if command == "train" else ["evaluate", str(run)]
+    err = _clear_error(capsys, argv)
+    assert str(run / "checkpoint.pt") in err and "'args'" in err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_metrics_file_that_is_a_directory(tmp_path, capsys, resume):
+    run = tmp_path / "run"
+    if resume:
+        assert cli.main(["train", *TINY, "--device", "cpu", "--out", str(run)]) == 0
+        (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir(parents=True)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    argv = ["train", "--resume", str(run), "--epochs", "2"] if resume else ["train", *TINY, "--device", "cpu", "--out", str(run)]
+    err = _clear_error(capsys, argv)
+    assert str(run / "metrics.jsonl") in err and "not a file" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
