@@ -362,6 +362,10 @@ def train(ns: argparse.Namespace):
             lock.release()
 
 
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _lock(run_dir: str, held: list) -> None:
     held.append(rundir.RunLock(run_dir).acquire())
     rundir.remove_temporaries(run_dir)  # a killed writer's leftovers
@@ -377,6 +381,12 @@ def _train(ns: argparse.Namespace, held: list):
     ck = None
     if ns.resume:
         rundir.check_run_dir(ns.resume, "--resume")
+        # a resumed run writes only its own directory: another --out would get this run's epochs mixed
+        # into its metrics and its checkpoint pushed aside (compared by real path: R/./S is R/S)
+        if ns.out is not None and not _same_dir(ns.out, ns.resume):
+            raise ValueError(f"--out {ns.out!r} is not the resumed run's directory {ns.resume!r}: a resumed run "
+                             f"continues in its own directory; drop --out (to continue a copy, copy the directory "
+                             f"and resume the copy)")
         if lead and os.path.isdir(ns.resume):
             _lock(ns.resume, held)  # before reading: no other training writes it meanwhile
         ck = load_checkpoint(ns.resume)
@@ -432,7 +442,7 @@ def _train(ns: argparse.Namespace, held: list):
     metrics_path = os.path.join(out, "metrics.jsonl")
     if lead:
         os.makedirs(out, exist_ok=True)
-        if not any(lock.path == os.path.join(out, rundir.LOCK) for lock in held):
+        if not any(_same_dir(os.path.dirname(lock.path), out) for lock in held):
             _lock(out, held)
         if ck is None and rundir.holds_a_run(out):  # checked again under the lock
             if not overwrite:

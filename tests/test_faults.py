@@ -1,7 +1,8 @@
 """Run directories under faults (issue 16): a SIGKILL during an epoch, between the metrics line and
 the checkpoint, or in the middle of the checkpoint write, then --resume gives parameters bit-identical
 to an uninterrupted run; two trainings on one --out; a finished run is not overwritten by accident;
-corrupted, truncated and zero-byte checkpoints; a torn metrics line; resume past the last epoch.
+corrupted, truncated and zero-byte checkpoints; a torn metrics line; resume past the last epoch;
+resume into another run's directory.
 Tiny runs (digits, 32 items, K=2, latent 4): a few seconds each."""
 import json
 import os
@@ -229,3 +230,27 @@ def test_racing_lockers_one_wins(tmp_path):
         assert sorted(p.returncode for p in procs) == [0] + [3] * (n - 1), outs
         assert not any("stale" in err for _, err in outs), outs
         assert os.listdir(run) == []
+
+
+def test_resume_into_another_run_directory_is_refused(tmp_path, capsys):
+    # --resume A --out B would mix A's epochs into B's metrics and push B's checkpoint aside
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(["--epochs", "1", "--out", str(a)]) == 0
+    assert _run(["--epochs", "1", "--out", str(b), "--seed", "7"]) == 0
+    capsys.readouterr()
+    before = {d: {n: (d / n).read_bytes() for n in ("checkpoint.pt", "metrics.jsonl", "args.json")} for d in (a, b)}
+    assert _run(["--resume", str(a), "--epochs", "2", "--out", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and str(b) in err and "Traceback" not in err
+    assert {d: {n: (d / n).read_bytes() for n in before[d]} for d in (a, b)} == before
+    assert not (b / rundir.PREVIOUS).exists() and not (a / rundir.LOCK).exists()
+
+
+def test_resume_with_out_naming_the_same_directory_differently(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    assert _run(["--epochs", "1", "--out", str(run)]) == 0
+    assert _run(["--resume", str(run), "--epochs", "2", "--out", f"{tmp_path}/./run/"]) == 0
+    want, got = _params(uninterrupted), _params(run)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+
