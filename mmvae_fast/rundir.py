@@ -145,11 +145,15 @@ def remove_temporaries(run_dir: str) -> list:
 
 
 def holds_a_run(run_dir: str) -> bool:
-    """True if run_dir has a checkpoint or a non-empty metrics history."""
-    if any(os.path.exists(os.path.join(run_dir, n)) for n in (CHECKPOINT, PREVIOUS)):
-        return True
-    m = os.path.join(run_dir, METRICS)
-    return os.path.isfile(m) and os.path.getsize(m) > 0
+    """True if run_dir has a checkpoint: a run that --resume continues and a new run must not overwrite.
+    Metrics without a checkpoint are left by a training killed before its first one: resume would drop
+    them anyway, so they are not protected (see `started`)."""
+    return any(os.path.lexists(os.path.join(run_dir, n)) for n in (CHECKPOINT, PREVIOUS))
+
+
+def started(run_dir: str) -> bool:
+    """True if a training wrote run_dir's args.json (with or without a checkpoint since)."""
+    return os.path.lexists(os.path.join(run_dir, ARGS))
 
 
 def check_run_dir(run_dir: str, flag: str = "--out") -> None:

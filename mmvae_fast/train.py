@@ -10,8 +10,10 @@ A run directory holds `checkpoint.pt` (model, optimiser, epoch, every rank's RNG
 checksummed, written atomically at the end of each epoch, the previous one kept as
 `checkpoint.prev.pt`), `args.json`, `metrics.jsonl` (one line per epoch: train/test objective per
 datum and what produced it, written before the checkpoint) and `images/` (PNG grids per epoch).
-One training at a time owns it (`.lock`); a new run on a directory that holds one is refused
-unless --overwrite (or --resume to continue it). See rundir.py for what survives a kill.
+One training at a time owns it (`.lock`); a new run on a directory that holds one (a checkpoint) is
+refused unless --overwrite (or --resume to continue it, in that directory: --resume takes no other
+--out); one whose training died before its first checkpoint is started over. See rundir.py for
+what survives a kill.
 
 The data (pairing, offline default, splits) always use the data module's fixed seed, so every run
 and the evaluation classifiers see the same train/test split; --seed sets parameters, data order
@@ -29,6 +31,7 @@ import math
 import os
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -389,6 +392,11 @@ def _train(ns: argparse.Namespace, held: list):
                              f"and resume the copy)")
         if lead and os.path.isdir(ns.resume):
             _lock(ns.resume, held)  # before reading: no other training writes it meanwhile
+        if os.path.isdir(ns.resume) and not rundir.holds_a_run(ns.resume):
+            raise ValueError(f"no checkpoint in run directory {ns.resume!r}: its training stopped before its first "
+                             f"checkpoint (or never ran), so there is nothing to resume; start it over without "
+                             f"--resume (mmvae-fast train --out {ns.resume} ...; its options are in "
+                             f"{os.path.join(ns.resume, rundir.ARGS)} if it got that far)")
         ck = load_checkpoint(ns.resume)
     a = resolve_args(ns, ck["args"] if ck else None)
     rundir.check_run_dir(a.out)
@@ -448,6 +456,10 @@ def _train(ns: argparse.Namespace, held: list):
             if not overwrite:
                 raise ValueError(f"run directory {out!r} already holds a run; continue it with --resume {out}, "
                                  f"start over with --overwrite, or pick another --out")
+            rundir.clear_run(out)
+        elif ck is None and rundir.started(out):  # no checkpoint: nothing resume could continue
+            warnings.warn(f"the training in {out!r} stopped before its first checkpoint; starting it over there",
+                          stacklevel=2)
             rundir.clear_run(out)
         rundir.write_text_atomic(json.dumps(vars(a), indent=1, sort_keys=True) + "\n", os.path.join(out, "args.json"))
         if ck is not None:  # drop epochs past the checkpoint's (and a torn last line)

@@ -2,7 +2,7 @@
 the checkpoint, or in the middle of the checkpoint write, then --resume gives parameters bit-identical
 to an uninterrupted run; two trainings on one --out; a finished run is not overwritten by accident;
 corrupted, truncated and zero-byte checkpoints; a torn metrics line; resume past the last epoch;
-resume into another run's directory.
+resume into another run's directory; a run killed before its first checkpoint.
 Tiny runs (digits, 32 items, K=2, latent 4): a few seconds each."""
 import json
 import os
@@ -254,3 +254,21 @@ def test_resume_with_out_naming_the_same_directory_differently(tmp_path, uninter
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert [r["epoch"] for r in _metrics(run)] == [1, 2]
 
+
+def test_training_killed_before_its_first_checkpoint_starts_over(tmp_path, uninterrupted, capsys):
+    # No checkpoint: nothing a resume could continue, so a plain rerun starts the run over there.
+    run = tmp_path / "run"
+    p = _cli(["--epochs", "1", "--out", str(run)], kill_at="checkpoint-write:1")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert not (run / rundir.CHECKPOINT).exists() and len(_metrics(run)) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the stale lock
+        assert _run(["--resume", str(run), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "before its first checkpoint" in err and "without --resume" in err
+    with pytest.warns(UserWarning, match="before its first checkpoint"):
+        assert _run(["--epochs", "1", "--out", str(run)]) == 0
+    want, got = rundir.read_checkpoint(str(uninterrupted / rundir.PREVIOUS))["model"], _params(run)  # epoch 1's
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert _metrics(run) == [dict(_metrics(uninterrupted)[0], time_s=_metrics(run)[0]["time_s"])]
+    assert not [n for n in os.listdir(run) if n.startswith(rundir.TMP_PREFIX) or n == rundir.LOCK]
