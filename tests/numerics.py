@@ -97,44 +97,90 @@ def check_second_order(op, backend):
 # densities are legal (zero weight, zero gradient, never NaN), NaN in gives NaN out, and an absent
 # expert (masked out) is not part of the mixture at all, whatever its parameters hold.
 def _grads(out, inputs):
-    cot = torch.where(torch.isfinite(out), torch.ones_like(out), torch.zeros_like(out))
+    # cotangent 1 on every finite or -inf output (a -inf output gives zero gradients whatever its
+    # cotangent), 0 on NaN and +inf (an overflowed ratio: no gradient to compare there)
+    cot = torch.where(torch.isnan(out) | (out == math.inf), torch.zeros_like(out), torch.ones_like(out))
     return torch.autograd.grad(out, inputs, cot, allow_unused=True)
 
 
-def mixture_extreme_case(case, backend):
-    """(lq, grads of z, loc, scale) of a float32 Normal mixture at an extreme input."""
+def _extreme_experts(case):
+    """(z, loc, scale, mask) of a float32 problem M, K, B, L = 3, 4, 2, 5 at an extreme input."""
     g = torch.Generator().manual_seed(3)
     dev = torch.get_default_device()
     M, K, B, L = 3, 4, 2, 5
-    r = lambda *s: torch.randn(s, generator=g).to(dev)  # noqa: E731
+    r = lambda *s: torch.randn(s, generator=g)  # noqa: E731
     z, loc, scale, mask = r(M, K, B, L), r(M, B, L), torch.exp(0.3 * r(M, B, L)), None
-    if case == "z_times_1e20":  # (z - loc)^2 / scale^2 overflows: every a = -inf
+    if case == "z_times_1e20":  # Normal: (z - loc)^2 / scale^2 overflows, every a = -inf; Laplace: a ~ -1e20
         z = z * 1e20
-    elif case == "one_scale_1e-30":  # that expert's density is -inf away from its loc
+    elif case == "one_scale_1e-30":  # that expert's density is -inf (Normal) or ~ -1e30 (Laplace) away
+        scale[1, 0, 2] = 1e-30  # from its loc: weight 0 and an infinite d/dscale there
+    elif case == "one_scale_1e-20_near":  # every sample 0.05 from a scale-1e-20 expert's loc: a finite
+        scale[1, 0, 2] = 1e-20  # (~ -1e37 or -5e18), weight 0, d/dscale = inf
+        z[:, :, 0, 2] = loc[1, 0, 2] + 0.05
+        z[1, :, 0, 2] = loc[1, 0, 2]  # expert 1's own samples at its loc (a collapsed expert's samples)
+    elif case == "collapsed_expert":  # scale 1e-30 with its own samples at its loc: a = +69 there
         scale[1, 0, 2] = 1e-30
+        z[1, :, 0, 2] = loc[1, 0, 2]
+    elif case == "huge_scales":
+        scale[2, 1, 3], scale[0, 0, 1] = 1e30, 1e20
+    elif case == "far_expert":  # expert 0 and its samples 1e20 away from the others
+        loc[0] += 1e20
+        z[0] = loc[0]
     elif case == "absent_expert_nan_loc":  # expert 2 absent for batch entry 1, its loc NaN there
         loc[2, 1, 0] = float("nan")
-        mask = torch.ones(M, B, dtype=torch.bool, device=dev)
+        mask = torch.ones(M, B, dtype=torch.bool)
         mask[2, 1] = False
     else:
         raise ValueError(case)
-    z, loc, scale = (t.requires_grad_() for t in (z, loc, scale))
-    lq = ops.mixture_log_density(z, loc, scale, mask=mask, backend=backend)
+    return (*(t.to(dev).requires_grad_() for t in (z, loc, scale)), None if mask is None else mask.to(dev))
+
+
+def mixture_extreme_case(case, family, backend):
+    """(lq, grads of z, loc, scale) of a float32 mixture at an extreme input."""
+    z, loc, scale, mask = _extreme_experts(case)
+    lq = ops.mixture_log_density(z, loc, scale, family=family, mask=mask, backend=backend)
     return (lq, *_grads(lq, (z, loc, scale)))
 
 
-MIXTURE_EXTREME_CASES = ("z_times_1e20", "one_scale_1e-30", "absent_expert_nan_loc")
+MIXTURE_EXTREME_CASES = ("z_times_1e20", "one_scale_1e-30", "one_scale_1e-20_near", "collapsed_expert",
+                         "huge_scales", "far_expert", "absent_expert_nan_loc")
 
 
-def check_mixture_extreme(case, backend):
-    got = mixture_extreme_case(case, backend)
-    for name, t in zip(("lq", "dz", "dloc", "dscale"), got):
-        assert not torch.isnan(t).any(), f"{case} on {backend}: NaN in {name}"
-    want = mixture_extreme_case(case, "reference")
-    for name, a, b in zip(("lq", "dz", "dloc", "dscale"), got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{case} on {backend}, {name}: {m}")
-    if case == "z_times_1e20":
+def _check_against_reference(what, got, want, names):
+    for name, t in zip(names, got):
+        assert not torch.isnan(t).any(), f"{what}: NaN in {name}"
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}, {name}: {m}")
+
+
+def check_mixture_extreme(case, family, backend):
+    got = mixture_extreme_case(case, family, backend)
+    what = f"{family} {case} on {backend}"
+    _check_against_reference(what, got, mixture_extreme_case(case, family, "reference"), ("lq", "dz", "dloc", "dscale"))
+    if case == "z_times_1e20" and family == "normal":
         assert (got[0] == -math.inf).all() and all((t == 0).all() for t in got[1:])
+
+
+# importance_ratios: z[d] are expert d's samples (its own density finite), the other experts' densities
+# there extreme: ratios of 0 (weight 0: zero gradient, never NaN) and up to 1e30
+RATIOS_EXTREME_CASES = ("one_scale_1e-30", "one_scale_1e-20_near", "collapsed_expert", "huge_scales", "far_expert")
+
+
+def ratios_extreme_case(case, family, backend):
+    """(ratio, grads of loc, scale) of float32 importance ratios at an extreme input."""
+    z, loc, scale, _ = _extreme_experts(case)
+    if case == "one_scale_1e-30":
+        with torch.no_grad():
+            z[1, :, 0, 2] = loc[1, 0, 2]  # a sample of expert 1 has a finite density under it
+    ratio = ops.importance_ratios(z, loc, scale, family=family, backend=backend)
+    return (ratio, *_grads(ratio, (loc, scale)))
+
+
+def check_ratios_extreme(case, family, backend):
+    got = ratios_extreme_case(case, family, backend)
+    assert torch.isfinite(got[0]).all(), "the grid's ratios are all finite"
+    what = f"{family} {case} on {backend}"
+    _check_against_reference(what, got, ratios_extreme_case(case, family, "reference"), ("ratio", "dloc", "dscale"))
 
 
 def check_bernoulli_infinite_logits(backend):

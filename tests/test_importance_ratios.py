@@ -114,3 +114,9 @@ def test_triton_ratios_half_inputs_and_nan():
 # and docs/design.md section 2's NaN / inf policy at extreme inputs, on every backend
 def test_importance_ratios_second_order(backend):
     numerics.check_second_order("importance_ratios", backend)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", numerics.RATIOS_EXTREME_CASES)
+def test_importance_ratios_extreme_inputs_follow_the_nan_policy(backend, case, family):
+    numerics.check_ratios_extreme(case, family, backend)

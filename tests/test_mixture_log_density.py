@@ -282,6 +282,50 @@ def test_mixture_log_density_second_order(backend):
     numerics.check_second_order("mixture_log_density", backend)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", numerics.MIXTURE_EXTREME_CASES)
-def test_mixture_log_density_extreme_inputs_follow_the_nan_policy(backend, case):
-    numerics.check_mixture_extreme(case, backend)
+def test_mixture_log_density_extreme_inputs_follow_the_nan_policy(backend, case, family):
+    numerics.check_mixture_extreme(case, family, backend)
+
+
+# docs/design.md section 2 at single points, float32
+def _points(zs, locs, scales, family, backend):
+    """lq, a and the inputs of experts m (loc, scale) with one sample z[m] each: M = len(locs)."""
+    M = len(locs)
+    z, loc, scale = (torch.tensor(v, dtype=torch.float32).reshape(M, *([1] * n)).requires_grad_()
+                     for v, n in ((zs, 3), (locs, 2), (scales, 2)))
+    lq, a = ops.mixture_log_density(z, loc, scale, family=family, return_pairwise=True, backend=backend)
+    return lq, a, (z, loc, scale)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixture_log_density_overflowed_pairwise_entry_has_zero_gradient(backend, family):
+    """An -inf (overflowed) entry of the pairwise table gives zero gradients whatever its own
+    cotangent: expert 1 (scale 2e-38) at z_0 = 10 is u = 5e38, an overflow for both families."""
+    lq, a, (z, loc, scale) = _points([10.0, 0.0], [0.0, 0.0], [1.0, 2e-38], family, backend)
+    assert a[0, 1].item() == -math.inf and torch.isfinite(a[1]).all()
+    gz, gl, gs = torch.autograd.grad(a, (z, loc, scale), torch.ones_like(a))
+    normal = family == "normal"
+    # a[0, 0] (u = 10) and a[1, 0], a[1, 1] (u = 0) alone
+    torch.testing.assert_close(gz.flatten(), torch.tensor([-10.0 if normal else -1.0, 0.0]))
+    torch.testing.assert_close(gl.flatten(), torch.tensor([10.0 if normal else 1.0, 0.0]))
+    torch.testing.assert_close(gs.flatten(), torch.tensor([(99.0 if normal else 9.0) - 1.0, -1 / 2e-38]))
+
+
+def test_mixture_log_density_normal_square_term_below_float32_max_is_finite(backend):
+    """u = 2e19: u * u overflows float32 but the density's 0.5 u^2 = 2e38 does not: a finite lq."""
+    lq, _, _ = _points([0.2], [0.0], [1e-20], "normal", backend)
+    want = -2e38 - math.log(1e-20) - 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(lq.double().flatten(), torch.tensor([want], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixture_log_density_tied_experts_far_from_z(backend, family):
+    """Three identical experts at |a| ~ 1e20, where lse = max + log 3 rounds to max in float32: the
+    responsibilities are still 1/3 each (exp(a - max) / sum), so d lq / dz is one expert's."""
+    far = 1e20 if family == "laplace" else 1e10  # Normal: u^2 / 2 ~ 5e19
+    lq, _, (z, loc, scale) = _points([far, -2 * far, far], [0.0] * 3, [1.0] * 3, family, backend)
+    gz, gl = torch.autograd.grad(lq.sum(), (z, loc))
+    want_gz = torch.tensor([-1.0, 1.0, -1.0]) if family == "laplace" else torch.tensor([-far, 2 * far, -far])
+    torch.testing.assert_close(gz.flatten(), want_gz)
+    torch.testing.assert_close(gl.flatten(), -want_gz.sum().expand(3) / 3)
