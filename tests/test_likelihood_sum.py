@@ -26,6 +26,7 @@ from helpers import (
 )
 
 from mmvae_fast import ops
+from mmvae_fast._numerics import LIKELIHOOD_CODES
 from mmvae_fast import reference as ref
 
 import numerics
@@ -183,9 +184,11 @@ def test_cpu_categorical_large_vocabulary(V):
 
 @cpu_test
 def test_cpu_categorical_index_out_of_range_is_a_clear_error():
+    """The public op refuses it first (test_likelihood_sum_class_index_out_of_range_is_a_clear_error);
+    the C++ op still checks its own input."""
     logits = torch.randn(2, 3, 4, 5)
     with pytest.raises(RuntimeError, match="'x' holds class index 5 outside the vocabulary"):
-        ops.likelihood_sum(torch.full((3, 4), 5), logits, family="categorical", backend="cpu")
+        torch.ops.mmvae_fast.likelihood_sum(torch.full((3, 4), 5), logits, None, LIKELIHOOD_CODES["categorical"])
 
 
 # ------------------------------------------------------------------ triton
@@ -238,9 +241,11 @@ def test_triton_likelihood_nan_and_bad_class_index():
     for fam in ("laplace", "bernoulli"):
         out = ops.likelihood_sum(x, params, family=fam, scale=1.0, **T)
         assert torch.isnan(out[1, 0]) and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 1])
-    logits = torch.zeros(2, 3, 4, dtype=F64)
-    out = ops.likelihood_sum(torch.tensor([[0, 4, 1], [1, 2, 3]]), logits, family="categorical", **T)
-    assert torch.isnan(out[0]) and torch.isfinite(out[1])  # class 4 of 4: NaN, not a number
+    # the Triton op itself (the public op refuses the index first): class 4 of 4 gives NaN, not a number
+    logits = torch.zeros(1, 2, 3, 4, dtype=F64)
+    out = torch.ops.mmvae_fast_triton.likelihood_sum(
+        torch.tensor([[0, 4, 1], [1, 2, 3]]), logits, None, LIKELIHOOD_CODES["categorical"])
+    assert torch.isnan(out[0, 0]) and torch.isfinite(out[0, 1])
 
 
 @triton_test
@@ -272,3 +277,25 @@ def test_likelihood_sum_bad_scale_is_a_clear_error(scale, match):
     x, params = torch.rand(3, 4), torch.rand(2, 3, 4)
     with pytest.raises(ValueError, match=match):
         ops.likelihood_sum(x, params, family="laplace", scale=scale)
+
+
+@pytest.mark.parametrize("family, dx, s", [("normal", 0.3, 1e-20), ("normal", 10.0, 2e-38), ("laplace", 10.0, 2e-38)])
+def test_likelihood_sum_overflowed_density_has_zero_gradient(backend, family, dx, s):
+    """docs/design.md section 2: where (x - params) / scale overflows the density (0.5 u^2 for the
+    Normal, |u| for the Laplace) the log-likelihood is -inf with zero gradients, as every -inf log
+    density, whatever the cotangent; the row's other element keeps its own (u = 0: d/dscale = -1/s)."""
+    x = torch.tensor([[dx, 0.0]])  # B = 1, E = 2
+    params = torch.zeros(1, 1, 2, requires_grad=True)
+    scale = torch.tensor([s, s], requires_grad=True)
+    out = ops.likelihood_sum(x, params, family=family, scale=scale, backend=backend)
+    assert out.item() == -math.inf
+    gp, gs = torch.autograd.grad(out.sum(), (params, scale))
+    assert (gp == 0).all(), gp
+    torch.testing.assert_close(gs, torch.tensor([0.0, -1 / s]))
+
+
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_likelihood_sum_class_index_out_of_range_is_a_clear_error(backend, bad):
+    logits = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match=rf"argument 'x' holds class index {bad}, outside the vocabulary \[0, 4\)"):
+        ops.likelihood_sum(torch.tensor([0, bad, 1]), logits, family="categorical", backend=backend)

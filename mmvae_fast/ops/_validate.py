@@ -65,6 +65,21 @@ def positive(name: str, t) -> None:
         torch._assert_async(~(t <= 0).any(), f"argument '{name}' must be strictly positive (it is a scale)")
 
 
+def class_indices(name: str, x, V: int) -> None:
+    """Integer class indices in [0, V): an index outside would read past the logits row (torch's
+    gather and the kernels fail each their own way). Immediate on a CPU; on a GPU asynchronous, as
+    `positive`, unless MMVAE_FAST_SYNC_CHECKS=1."""
+    if not _checks_enabled(x) or x.numel() == 0:
+        return
+    bad = (x < 0) | (x >= V)
+    if x.device.type == "cpu" or os.environ.get("MMVAE_FAST_SYNC_CHECKS") == "1":
+        if bool(bad.any()):
+            i = x[bad].flatten()[0].item()
+            raise ValueError(f"argument '{name}' holds class index {i}, outside the vocabulary [0, {V}) of the logits' last dim")
+    else:
+        torch._assert_async(~bad.any(), f"argument '{name}' holds a class index outside the vocabulary [0, {V})")
+
+
 def family(name: str, f, allowed=FAMILIES) -> str:
     if f not in allowed:
         raise ValueError(f"argument '{name}' must be one of {allowed}, got {f!r}")

@@ -52,6 +52,7 @@ def likelihood_sum(x, params, *, family, scale=None, backend=None):
     elif family == "categorical":
         if x.is_floating_point() or x.dtype == torch.bool:
             raise TypeError(f"argument 'x' must hold integer class indices for 'categorical', got {x.dtype}")
+        _validate.class_indices("x", x, params.shape[-1])
     elif not x.is_floating_point():
         x = x.to(params.dtype)
     b = _dispatch.resolve("likelihood_sum", backend, params.device.type)
