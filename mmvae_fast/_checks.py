@@ -1,16 +1,36 @@
-"""Input checks of the multimodal objectives, in one place: clear errors before any work.
+"""Input checks of the objectives, in one place: clear errors before any work.
 
-`check_modalities(model, x)` is what every objective that takes a batch per modality calls first.
+`check_modalities(model, x, mask)` is what every objective calls first: the list of modalities, each
+modality's batch against the shape and dtype its VAE takes (`VAE.check_input`), and the mask.
 """
 import torch
 
 
-def check_modalities(model, x) -> None:
+def check_mask(mask, M, B) -> None:
+    """mask: None or a bool tensor [M, B] (True = modality m of item b present)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"argument 'mask' must be a bool tensor [M, B] (True = modality present), got {mask!r:.80}")
+    if tuple(mask.shape) != (M, B):
+        raise ValueError(f"argument 'mask' must have shape [M, B] = [{M}, {B}], got {tuple(mask.shape)}")
+
+
+def _check_input(model, t, name) -> None:
+    check = getattr(model, "check_input", None)  # the package's VAEs; other models are not checked
+    if check is not None:
+        check(t, name)
+
+
+def check_modalities(model, x, mask=None) -> None:
     """Raise ValueError unless `x` holds one batch per modality of `model` (an MMVAE: `model.vaes`),
-    in the model's order, all of one batch size (item b of every modality is one multimodal datum).
-    A single-modality model (no `vaes`) takes one tensor and is not checked here."""
+    in the model's order, all of one batch size (item b of every modality is one multimodal datum),
+    each of the shape and dtype its VAE takes (ValueError / TypeError naming the modality), and
+    `mask` is None or a bool [M, B]. A single-modality model (no `vaes`) takes one tensor, checked
+    against the VAE alone. Nothing here reads the data: no host-device sync."""
     vaes = getattr(model, "vaes", None)
     if vaes is None:
+        _check_input(model, x, "x")
         return
     M = len(vaes)
     if isinstance(x, torch.Tensor) or not isinstance(x, (list, tuple)):
@@ -31,3 +51,8 @@ def check_modalities(model, x) -> None:
     if len(set(sizes)) > 1:
         raise ValueError(f"the modalities of argument 'x' have different batch sizes {sizes}; every modality needs "
                          f"the same batch of data (item b of each is one multimodal datum): pair them first")
+    for m, t in enumerate(x):
+        if t is not None:
+            _check_input(vaes[m], t, f"x[{m}]")
+    if sizes:  # none given: the model says every modality is absent
+        check_mask(mask, M, sizes[0])

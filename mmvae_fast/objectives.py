@@ -114,7 +114,7 @@ def _estimate_fallback(t, bound, estimator, backend):
 
 def _multimodal(name, model, x, K, estimator, looser, mask, k_chunk, backend):
     K = check_K(K)
-    check_modalities(model, x)
+    check_modalities(model, x, mask)  # the mask too, before the model runs
     if k_chunk is not None:
         kw = dict(grad=estimator) if "dreg" in name else {}
         return large_k.chunked_objective(name, model, x, K, k_chunk, mask=mask, backend=backend, **kw)
@@ -131,6 +131,7 @@ def _multimodal(name, model, x, K, estimator, looser, mask, k_chunk, backend):
 def elbo(model, x, K=1, *, backend=None):
     """ELBO: sum_b [mean_k llik_scale log p(x|z_k) - KL(q(z|x) || p(z))]."""
     check_K(K)
+    check_modalities(model, x)
     qz_x, px_z, _ = model(x, K)
     lpx = log_likelihood(px_z, x, model.llik_scaling, backend)
     return lpx.mean(0).sum() - kl(qz_x, model.pz(*model.pz_params)).sum()
@@ -139,6 +140,7 @@ def elbo(model, x, K=1, *, backend=None):
 def iwae(model, x, K, *, k_chunk=None, backend=None):
     """IWAE bound: sum_b logmeanexp_k lw[k, b]. k_chunk: see `mmvae_fast.large_k`."""
     K = check_K(K)
+    check_modalities(model, x)
     if k_chunk is not None:
         return large_k.chunked_objective("iwae", model, x, K, k_chunk, backend=backend)
     return _estimate(single_terms(model, x, K, backend), "stratified", "iwae", None, backend).sum()
@@ -151,6 +153,7 @@ def dreg(model, x, K, *, grad="eq8", k_chunk=None, backend=None):
     wbar instead of wbar**2, as the paper's released code does. k_chunk: see `mmvae_fast.large_k`."""
     check_grad(grad)
     K = check_K(K)
+    check_modalities(model, x)
     if k_chunk is not None:
         return large_k.chunked_objective("dreg", model, x, K, k_chunk, grad=grad, backend=backend)
     return _estimate(single_terms(model, x, K, backend), "stratified", grad, None, backend).sum()
@@ -165,7 +168,7 @@ def m_elbo_naive(model, x, K=1, *, mask=None, backend=None):
     """(1/M) sum_r [sum_d llik_scale_d log p(x_d | z_r) - KL(q_r || p)], mean over k, sum over b.
     With a mask: the mean over the present r, the sum over the present d."""
     check_K(K)
-    check_modalities(model, x)
+    check_modalities(model, x, mask)
     t = multimodal_terms(model, x, K, backend, mask)
     M, B = len(t.zs), t.z.shape[2]
     mask = check_mask(mask, M, B, t.z.device)

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributions as D
 
-from . import ops
+from . import _checks, ops
 
 _WARNED: set = set()
 
@@ -142,13 +142,9 @@ def _stack(ts):
 
 
 def check_mask(mask, M, B, device):
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"argument 'mask' must be a bool tensor [M, B] (True = modality present), got {mask!r:.80}")
-    if tuple(mask.shape) != (M, B):
-        raise ValueError(f"argument 'mask' must have shape [M, B] = [{M}, {B}], got {tuple(mask.shape)}")
-    return mask.to(device)
+    """The mask (None or bool [M, B], see _checks.check_mask) on `device`."""
+    _checks.check_mask(mask, M, B)
+    return None if mask is None else mask.to(device)
 
 
 def multimodal_terms(model, x, K, backend, mask=None) -> Terms:

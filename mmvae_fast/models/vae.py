@@ -130,6 +130,27 @@ class VAE(nn.Module):
             raise RuntimeError("qz_x_params is set by forward(); call the model first")
         return self._qz_x_params
 
+    def check_input(self, x, name="x"):
+        """Raise unless x is a batch this VAE takes: shape [B, *data_shape] (ValueError) and the
+        encoder's float dtype, or integer class indices for a Categorical likelihood (TypeError).
+        The objectives call it (mmvae_fast._checks) before the model runs, so a wrong image size or
+        dtype is named here, not as a matmul shape error deep in the encoder. Reads no data."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"argument '{name}' (modality '{self.name}') must be a torch.Tensor, got {type(x).__name__}")
+        indices = self.px_z is categorical
+        p = next(self.enc.parameters(), None)
+        shape_ok = self.data_shape is None or (x.dim() >= 1 and tuple(x.shape[1:]) == self.data_shape)
+        if indices:
+            dtype_ok, want = not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool, "integer class indices"
+        else:
+            dtype_ok, want = p is None or x.dtype == p.dtype, f"dtype {None if p is None else p.dtype}"
+        if shape_ok and dtype_ok:
+            return
+        shape = "[B, *event]" if self.data_shape is None else f"[B, {', '.join(map(str, self.data_shape))}]"
+        raise (TypeError if shape_ok else ValueError)(
+            f"argument '{name}' (modality '{self.name}') must have shape {shape} and {want}, "
+            f"got shape {tuple(x.shape)} and dtype {x.dtype}")
+
     def encode(self, x):
         """Posterior parameters (loc, scale), each [B, L]."""
         loc, raw = self.enc(x)
