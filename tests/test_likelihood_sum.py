@@ -295,7 +295,8 @@ def test_likelihood_sum_overflowed_density_has_zero_gradient(backend, family, dx
 
 
 @pytest.mark.parametrize("bad", [-1, 4])
-def test_likelihood_sum_class_index_out_of_range_is_a_clear_error(backend, bad):
+def test_likelihood_sum_class_index_out_of_range_is_a_clear_error(backend, bad, monkeypatch):
+    monkeypatch.setenv("MMVAE_FAST_SYNC_CHECKS", "1")  # on a GPU the check is otherwise asynchronous
     logits = torch.zeros(2, 3, 4)
     with pytest.raises(ValueError, match=rf"argument 'x' holds class index {bad}, outside the vocabulary \[0, 4\)"):
         ops.likelihood_sum(torch.tensor([0, bad, 1]), logits, family="categorical", backend=backend)
