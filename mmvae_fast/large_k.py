@@ -46,7 +46,7 @@ from ._args import check_grad, check_K, check_k_chunk
 from .bounds import dreg_estimator, mixture_dreg_estimator
 from .protocol import Experts, check_mask, fused_prior, log_likelihood, log_prior, multimodal_experts
 from .protocol import multimodal_terms, single_terms
-from .ops.moe_estimator import bound_from_lse
+from .ops.moe_estimator import bound_from_lse, slice_stats
 
 OBJECTIVES = ("iwae", "dreg", "m_iwae", "m_iwae_looser", "m_dreg", "m_dreg_looser")
 
@@ -134,17 +134,17 @@ class _Objective(NamedTuple):
         est = self._fused(t, estimator="iwae")
         return est.lw if est is not None else log_prior(t.pz, t.z) + t.lpx - t.experts.log_density(t.z)
 
-    def surrogate(self, model, x, k, lse):
-        """The objective on k fresh samples given the normalisers of all K: its gradient is this
-        chunk's share of the full gradient."""
+    def surrogate(self, model, x, k, stats):
+        """The objective on k fresh samples given the normalisers of all K (their (max, log-sum)
+        pairs): its gradient is this chunk's share of the full gradient."""
         t = self.terms(model, x, k)
-        est = self._fused(t, estimator=self.estimator, lse=lse, num_samples=self.K_total)
+        est = self._fused(t, estimator=self.estimator, lse=stats, num_samples=self.K_total)
         if est is None:
-            return self._fallback(t, lse)
+            return self._fallback(t, stats)
         ops.apply_z_weight(t.zs, est.z_weight)
         return est.bound.sum()
 
-    def _fallback(self, t, lse):
+    def _fallback(self, t, stats):
         """log_prob families (no mask): the tensor-level estimators with the global weights."""
         looser = self.bound == "looser"
         dims = 1 if looser else (0, 1)
@@ -152,8 +152,9 @@ class _Objective(NamedTuple):
         n = self.K_total * (1 if looser else M)
         lpz = log_prior(t.pz, t.z)
         lw = lpz + t.lpx - t.experts.log_density(t.z, detach=self.estimator != "iwae")
-        wbar = torch.exp(lw.detach() - (lse[:, None] if looser else lse[None, None]))
-        w = ops.ImportanceWeights(lse - math.log(n), wbar, wbar * wbar)
+        mx, ls = (v[:, None] if looser else v[None, None] for v in stats.unbind(-1))
+        wbar = torch.where(lw == -math.inf, 0.0, torch.exp((lw.detach() - mx) - ls))
+        w = ops.ImportanceWeights(stats.sum(-1) - math.log(n), wbar, wbar * wbar)
         if self.estimator in ("mixture", "mixture-centred") and M > 1:
             loc, scale = t.experts.params()
             est = mixture_dreg_estimator(lpz + t.lpx, t.zs, loc, scale, dims, family=t.experts.family,
@@ -183,9 +184,9 @@ def _foreign_leaves(root, allowed_ids):
 class _Run:
     """What the backward needs: the model and inputs, each chunk's RNG state, the weights."""
 
-    def __init__(self, objective, model, x, chunks, states, rng, lse):
+    def __init__(self, objective, model, x, chunks, states, rng, stats):
         self.objective, self.model, self.x = objective, model, x
-        self.chunks, self.states, self.rng, self.lse = chunks, states, rng, lse
+        self.chunks, self.states, self.rng, self.stats = chunks, states, rng, stats
         self.autocast = _Autocast()
 
     def backward(self, g, inputs, n_x):
@@ -203,7 +204,7 @@ class _Run:
             with torch.enable_grad(), self.autocast():
                 for i, ((_start, k), state) in enumerate(zip(self.chunks, self.states)):
                     self.rng.set(state)
-                    s = self.objective.surrogate(self.model, x, k, self.lse)
+                    s = self.objective.surrogate(self.model, x, k, self.stats)
                     if not s.requires_grad:
                         continue
                     if i == 0:
@@ -266,17 +267,12 @@ def chunked_objective(name, model, x, K, k_chunk, *, grad="mixture", mask=None, 
         M, _, B = lw.shape
         if mask is not None:
             objective = objective._replace(mask=check_mask(mask, M, B, lw.device))
-        lse = _lse(lw, objective.bound)
-        value = bound_from_lse(lse, objective.bound, objective.mask, K, M).sum()
+        stats = slice_stats(lw, objective.bound)  # (max, log-sum): the chunks' weights stay exact at any |lw|
+        value = bound_from_lse(stats.sum(-1), objective.bound, objective.mask, K, M).sum()
     if not torch.is_grad_enabled() or not (params or x_in):
         return value
-    run = _Run(objective, model, x, chunks, states, rng, lse)
+    run = _Run(objective, model, x, chunks, states, rng, stats)
     return _ChunkedBound.apply(run, len(x_in), value, *x_in, *params)
-
-
-def _lse(lw, bound):
-    """The log-normaliser of each softmax: over k per group [M, B] (looser), over (r, k) [B]."""
-    return torch.logsumexp(lw, 1) if bound == "looser" else torch.logsumexp(lw.flatten(0, 1), 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -394,3 +394,75 @@ def test_an_item_with_no_expert_has_bound_zero(backend, bound):
     assert (est.lw[:, :, 1] == -math.inf).all() and (est.z_weight[:, :, 1] == 0).all()
     g = fused_item(p, bound, "mixture", backend, mask, 1)[1]
     assert all(torch.count_nonzero(t) == 0 for t in g)
+
+
+# ---- numerics at any |lw|, collapsed experts, infinite and NaN log-likelihoods (every backend)
+
+
+def _lw_offset_case(offset, K=10, dtype=torch.float32):
+    """M = 2 identical experts and lpx = offset: every weight is 1 / K (looser) whatever the offset."""
+    z = torch.zeros(2, K, 1, 1, dtype=dtype)
+    loc, scale = torch.zeros(2, 1, 1, dtype=dtype), torch.ones(2, 1, 1, dtype=dtype)
+    lpx = torch.full((2, K, 1), offset, dtype=dtype).requires_grad_()
+    return z, loc, scale, lpx
+
+
+@grid("offset", (-5e3, -1e5, -1e7, -1e20, 1e7, -3e38), triton=[(-1e7,), (-3e38,)])
+def test_weights_are_exact_at_any_log_weight_offset(backend, offset):
+    """d bound / d lpx = wbar / M = 1 / (M K) for equal log weights at any offset (a weight computed
+    from one rounded float32 log-normaliser gave 0.0677 instead of 0.05 at -1e7)."""
+    z, loc, scale, lpx = _lw_offset_case(offset)
+    est = ops.moe_estimator(z, loc, scale, loc[0], scale[0], lpx, family="normal", estimator="iwae", backend=backend)
+    (g,) = torch.autograd.grad(est.bound.sum(), lpx)
+    torch.testing.assert_close(g, torch.full_like(g, 1 / 20), rtol=1e-5, atol=0)
+
+
+@grid("offset,bound", (-1e7, -1e20), BOUNDS, triton=[(-1e7, "looser")])
+def test_given_normalisers_are_exact_at_any_offset(backend, offset, bound):
+    """The chunked path: the slices' (max, log-sum) of the full lw, given to a chunk, keep its
+    weights exact (one float32 log-normaliser did not: 0.0677 instead of 0.05 at -1e7)."""
+    z, loc, scale, lpx = _lw_offset_case(offset)
+    kw = dict(family="normal", estimator="iwae", bound=bound, backend=backend)
+    full = ops.moe_estimator(z, loc, scale, loc[0], scale[0], lpx, **kw)
+    stats = ops.slice_stats(full.lw, bound)
+    half = ops.moe_estimator(z[:, :5], loc, scale, loc[0], scale[0], lpx[:, :5], lse=stats, num_samples=10, **kw)
+    (g,) = torch.autograd.grad(half.bound.sum(), lpx)
+    torch.testing.assert_close(g[:, :5], torch.full_like(g[:, :5], 1 / 20), rtol=1e-5, atol=0)
+    torch.testing.assert_close(half.bound, full.bound.detach())
+
+
+@grid("estimator,family", ESTIMATORS, ("normal", "laplace"), triton=[("iwae", "normal"), ("mixture", "laplace")])
+def test_a_collapsed_expert_gives_finite_gradients(backend, estimator, family):
+    """An expert of scale 1e-20 has log-density -inf at the other expert's sample, and there an
+    infinite derivative: its zero responsibility must contribute 0, not 0 * inf = NaN."""
+    z = torch.tensor([0.3, 1.0]).reshape(2, 1, 1, 1).requires_grad_()
+    loc = torch.tensor([0.0, 1.0]).reshape(2, 1, 1).requires_grad_()
+    scale = torch.tensor([1.0, 1e-20]).reshape(2, 1, 1).requires_grad_()
+    ploc, pscale = torch.zeros(1, 1), torch.ones(1, 1)
+    lpx = torch.zeros(2, 1, 1)
+    est = ops.moe_estimator(z, loc, scale, ploc, pscale, lpx, family=family, bound="stratified", estimator=estimator,
+                            backend=backend)
+    assert torch.isfinite(est.bound).all()
+    for g, name in zip(torch.autograd.grad(est.bound.sum(), (z, loc, scale), allow_unused=True), ("z", "loc", "scale")):
+        assert g is None or not torch.isnan(g).any(), f"NaN in the gradient of {name}: {g.flatten().tolist()}"
+
+
+@ALL
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_infinite_and_nan_log_likelihoods(backend, bound):
+    """lpx = +inf: the bound is +inf and the gradient NaN (the softmax is undefined there, and says
+    so); lpx = NaN: NaN bound and NaN gradients (NaN in, NaN out); the other item is untouched."""
+    p = Problem(M=2, K=3, B=2, seed=5)
+    zs, scale = p.sample()
+    z = torch.stack(zs).detach()
+    for bad, want in ((math.inf, math.inf), (math.nan, math.nan)):
+        lpx = p.lpx(z).detach().clone()
+        lpx[0, 1, 0] = bad
+        lpx.requires_grad_()
+        est = ops.moe_estimator(z, p.loc.detach(), scale.detach(), p.prior_loc.detach(), p.prior_log_scale.exp().detach(),
+                                lpx, family=p.family, bound=bound, estimator="iwae", backend=backend)
+        assert est.bound[0].item() == want or (math.isnan(want) and est.bound[0].isnan()), (bad, est.bound)
+        assert torch.isfinite(est.bound[1])
+        (g,) = torch.autograd.grad(est.bound.sum(), lpx)
+        assert g[0, 1, 0].isnan(), (bad, g[:, :, 0])
+        assert torch.isfinite(g[:, :, 1]).all()

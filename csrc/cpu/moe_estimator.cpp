@@ -26,7 +26,7 @@ namespace {
 
 template <typename T>
 struct Args {
-  const T *z, *loc, *scale, *ploc, *pscale, *lpx, *lse_in;  // lse_in: the chunked path's normalisers, or null
+  const T *z, *loc, *scale, *ploc, *pscale, *lpx, *lse_in;  // lse_in: the chunked path's (max, log-sum) pairs, or null
   const bool* mask;                                         // [M, B] or null
   const T* g;                                               // backward: the bound's gradient [B]
   const T *lw_in, *lq_in, *stats_in;                        // backward: the forward's saved tensors
@@ -171,8 +171,9 @@ MMVAE_ALWAYS_INLINE void forward_item(const Args<T>& p, int64_t b, Item<T>& it, 
           const T v = s.lw[r * K + k];
           mx = v > mx || v != v ? v : mx;
         }
+    // an infinite max gives (max, 0): all -inf, weights 0; +inf, the bound +inf and NaN weights
     T sum = T(0);
-    if (mx != ninf)
+    if (!std::isinf(mx))
       for (int64_t r = r_lo; r < r_hi; ++r)
         if (present(p, r, b)) {
           const T* lw = &s.lw[r * K];
@@ -180,7 +181,7 @@ MMVAE_ALWAYS_INLINE void forward_item(const Args<T>& p, int64_t b, Item<T>& it, 
           for (int64_t k = 0; k < K; ++k) sum += fast_exp(lw[k] - mx);
         }
     st[0] = mx;
-    st[1] = mx == ninf ? T(0) : std::log(sum);
+    st[1] = std::isinf(mx) ? T(0) : std::log(sum);
   };
   const T n = T(P.empty() ? 1 : P.size());
   T value = T(0);
@@ -188,8 +189,8 @@ MMVAE_ALWAYS_INLINE void forward_item(const Args<T>& p, int64_t b, Item<T>& it, 
     for (int64_t r = 0; r < M; ++r) {
       T* st = p.stats + (r * B + b) * 2;
       if (p.lse_in != nullptr) {
-        st[0] = p.lse_in[r * B + b];
-        st[1] = T(0);
+        st[0] = p.lse_in[(r * B + b) * 2];
+        st[1] = p.lse_in[(r * B + b) * 2 + 1];
       } else {
         slice_stats(r, r + 1, st);
       }
@@ -199,8 +200,8 @@ MMVAE_ALWAYS_INLINE void forward_item(const Args<T>& p, int64_t b, Item<T>& it, 
   } else {
     T* st = p.stats + b * 2;
     if (p.lse_in != nullptr) {
-      st[0] = p.lse_in[b];
-      st[1] = T(0);
+      st[0] = p.lse_in[b * 2];
+      st[1] = p.lse_in[b * 2 + 1];
     } else {
       slice_stats(0, M, st);
     }
@@ -307,6 +308,8 @@ MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it,
       for (int64_t j = 0; j < kSampleTile; ++j) beta[j] = -al[j] * pir[j];
       for (int64_t l = 0; l < L; ++l) {
         const T* zl = &s.zt[l * kSampleTile];
+        // weighted_grad: a zero weight contributes 0, not 0 * inf = NaN (a collapsed expert's
+        // derivative overflows at the samples it gives no mass)
         T sdA[kSampleTile];  // sum_m pi_m d log q_m / dz
 #pragma omp simd
         for (int64_t j = 0; j < kSampleTile; ++j) sdA[j] = T(0);
@@ -320,9 +323,9 @@ MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it,
           for (int64_t j = 0; j < kSampleTile; ++j) {
             const T u = (zl[j] - lo) * iv;
             const T d = dphi<F>(u);
-            sdA[j] += pim[j] * (-d * iv);
-            glm[j] += scm[j] * d * iv;
-            gsm[j] += scm[j] * (u * d - T(1)) * iv;
+            sdA[j] += weighted_grad(pim[j], -d * iv);
+            glm[j] += weighted_grad(scm[j], d * iv);
+            gsm[j] += weighted_grad(scm[j], (u * d - T(1)) * iv);
           }
         }
         if (alias) {  // -alias pi_r (dA_r - sum_m pi_m dA_m), through loc_r + scale_r eps
@@ -332,9 +335,9 @@ MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it,
 #pragma omp simd
           for (int64_t j = 0; j < kSampleTile; ++j) {
             const T u = (zl[j] - lo) * iv;
-            const T ga = beta[j] * (-dphi<F>(u) * iv - sdA[j]);
+            const T ga = weighted_grad(beta[j], -dphi<F>(u) * iv - sdA[j]);
             glr[j] += ga;
-            gsr[j] += ga * u;
+            gsr[j] += weighted_grad(ga, u);
           }
         }
         const T plo = it.pmu[l], piv = it.pinv[l];
@@ -345,9 +348,9 @@ MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it,
         for (int64_t j = 0; j < kSampleTile; ++j) {
           const T u = (zl[j] - plo) * piv;
           const T d = dphi<PF>(u);
-          gzl[j] = om[j] * (-d * piv - sdA[j]);
-          gpl[j] += om[j] * d * piv;
-          gps[j] += om[j] * (u * d - T(1)) * piv;
+          gzl[j] = weighted_grad(om[j], -d * piv - sdA[j]);
+          gpl[j] += weighted_grad(om[j], d * piv);
+          gps[j] += weighted_grad(om[j], (u * d - T(1)) * piv);
         }
       }
       store_tile(s.gzt.data(), r * K + j0, n, B, b, L, p.gz);

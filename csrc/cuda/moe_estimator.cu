@@ -140,10 +140,10 @@ __global__ void stats_kernel(const T* __restrict__ lw, const bool* __restrict__ 
   const bool active = b < B;
   const int64_t r_lo = bound == kLooser ? int64_t(blockIdx.y) : 0, r_hi = bound == kLooser ? r_lo + 1 : M;
   const int64_t si = bound == kLooser ? r_lo * B + b : b;
-  if (lse_in != nullptr) {  // given normalisers (uniform over the block: no barrier is skipped)
+  if (lse_in != nullptr) {  // given (max, log-sum) pairs (uniform over the block: no barrier is skipped)
     if (active && ty == 0) {
-      stats[si * 2] = lse_in[si];
-      stats[si * 2 + 1] = T(0);
+      stats[si * 2] = lse_in[si * 2];
+      stats[si * 2 + 1] = lse_in[si * 2 + 1];
     }
     return;
   }
@@ -168,7 +168,7 @@ __global__ void stats_kernel(const T* __restrict__ lw, const bool* __restrict__ 
   mx = red[0][tx];
   __syncthreads();  // every thread has read red[0] before it is overwritten
   T s = T(0);
-  if (active && mx != ninf)
+  if (active && !isinf(mx))  // an infinite max gives (max, 0), as on the CPU
     for (int64_t r = r_lo; r < r_hi; ++r)
       if (present(mask, r, b, B))
         for (int64_t k = ty; k < K; k += kStatLanes) s += std::exp(lw[(r * K + k) * B + b] - mx);
@@ -177,7 +177,7 @@ __global__ void stats_kernel(const T* __restrict__ lw, const bool* __restrict__ 
   if (ty == 0 && active) {
     for (int y = 1; y < kStatLanes; ++y) s += red[y][tx];
     stats[si * 2] = mx;
-    stats[si * 2 + 1] = mx == ninf ? T(0) : std::log(s);
+    stats[si * 2 + 1] = isinf(mx) ? T(0) : std::log(s);
   }
 }
 
@@ -280,9 +280,11 @@ __global__ void sample_backward_kernel(const T* __restrict__ g, const T* __restr
           const T dA = -d * iv;
           const T pm = pi[m];
           const T sc = -(m == r ? cf.score_own : cf.score_other) * pm;
-          sum_dA += pm * dA;
-          acc[m * L + l] += sc * d * iv;
-          acc[(M + m) * L + l] += sc * (u * d - T(1)) * iv;
+          // weighted_grad: a zero weight contributes 0, not 0 * inf = NaN (a collapsed expert's
+          // derivative overflows at the samples it gives no mass)
+          sum_dA += weighted_grad(pm, dA);
+          acc[m * L + l] += weighted_grad(sc, d * iv);
+          acc[(M + m) * L + l] += weighted_grad(sc, (u * d - T(1)) * iv);
           if (m == r) {
             dA_own = dA;
             u_own = u;
@@ -290,13 +292,13 @@ __global__ void sample_backward_kernel(const T* __restrict__ g, const T* __restr
         }
         const T pu = (zl - pmu[l]) * pinv[l];
         const T pd = dphi<PF>(pu);
-        gz[i * L + l] = om * (-pd * pinv[l] - sum_dA);
-        acc[2 * M * L + l] += om * pd * pinv[l];
-        acc[(2 * M + 1) * L + l] += om * (pu * pd - T(1)) * pinv[l];
+        gz[i * L + l] = weighted_grad(om, -pd * pinv[l] - sum_dA);
+        acc[2 * M * L + l] += weighted_grad(om, pd * pinv[l]);
+        acc[(2 * M + 1) * L + l] += weighted_grad(om, (pu * pd - T(1)) * pinv[l]);
         if (alias) {  // -alias pi_r (dA_r - sum_m pi_m dA_m), through loc_r + scale_r eps
-          const T ga = beta * (dA_own - sum_dA);
+          const T ga = weighted_grad(beta, dA_own - sum_dA);
           acc[r * L + l] += ga;
-          acc[(M + r) * L + l] += ga * u_own;
+          acc[(M + r) * L + l] += weighted_grad(ga, u_own);
         }
       }
     }

@@ -54,6 +54,13 @@ def log_density_terms(x, loc, scale, NORMAL: tl.constexpr):
 
 
 @triton.jit
+def weighted(g, d):
+    """g * d with a zero weight g contributing exactly 0: d may be infinite there (a collapsed
+    expert's derivative at a sample it gives no mass), and 0 * inf would be NaN. NaN g propagates."""
+    return tl.where(g == 0.0, 0.0, g * d)
+
+
+@triton.jit
 def sample_tile(K, B, L, K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr):
     """The tile of a program on the grid (groups x k-chunks, batch blocks) over z [G, K, B, L]:
     (group g, first sample k0, batch offsets, batch mask, [BLOCK_B, BLOCK_L] mask, (b, l) offsets

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import acc_dtype, interpreting, log_density_terms, sample_tile
+from ._common import acc_dtype, interpreting, log_density_terms, sample_tile, weighted
 
 MAX_L = 8192  # the whole latent vector lives in one tile
 K_CHUNK_FWD = 2 if interpreting() else 4  # samples per forward program (under the interpreter: cross chunks)
@@ -155,7 +155,8 @@ def _lw_block(lw_ptr, mask_ptr, r, k0, K, B, offs_b, bmask, HAS_MASK: tl.constex
 def _slice_stats(lw_ptr, mask_ptr, r_lo, r_hi, K, B, offs_b, bmask,
                  acc: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """(max, log-sum) of lw over the samples of the present groups r_lo..r_hi-1 of each item: two
-    passes, as the CPU kernel; an all -inf slice gives (-inf, 0), a NaN gives NaN."""
+    passes, as the CPU kernel; an infinite max gives (max, 0) (all -inf: weights 0; +inf: the
+    bound +inf, NaN weights), a NaN gives NaN."""
     mx = tl.full([BLOCK_B], float("-inf"), acc)
     nan = tl.zeros([BLOCK_B], tl.int32)
     for r in range(r_lo, r_hi):
@@ -164,13 +165,14 @@ def _slice_stats(lw_ptr, mask_ptr, r_lo, r_hi, K, B, offs_b, bmask,
             mx = tl.maximum(mx, tl.max(tl.where(v != v, float("-inf"), v), 0))
             nan = tl.maximum(nan, tl.max((v != v).to(tl.int32), 0))
     mx = tl.where(nan > 0, float("nan"), mx)
-    shift = tl.where(mx == float("-inf"), 0.0, mx)
+    inf_max = (mx == float("-inf")) | (mx == float("inf"))
+    shift = tl.where(inf_max, 0.0, mx)
     s = tl.zeros([BLOCK_B], acc)
     for r in range(r_lo, r_hi):
         for k0 in range(0, K, BLOCK_K):
             v, m2 = _lw_block(lw_ptr, mask_ptr, r, k0, K, B, offs_b, bmask, HAS_MASK, BLOCK_K)
             s += tl.sum(tl.where(m2, tl.exp(v - shift[None, :]), 0.0), 0)
-    ls = tl.where(mx == float("-inf"), 0.0, tl.log(s))
+    ls = tl.where(inf_max, 0.0, tl.log(s))
     return mx, ls
 
 
@@ -208,9 +210,9 @@ def _fwd_stats_kernel(
     if LOOSER:
         value = tl.zeros([BLOCK_B], acc)
         for r in range(0, M):
-            if HAS_LSE:  # the chunked path's normaliser: (lse, 0)
-                mx = tl.load(lse_ptr + r * B + offs_b, mask=bmask, other=0.0).to(acc)
-                ls = tl.zeros([BLOCK_B], acc)
+            if HAS_LSE:  # the chunked path's (max, log-sum) pairs
+                mx = tl.load(lse_ptr + (r * B + offs_b).to(tl.int64) * 2, mask=bmask, other=0.0).to(acc)
+                ls = tl.load(lse_ptr + (r * B + offs_b).to(tl.int64) * 2 + 1, mask=bmask, other=0.0).to(acc)
             else:
                 mx, ls = _slice_stats(lw_ptr, mask_ptr, r, r + 1, K, B, offs_b, bmask, acc, HAS_MASK, BLOCK_K, BLOCK_B)
             st = stats_ptr + (r * B + offs_b).to(tl.int64) * 2
@@ -222,8 +224,8 @@ def _fwd_stats_kernel(
         value = value / tl.maximum(n, 1.0) - log_kc
     else:
         if HAS_LSE:
-            mx = tl.load(lse_ptr + offs_b, mask=bmask, other=0.0).to(acc)
-            ls = tl.zeros([BLOCK_B], acc)
+            mx = tl.load(lse_ptr + offs_b.to(tl.int64) * 2, mask=bmask, other=0.0).to(acc)
+            ls = tl.load(lse_ptr + offs_b.to(tl.int64) * 2 + 1, mask=bmask, other=0.0).to(acc)
         else:
             mx, ls = _slice_stats(lw_ptr, mask_ptr, 0, M, K, B, offs_b, bmask, acc, HAS_MASK, BLOCK_K, BLOCK_B)
         st = stats_ptr + offs_b.to(tl.int64) * 2
@@ -310,21 +312,21 @@ def _bwd_kernel(
                 lo, sc = _load_expert(loc_ptr, scale_ptr, mm * B * L + bl, tmask, pm, acc)
                 lp, dl, _ds = log_density_terms(zz, lo, sc, NORMAL)
                 pi = tl.where(pm, tl.exp(tl.sum(tl.where(tmask, lp, 0.0), 1) - base), 0.0)
-                sum_da -= pi[:, None] * dl  # dlog q_m / dz = -dlog q_m / dloc
+                sum_da -= weighted(pi[:, None], dl)  # dlog q_m / dz = -dlog q_m / dloc
                 if ALIAS:
                     da_own = tl.where(mm == r, -dl, da_own)
                     u_own = tl.where(mm == r, (zz - lo) / sc, u_own)
                     pi_own = tl.where(mm == r, pi, pi_own)
             _plp, pdl, pds = log_density_terms(zz, plo, psc, PNORMAL)
             om2 = om[:, None]
-            tl.store(gz_ptr + rk * B * L + bl, tl.where(live[:, None], om2 * (-pdl - sum_da), 0.0), mask=tmask)
-            gpl += tl.where(zmask, om2 * pdl, 0.0)
-            gps += tl.where(zmask, om2 * pds, 0.0)
+            tl.store(gz_ptr + rk * B * L + bl, tl.where(live[:, None], weighted(om2, -pdl - sum_da), 0.0), mask=tmask)
+            gpl += tl.where(zmask, weighted(om2, pdl), 0.0)
+            gps += tl.where(zmask, weighted(om2, pds), 0.0)
             if ALIAS:  # -alias pi_r (dA_r - sum_m pi_m dA_m), through z = loc_r + scale_r eps
                 beta = tl.where(live, -alias * pi_own, 0.0)[:, None]
-                ga = tl.where(zmask, beta * (da_own - sum_da), 0.0)
+                ga = tl.where(zmask, weighted(beta, da_own - sum_da), 0.0)
                 al_l += ga
-                al_s += ga * u_own
+                al_s += weighted(ga, u_own)
         out = ((kt * M + r) * B).to(tl.int64) * L + bl
         tl.store(gl_ptr + out, al_l, mask=tmask)
         tl.store(gs_ptr + out, al_s, mask=tmask)
@@ -355,8 +357,8 @@ def _bwd_kernel(
                     lp, dl, ds = log_density_terms(zz, lo, sc, NORMAL)
                     pi = tl.exp(tl.sum(tl.where(tmask, lp, 0.0), 1) - base)
                     coef = tl.where(pm & live, -tl.where(mm == r, s_own, s_other) * pi, 0.0)[:, None]
-                    acc_l += tl.where(zmask, coef * dl, 0.0)
-                    acc_s += tl.where(zmask, coef * ds, 0.0)
+                    acc_l += tl.where(zmask, weighted(coef, dl), 0.0)
+                    acc_s += tl.where(zmask, weighted(coef, ds), 0.0)
             tl.store(gl_ptr + out, acc_l, mask=tmask)
             tl.store(gs_ptr + out, acc_s, mask=tmask)
 

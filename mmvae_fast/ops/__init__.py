@@ -13,7 +13,7 @@ from . import _triton  # noqa: F401,E402  (registers Triton for CUDA tensors if 
 from .._numerics import acc_dtype
 from ..reference.densities import log_density_sum, kl_divergence
 from ..reference.importance_ratios import ratios_from_pairwise
-from .moe_estimator import MoEEstimate, moe_estimator, apply_z_weight
+from .moe_estimator import MoEEstimate, moe_estimator, apply_z_weight, slice_stats
 
 __all__ = [
     "BACKENDS",
@@ -28,6 +28,7 @@ __all__ = [
     "MoEEstimate",
     "moe_estimator",
     "apply_z_weight",
+    "slice_stats",
     "log_density_sum",
     "kl_divergence",
     "acc_dtype",

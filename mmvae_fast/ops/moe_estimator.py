@@ -18,9 +18,9 @@ import torch
 from . import _dispatch, _extension, _validate
 from ._autograd import first_order_only
 from .._numerics import acc_dtype
-from ..reference.moe_estimator import BOUNDS, ESTIMATORS, MoEEstimate, bound_from_lse
+from ..reference.moe_estimator import BOUNDS, ESTIMATORS, MoEEstimate, as_stats, bound_from_lse, slice_stats
 
-__all__ = ["BOUNDS", "ESTIMATORS", "MoEEstimate", "moe_estimator", "apply_z_weight", "bound_from_lse"]
+__all__ = ["BOUNDS", "ESTIMATORS", "MoEEstimate", "moe_estimator", "apply_z_weight", "bound_from_lse", "slice_stats"]
 
 
 def moe_estimator(
@@ -33,8 +33,9 @@ def moe_estimator(
     Laplace). prior_loc, prior_scale: broadcastable to [B, L] (`prior_family`, default `family`).
     lpx [M, K, B]: the summed, scaled log-likelihoods at z. bound: "looser" (eq. 3) or "stratified"
     (eq. 5). estimator: one of ESTIMATORS. mask: bool [M, B], True where expert m of item b is present.
-    lse, num_samples: the chunked large-K path's normalisers ([M, B] looser, [B] stratified) and
-    its K per expert.
+    lse, num_samples: the chunked large-K path's normalisers and its K per expert; lse as each
+    softmax's (max, log-sum) pair ([M, B, 2] looser, [B, 2] stratified: `slice_stats` of the full
+    lw, exact at any |lw|) or as plain log-normalisers ([M, B], [B]).
     """
     for name, t in (("z", z), ("loc", loc), ("scale", scale), ("prior_loc", prior_loc),
                     ("prior_scale", prior_scale), ("lpx", lpx)):
@@ -65,7 +66,11 @@ def moe_estimator(
         _validate.shape("mask", mask, (M, B), "True where expert m of item b is present")
     if lse is not None:
         _validate.tensor("lse", lse)
-        _validate.shape("lse", lse, (M, B) if bound == "looser" else (B,), "one log-normaliser per softmax")
+        _validate.same_device(z=z, lse=lse)
+        pairs = (M, B, 2) if bound == "looser" else (B, 2)
+        if tuple(lse.shape) != pairs:
+            _validate.shape("lse", lse, pairs[:-1], f"one log-normaliser per softmax, or {list(pairs)}: (max, log-sum) pairs")
+        lse = as_stats(lse, bound, M, B).to(acc_dtype(z.dtype))
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
         raise ValueError(f"argument 'num_samples' must be an integer >= 1 (K per expert), got {num_samples!r}")
     _validate.positive("scale", scale)

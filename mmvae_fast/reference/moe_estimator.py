@@ -26,8 +26,14 @@ decoders') by `z_weight`: wbar (eq8), 1 - pi_r (1 - wbar) (mixture, mixture-cent
 (iwae, released). The caller applies it with a hook on the model's samples (see objectives).
 
 lse: in the chunked large-K path, the log-normaliser of each softmax over all the bound's samples
-(from a first pass): wbar = exp(lw - lse), and the value is the bound those normalisers give;
-`num_samples` is then the bound's K per expert (it sets c).
+(from a first pass), as its (max, log-sum) pair (`slice_stats`; a plain log-normaliser [M, B] / [B]
+is taken as (lse, 0)): wbar = exp((lw - max) - log-sum), and the value is the bound those
+normalisers give; `num_samples` is then the bound's K per expert (it sets c).
+
+Weights at any |lw|: wbar is computed from the slice's max and log-sum, never from one rounded
+log-normaliser (in float32, lw - lse would be off by up to |lw| * 6e-8: 0.6 at lw = -1e7).
+Infinite slices: all -inf gives weights 0 and bound -inf (looser) ; a +inf gives the bound +inf and
+NaN weights (the softmax is undefined there, and a NaN gradient says so); NaN propagates.
 """
 import math
 from typing import NamedTuple, Optional
@@ -47,11 +53,42 @@ class MoEEstimate(NamedTuple):
     z_weight: Optional[torch.Tensor]  # [M, K, B] the z path's per-sample weight, or None
 
 
-def _lse(x, dims):
-    """logsumexp over dims keeping them, -inf (not NaN) for an all -inf slice."""
-    mx = x.amax(dims, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    return mx + torch.log(torch.exp(x - mx).sum(dims, keepdim=True))
+def slice_stats(lw, bound):
+    """The (max, log-sum) pair of each of the bound's softmaxes over lw [M, K, B]: [M, B, 2] (looser,
+    over k) or [B, 2] (stratified, over r and k). Their sum is the log-normaliser. A slice whose
+    max is infinite has log-sum 0; NaN propagates."""
+    x = lw if bound == "looser" else lw.flatten(0, 1)[None]  # [G, N, B]
+    mx = x.amax(1)
+    shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    ls = torch.log(torch.exp(x - shift[:, None]).sum(1))
+    st = torch.stack([mx, torch.where(torch.isinf(mx), torch.zeros_like(ls), ls)], -1)
+    return st if bound == "looser" else st[0]
+
+
+def as_stats(lse, bound, M, B):
+    """lse given as (max, log-sum) pairs ([M, B, 2] / [B, 2]) or as log-normalisers ([M, B] / [B],
+    taken as (lse, 0)): the pairs."""
+    single = (M, B) if bound == "looser" else (B,)
+    if tuple(lse.shape) == single:
+        return torch.stack([lse, torch.zeros_like(lse)], -1)
+    return lse
+
+
+class _GradOnly(torch.autograd.Function):
+    """0 in value, x's gradient in backward: adds a surrogate's gradient to the bound without
+    touching its value (x - x.detach() would turn the +inf bound of a +inf log weight into NaN)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _grad_only(x):
+    return _GradOnly.apply(x)
 
 
 def bound_from_lse(lse, bound, mask, K, M):
@@ -105,25 +142,25 @@ def moe_estimator(
     elif mixture:  # own expert detached, the other experts' scores live (value of lq_det)
         a_live = table(z.detach(), loc, scale)
         off = ~torch.eye(M, dtype=torch.bool, device=z.device)[:, :, None, None]
-        score = torch.where(off & present[None, :, None, :], log_pi.exp() * (a_live - a_live.detach()), 0).sum(1)
+        # an expert with no mass at a sample (a = -inf) has no score there: where, not 0 * (-inf - -inf)
+        live = off & present[None, :, None, :] & (log_pi > -math.inf)
+        score = torch.where(live, log_pi.exp() * (a_live - a_live.detach()), 0).sum(1)
         lq = lq_det + score
     else:
         lq = lq_det
     lw = torch.where(valid, lpz + lpx - lq, -math.inf)
 
-    dims = (1,) if bound == "looser" else (0, 1)
     lw_d = lw.detach()
-    if lse is None:
-        lse = _lse(lw_d, dims)
-    else:
-        lse = lse.to(dt).reshape(M, 1, B) if bound == "looser" else lse.to(dt).reshape(1, 1, B)
-    wbar = torch.where(torch.isfinite(lse) & (lw_d > -math.inf), torch.exp(lw_d - lse), 0.0)
+    st = slice_stats(lw_d, bound) if lse is None else as_stats(lse, bound, M, B).to(dt)
+    mx, ls = (t.reshape(M, 1, B) if bound == "looser" else t.reshape(1, 1, B) for t in st.unbind(-1))
+    wbar = torch.where(lw_d == -math.inf, 0.0, torch.exp((lw_d - mx) - ls))  # lw - mx: exact near the max
     Kc = num_samples or K
+    lse = mx + ls
     value = bound_from_lse(lse[:, 0] if bound == "looser" else lse[0, 0], bound, mask, Kc, M)
     coef = (1.0 / n if bound == "looser" else torch.ones_like(n))[None, None, :]
     c = 1.0 / (Kc * (torch.ones_like(n) if bound == "looser" else n))  # the centring constant: 1 / (samples per softmax)
-    surrogate = torch.where(wbar > 0, wbar * lw, 0.0)  # a zero weight on lw = -inf adds 0, not NaN
-    value = value + (coef * (surrogate - surrogate.detach())).sum((0, 1))
+    surrogate = torch.where(wbar == 0, 0.0, wbar * lw)  # a zero weight on lw = -inf adds 0, not NaN
+    value = value + _grad_only((coef * surrogate).sum((0, 1)))
 
     z_weight = None
     pi_own = torch.diagonal(log_pi, 0, 0, 1).permute(2, 0, 1).exp()  # pi_r(z[r, k, b])
@@ -142,5 +179,5 @@ def moe_estimator(
         a_al = table(z_alias, loc.detach(), scale.detach())
         pi_al = torch.exp(torch.diagonal(a_al, 0, 0, 1).permute(2, 0, 1) - torch.logsumexp(a_al, 1))
         resp = torch.where(valid, (wbar - cc) * pi_al, 0.0)
-        value = value - (coef * (resp - resp.detach())).sum((0, 1))
+        value = value - _grad_only((coef * resp).sum((0, 1)))
     return MoEEstimate(value, lw_d, None if z_weight is None else z_weight.detach())

@@ -97,7 +97,9 @@ inline MoEForward moe_forward_setup(const at::Tensor& z, const at::Tensor& loc, 
   if (mask.has_value()) f.mask = mask->contiguous();
   if (lse.has_value()) {
     TORCH_CHECK(lse->device() == z.device(), "moe_estimator: lse must be on z's device");
-    TORCH_CHECK(lse->numel() == S, "moe_estimator: lse must be [M, B] (looser) or [B] (stratified)");
+    TORCH_CHECK(lse->numel() == 2 * S,
+                "moe_estimator: lse must be the softmaxes' (max, log-sum) pairs, [M, B, 2] (looser) or [B, 2] "
+                "(stratified)");
     f.lse = lse->to(acc_type(z)).contiguous();
   }
   const auto acc = z.options().dtype(acc_type(z));
