@@ -1,7 +1,8 @@
 """Input checks of the objectives, in one place: clear errors before any work.
 
-`check_modalities(model, x, mask)` is what every objective calls first: the list of modalities, each
-modality's batch against the shape and dtype its VAE takes (`VAE.check_input`), and the mask.
+`check_modalities(model, x, mask)` is what every multimodal objective calls first: the list of
+modalities, each modality's batch against the shape and dtype its VAE takes (`VAE.check_input`), and
+the mask; `check_single(model, x)` the single-modality objectives' batch.
 """
 import torch
 
@@ -22,15 +23,20 @@ def _check_input(model, t, name) -> None:
         check(t, name)
 
 
+def check_single(model, x) -> None:
+    """The single-modality objectives' batch: checked against the model when it is one of the
+    package's VAEs (`check_input`), whatever else it holds."""
+    _check_input(model, x, "x")
+
+
 def check_modalities(model, x, mask=None) -> None:
     """Raise ValueError unless `x` holds one batch per modality of `model` (an MMVAE: `model.vaes`),
     in the model's order, all of one batch size (item b of every modality is one multimodal datum),
     each of the shape and dtype its VAE takes (ValueError / TypeError naming the modality), and
-    `mask` is None or a bool [M, B]. A single-modality model (no `vaes`) takes one tensor, checked
-    against the VAE alone. Nothing here reads the data: no host-device sync."""
+    `mask` is None or a bool [M, B]. A single-modality model (no `vaes`) takes one tensor and is
+    not checked here (see check_single). Nothing here reads the data: no host-device sync."""
     vaes = getattr(model, "vaes", None)
     if vaes is None:
-        _check_input(model, x, "x")
         return
     M = len(vaes)
     if isinstance(x, torch.Tensor) or not isinstance(x, (list, tuple)):

@@ -65,7 +65,7 @@ from .protocol import (
     single_terms,
 )
 from ._args import GRADS, check_grad, check_K
-from ._checks import check_modalities
+from ._checks import check_modalities, check_single
 
 # The default of m_dreg / m_dreg_looser: unbiased (quadrature, tests/test_quadrature.py), and it
 # trained no worse than eq. 8 in the estimator study (README, "Unbiased DReG for the mixture posterior").
@@ -131,7 +131,7 @@ def _multimodal(name, model, x, K, estimator, looser, mask, k_chunk, backend):
 def elbo(model, x, K=1, *, backend=None):
     """ELBO: sum_b [mean_k llik_scale log p(x|z_k) - KL(q(z|x) || p(z))]."""
     check_K(K)
-    check_modalities(model, x)
+    check_single(model, x)
     qz_x, px_z, _ = model(x, K)
     lpx = log_likelihood(px_z, x, model.llik_scaling, backend)
     return lpx.mean(0).sum() - kl(qz_x, model.pz(*model.pz_params)).sum()
@@ -140,7 +140,7 @@ def elbo(model, x, K=1, *, backend=None):
 def iwae(model, x, K, *, k_chunk=None, backend=None):
     """IWAE bound: sum_b logmeanexp_k lw[k, b]. k_chunk: see `mmvae_fast.large_k`."""
     K = check_K(K)
-    check_modalities(model, x)
+    check_single(model, x)
     if k_chunk is not None:
         return large_k.chunked_objective("iwae", model, x, K, k_chunk, backend=backend)
     return _estimate(single_terms(model, x, K, backend), "stratified", "iwae", None, backend).sum()
@@ -153,7 +153,7 @@ def dreg(model, x, K, *, grad="eq8", k_chunk=None, backend=None):
     wbar instead of wbar**2, as the paper's released code does. k_chunk: see `mmvae_fast.large_k`."""
     check_grad(grad)
     K = check_K(K)
-    check_modalities(model, x)
+    check_single(model, x)
     if k_chunk is not None:
         return large_k.chunked_objective("dreg", model, x, K, k_chunk, grad=grad, backend=backend)
     return _estimate(single_terms(model, x, K, backend), "stratified", grad, None, backend).sum()
