@@ -282,9 +282,9 @@ def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=LL_N, n_joint=10000, lat
     ll_n: test items of the log-likelihood (a fixed random subset of the evaluated test set; None:
     all of it); ll_K = 0 skips it. limit: evaluate everything on a fixed random subset of the test set."""
     from .data import get_datasets
-    from .train import load_model
+    from .train import load_model, usable_device
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = usable_device(device)
     model, a = load_model(run_dir, device)
     torch.manual_seed(a.seed)
     train_set, test_set = get_datasets(a.experiment, data_dir=data_dir or a.data_dir)

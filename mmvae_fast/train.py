@@ -256,8 +256,14 @@ def _distributed(device_arg):
         if cuda:
             torch.cuda.set_device(device)
         return dist.get_rank(), world, device
+    return 0, 1, usable_device(device_arg)
+
+
+def usable_device(device_arg=None) -> torch.device:
+    """The device of --device (default: cuda when present, else cpu), or ValueError saying what to
+    pass instead: an unknown type, CUDA without a CUDA device, or a device that cannot compute."""
     if device_arg is None:
-        device_arg = "cuda" if cuda else "cpu"
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device_arg)
     except RuntimeError:
@@ -270,9 +276,9 @@ def _distributed(device_arg):
     try:  # one number through the device now, not at the first step: meta holds no data, cuda:N may not exist
         torch.ones(1, device=device).add(1).item()
     except Exception as e:
-        raise ValueError(f"--device {device_arg} cannot train here ({str(e).strip().splitlines()[0]}); use "
+        raise ValueError(f"--device {device_arg} cannot compute here ({str(e).strip().splitlines()[0]}); use "
                          f"--device cpu, or cuda / cuda:N on a machine with a GPU") from None
-    return 0, 1, device
+    return device
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,3 +155,10 @@ def test_metrics_file_that_is_a_directory(tmp_path, capsys, resume):
     err = _clear_error(capsys, argv)
     assert str(run / "metrics.jsonl") in err and "not a file" in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta"])
+def test_evaluate_on_a_device_that_cannot_compute(tmp_path, capsys, device):
+    """evaluate checks --device as train does, before reading the run (was a raw RuntimeError)."""
+    err = _clear_error(capsys, ["evaluate", str(tmp_path / "run"), "--device", device])
+    assert f"--device {device}" in err and "--device cpu" in err
