@@ -30,15 +30,19 @@ def variants(W, X, Lk, E, quick):
     sizes = dict(M="i32", K="i32", B="i32", L="i32")
     ones = dict(M=1, K=1, B=1, L="i32")  # arguments equal to 1 are specialised as constants
     for dt, acc in [("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")]:
-        for normal, mask, write_a, dims in [(True, True, True, sizes), (False, False, False, sizes), (True, False, True, ones)]:
-            out.append((f"mixture_fwd {dt} normal={normal} mask={mask} a={write_a} ones={dims is ones}", X.mixture_fwd, dict(
+        for normal, mask, write_a, stats, dims in [(True, True, True, False, sizes), (False, False, False, False, sizes),
+                                                   (True, False, True, False, ones), (False, True, False, True, sizes)]:
+            out.append((f"mixture_fwd {dt} normal={normal} mask={mask} a={write_a} stats={stats} ones={dims is ones}",
+                        X.mixture_fwd, dict(
                 z_ptr=P(acc if dt == "fp64" else dt), loc_ptr=P(dt), scale_ptr=P(dt), mask_ptr="*i8", lq_ptr=P(acc),
-                a_ptr=P(acc), **dims, NORMAL=normal, HAS_MASK=mask, WRITE_A=write_a, K_CHUNK=4, BLOCK_L=64)))
+                a_ptr=P(acc), sum_ptr=P(acc), **dims, NORMAL=normal, HAS_MASK=mask, WRITE_A=write_a, STATS=stats,
+                K_CHUNK=4, BLOCK_L=64)))
         out.append((f"ratios_fwd {dt}", X.ratios_fwd, dict(
             z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), ratio_ptr=P(acc), **sizes, NORMAL=False, K_CHUNK=4, BLOCK_L=32)))
         for ratios, mask, g, ga, dims in [(False, True, True, True, sizes), (False, False, False, True, ones), (True, False, True, False, sizes)]:
             out.append((f"pairwise_bwd {dt} ratios={ratios} mask={mask} g={g} ga={ga} ones={dims is ones}", X.pairwise_bwd, dict(
-                z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), mask_ptr="*i8", stat_ptr=P(acc), g_ptr=P(acc), ga_ptr=P(acc),
+                z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), mask_ptr="*i8", stat_ptr=P(acc), sum_ptr=P(acc), g_ptr=P(acc),
+                ga_ptr=P(acc),
                 dz_ptr=P(acc), ploc_ptr=P(acc), pscale_ptr=P(acc), **dims,
                 RATIOS=ratios, NORMAL=not ratios, HAS_MASK=mask, HAS_G=g, HAS_GA=ga, K_CHUNK=8, BLOCK_L=16)))
         for fam in (0, 1, 2):

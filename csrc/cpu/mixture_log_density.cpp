@@ -82,7 +82,6 @@ MMVAE_ALWAYS_INLINE void bwd_task_t(const Args<T>& p, int64_t b, int64_t c, T* s
   T *zt = scratch, *gzt = zt + L * kSampleTile, *G = gzt + L * kSampleTile, *gl = G + M * kSampleTile,
     *gs = gl + M * L * kSampleTile;
   if (GP) std::fill(gl, gl + 2 * M * L * kSampleTile, T(0));
-  const T log_n = log_expert_count<T>(p.count[b]);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t j0 = t * kSampleTile, n = std::min(kSampleTile, rows - j0);
     load_tile(p.z, j0, n, B, b, L, zt);
@@ -90,29 +89,42 @@ MMVAE_ALWAYS_INLINE void bwd_task_t(const Args<T>& p, int64_t b, int64_t c, T* s
       const int64_t n1 = std::min(kSampleTile, rows - j0 - kSampleTile);
       prefetch_tile(p.z, j0 + kSampleTile, n1, B, b, L);
       if (GX) prefetch_tile(p.gz, j0 + kSampleTile, n1, B, b, L);
-      for (int64_t j = 0; j < n1; ++j) {
-        __builtin_prefetch(p.lq + (j0 + kSampleTile + j) * B + b);
-        if (p.glq != nullptr) __builtin_prefetch(p.glq + (j0 + kSampleTile + j) * B + b);
-      }
+      if (p.glq != nullptr)
+        for (int64_t j = 0; j < n1; ++j) __builtin_prefetch(p.glq + (j0 + kSampleTile + j) * B + b);
     }
-    // G[m][j] = grad_lq * pi_m + grad_a[m] for the samples of the tile (0 in unused lanes)
-    T g[kSampleTile], lq[kSampleTile];
+    // G[m][j] = grad_lq * pi_m + grad_a[m] for the samples of the tile (0 in unused lanes), with
+    // pi_m = exp(a_m - max) / sum_m' exp(a_m' - max) over the present experts from the tile's own
+    // (max, sum): exact at any |a| (the saved lq is rounded: at |a| ~ 1e20, lq + log M is lq)
+    T g[kSampleTile], mx[kSampleTile], sum[kSampleTile];
     for (int64_t j = 0; j < kSampleTile; ++j) {
       g[j] = (p.glq != nullptr && j < n) ? p.glq[(j0 + j) * B + b] : T(0);
-      lq[j] = j < n ? p.lq[(j0 + j) * B + b] : T(0);
+      mx[j] = -std::numeric_limits<T>::infinity();
+      sum[j] = T(0);
     }
     for (int64_t m = 0; m < M; ++m) {
       T* Gm = G + m * kSampleTile;
-      const bool on = p.glq != nullptr && p.present[m * B + b];
-      if (on) {
+      if (p.glq != nullptr && p.present[m * B + b]) {
         const int64_t o = (m * B + b) * L;
         tile_log_density<F>(zt, p.loc + o, p.inv + o, p.lss[m * B + b], L, Gm);
 #pragma omp simd
-        for (int64_t j = 0; j < kSampleTile; ++j)
-          Gm[j] = g[j] != T(0) ? g[j] * responsibility(Gm[j], lq[j], log_n) : T(0);
+        for (int64_t j = 0; j < kSampleTile; ++j) mx[j] = nan_max(mx[j], Gm[j]);
       } else {
-        for (int64_t j = 0; j < kSampleTile; ++j) Gm[j] = T(0);
+        for (int64_t j = 0; j < kSampleTile; ++j) Gm[j] = -std::numeric_limits<T>::infinity();
       }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      T* Gm = G + m * kSampleTile;
+#pragma omp simd
+      for (int64_t j = 0; j < kSampleTile; ++j) {
+        Gm[j] = fast_exp(Gm[j] - lse_shift(mx[j]));  // NaN stays NaN
+        sum[j] += Gm[j];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      T* Gm = G + m * kSampleTile;
+#pragma omp simd
+      for (int64_t j = 0; j < kSampleTile; ++j)
+        Gm[j] = g[j] != T(0) && mx[j] != -std::numeric_limits<T>::infinity() ? g[j] * (Gm[j] / sum[j]) : T(0);
       if (p.ga != nullptr)
         for (int64_t j = 0; j < n; ++j) {
           const int64_t rk = j0 + j;

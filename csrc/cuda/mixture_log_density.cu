@@ -4,7 +4,7 @@
 // A warp per sample (r, k, b): lanes over L, a warp sum per expert, the online log-sum-exp of
 // math.h over m (every lane holds the same state). Nothing of size M*M*K*B*L exists; forward keeps
 // only lq. Backward recomputes a one expert at a time:
-//   G[r, m, k, b] = grad_lq * pi[r, m, k, b] + grad_a[r, m, k, b],  pi = responsibility (mixture.h)
+//   G[r, m, k, b] = grad_lq * pi[r, m, k, b] + grad_a[r, m, k, b],  pi = exp(a - max) / sum (recomputed)
 //   grad_z  += G d/dz log f      (the warp owns its sample: plain read-modify-write)
 //   grad_loc, grad_scale[m, b, :] += G d/d(loc, scale) log f   (shared over r, k: atomics)
 #include <array>
@@ -53,13 +53,21 @@ __global__ void backward_kernel(const T* __restrict__ z, const T* __restrict__ l
        i += int64_t(gridDim.x) * kSamplesPerBlock) {
     const int64_t b = i % B, r = i / KB, kb = i % KB;
     const T* zrow = z + i * L;
-    const T lqi = lq[i], log_count = log_expert_count<T>(count[b]);
+    // the log-sum-exp's (max, sum) recomputed: pi_m = exp(a_m - max) / sum is exact at any |a| (the
+    // saved lq is rounded: at |a| ~ 1e20, lq + log M is lq and M tied experts would each get 1)
+    LseState<T> st = lse_init<T>();
+    if (glq)
+      for (int64_t m = 0; m < M; ++m)
+        if (present[m * B + b]) {
+          const int64_t o = (m * B + b) * L;
+          st = lse_push(st, warp_row_log_density<F>(zrow, loc + o, inv + o, L, lane) - lss[m * B + b]);
+        }
     for (int64_t m = 0; m < M; ++m) {
       const int64_t o = (m * B + b) * L;
       T G = ga ? ga[(r * M + m) * KB + kb] : T(0);
-      if (glq && present[m * B + b]) {
+      if (glq && present[m * B + b] && st.m != -std::numeric_limits<T>::infinity()) {
         const T am = warp_row_log_density<F>(zrow, loc + o, inv + o, L, lane) - lss[m * B + b];
-        G += glq[i] * responsibility(am, lqi, log_count);
+        G += weighted_grad(glq[i], std::exp(am - st.m) / st.s);
       }
       if (G == T(0)) continue;  // warp-uniform: nothing flows to this expert (NaN does go on)
       for (int64_t l = lane; l < L; l += kWarp) {

@@ -39,18 +39,22 @@ def log_density_terms(x, loc, scale, NORMAL: tl.constexpr):
     """Elementwise (log f(x; loc, scale), d/dloc, d/dscale) for f Normal (NORMAL) or Laplace.
 
     d/dx = -d/dloc. Laplace takes the subgradient sign(0) = 0 at x == loc, as torch's abs does.
+    Where phi(u) overflows the density is -inf with zero gradients (docs/design.md section 2).
     One return statement: the compiler wants a single exit."""
     inv = 1.0 / scale
     u = (x - loc) * inv
     if NORMAL:
-        lp = -0.5 * u * u - tl.log(scale) - _HALF_LOG_2PI
+        phi = 0.5 * u * u
+        lp = -phi - tl.log(scale) - _HALF_LOG_2PI
         dloc = u * inv
         dscale = (u * u - 1.0) * inv
     else:
-        lp = -tl.abs(u) - tl.log(scale) - _LOG_2
+        phi = tl.abs(u)
+        lp = -phi - tl.log(scale) - _LOG_2
         dloc = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)) * inv
         dscale = (tl.abs(u) - 1.0) * inv
-    return lp, dloc, dscale
+    overflow = phi == float("inf")
+    return lp, tl.where(overflow, 0.0, dloc), tl.where(overflow, 0.0, dscale)
 
 
 @triton.jit

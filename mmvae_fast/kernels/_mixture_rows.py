@@ -52,10 +52,13 @@ def _logf(zz, lo, sc, lmask, NORMAL: tl.constexpr):
 
 @triton.jit
 def _mixture_fwd_kernel(
-    z_ptr, loc_ptr, scale_ptr, mask_ptr, lq_ptr, a_ptr, M, K, B, L,
-    NORMAL: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_A: tl.constexpr,
+    z_ptr, loc_ptr, scale_ptr, mask_ptr, lq_ptr, a_ptr, sum_ptr, M, K, B, L,
+    NORMAL: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_A: tl.constexpr, STATS: tl.constexpr,
     K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    """lq per sample (and the pairwise table a if WRITE_A); STATS: instead of lq, the log-sum-exp's
+    running max (into lq_ptr) and its sum of exp(a - max) (into sum_ptr), for the backward's
+    responsibilities exp(a - max) / sum, exact at any |a| (exp(a - lse) is not: lse is rounded)."""
     acc = lq_ptr.dtype.element_ty
     r, k0, offs_b, bmask, tmask, bl = sample_tile(K, B, L, K_CHUNK, BLOCK_L, BLOCK_B)
     for k in range(k0, tl.minimum(k0 + K_CHUNK, K)):
@@ -81,9 +84,13 @@ def _mixture_fwd_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(m_run - m_safe) + tl.exp(a - m_safe)  # NaN sticks in s
             m_run = m_new
-        lse = tl.where(s == 0.0, float("-inf"), m_run + tl.log(tl.where(s == 0.0, 1.0, s)))
-        lq = lse - tl.log(tl.where(n > 0, n, 1.0))  # no expert present: lq = lse = -inf
-        tl.store(lq_ptr + rk.to(tl.int64) * B + offs_b, lq, mask=bmask)
+        if STATS:
+            tl.store(lq_ptr + rk.to(tl.int64) * B + offs_b, m_run, mask=bmask)
+            tl.store(sum_ptr + rk.to(tl.int64) * B + offs_b, s, mask=bmask)
+        else:
+            lse = tl.where(s == 0.0, float("-inf"), m_run + tl.log(tl.where(s == 0.0, 1.0, s)))
+            lq = lse - tl.log(tl.where(n > 0, n, 1.0))  # no expert present: lq = lse = -inf
+            tl.store(lq_ptr + rk.to(tl.int64) * B + offs_b, lq, mask=bmask)
 
 
 @triton.jit
@@ -109,14 +116,14 @@ def _ratios_fwd_kernel(
 
 @triton.jit
 def _pairwise_bwd_kernel(
-    z_ptr, loc_ptr, scale_ptr, mask_ptr, stat_ptr, g_ptr, ga_ptr, dz_ptr, ploc_ptr, pscale_ptr, M, K, B, L,
+    z_ptr, loc_ptr, scale_ptr, mask_ptr, stat_ptr, sum_ptr, g_ptr, ga_ptr, dz_ptr, ploc_ptr, pscale_ptr, M, K, B, L,
     RATIOS: tl.constexpr, NORMAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_GA: tl.constexpr,
     K_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Cotangent G[r, m, k, b] of the pairwise table, then the chain rule through log f:
-    mixture: G = g_lq[r,k,b] pi[r,m,k,b] + g_a[r,m,k,b], pi = exp(a - lse) over present experts
-             (stat = lse [M, K, B]); dz[r,k,b,:] = sum_m G dlogf/dz (written here), dloc/dscale
-             partials per program.
+    mixture: G = g_lq[r,k,b] pi[r,m,k,b] + g_a[r,m,k,b], pi = exp(a - max) / sum over present
+             experts (stat = max, sum_ptr = sum [M, K, B]: _mixture_fwd_kernel's STATS);
+             dz[r,k,b,:] = sum_m G dlogf/dz (written here), dloc/dscale partials per program.
     ratios:  G = g_ratio[m,r,k,b] ratio[m,r,k,b] for m != r, 0 on the diagonal (stat = the ratios
              [M, M, K, B]: d ratio / d a = ratio); no dz.
     """
@@ -142,11 +149,12 @@ def _pairwise_bwd_kernel(
             else:
                 stat = tl.load(stat_ptr + rk * B + offs_b, mask=bmask, other=0.0)
                 if HAS_G:
-                    live = stat != float("-inf")  # lse = -inf: no expert present, pi = 0
+                    live = stat != float("-inf")  # max = -inf: no expert present (or all -inf), pi = 0
                     if HAS_MASK:
                         live = live & present
+                    total = tl.load(sum_ptr + rk * B + offs_b, mask=bmask, other=1.0)
                     g = tl.load(g_ptr + rk * B + offs_b, mask=bmask, other=0.0).to(acc)
-                    G = tl.where(live, g * tl.exp(a - tl.where(live, stat, 0.0)), 0.0)
+                    G = tl.where(live, g * (tl.exp(a - tl.where(live, stat, 0.0)) / total), 0.0)
                 if HAS_GA:
                     G += tl.load(ga_ptr + ((r * M + mm) * K + k).to(tl.int64) * B + offs_b, mask=bmask, other=0.0).to(acc)
             G2 = G[:, None]
@@ -183,16 +191,18 @@ def grid(M, n_kc, B):
 
 def pairwise_backward(
     z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, stat: torch.Tensor,
-    g: torch.Tensor | None, ga: torch.Tensor | None, normal: bool, ratios: bool,
+    g: torch.Tensor | None, ga: torch.Tensor | None, normal: bool, ratios: bool, total: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dz, dloc, dscale) of the pairwise table's cotangent; see _pairwise_bwd_kernel."""
+    """(dz, dloc, dscale) of the pairwise table's cotangent; see _pairwise_bwd_kernel (total: the
+    mixture's sums, with stat its maxima)."""
     M, K, B, L, n_kc, BL = shape(z, K_CHUNK_BWD)
     dt = acc_dtype(z.dtype)
     dz = torch.empty((M, K, B, L) if not ratios else (0,), dtype=dt, device=z.device)
     ploc = torch.empty(M * n_kc, M, B, L, dtype=dt, device=z.device)
     pscale = torch.empty_like(ploc)
     wrap_triton(pairwise_bwd)[grid(M, n_kc, B)](
-        z, loc, scale, z if mask is None else mask, stat, stat if g is None else g, stat if ga is None else ga,
+        z, loc, scale, z if mask is None else mask, stat, stat if total is None else total, stat if g is None else g,
+        stat if ga is None else ga,
         dz if not ratios else ploc, ploc, pscale, M, K, B, L,
         RATIOS=ratios, NORMAL=normal, HAS_MASK=mask is not None, HAS_G=g is not None, HAS_GA=ga is not None,
         K_CHUNK=K_CHUNK_BWD, BLOCK_L=BL,

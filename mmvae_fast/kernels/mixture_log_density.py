@@ -20,18 +20,21 @@ def _mask8(mask):
     return None if mask is None else mask.to(torch.int8).contiguous()
 
 
-def _forward(z, loc, scale, family, mask, write_a):
+def _forward(z, loc, scale, family, mask, write_a, stats=False):
+    """(lq, a); stats: (the log-sum-exp's max, its sum of exp(a - max)) per sample instead."""
     M, K, B, L, n_kc, BL = R.shape(z, R.K_CHUNK_FWD)
     dt = acc_dtype(z.dtype)
     lq = torch.empty(M, K, B, dtype=dt, device=z.device)
     a = torch.empty((M, M, K, B) if write_a else (0,), dtype=dt, device=z.device)
+    total = torch.empty(M, K, B, dtype=dt, device=z.device) if stats else lq
     m8 = _mask8(mask)
     z = z.contiguous()
     wrap_triton(R.mixture_fwd)[R.grid(M, n_kc, B)](
-        z, loc.contiguous(), scale.contiguous(), z if m8 is None else m8, lq, a if write_a else lq, M, K, B, L,
-        NORMAL=family == "normal", HAS_MASK=m8 is not None, WRITE_A=write_a, K_CHUNK=R.K_CHUNK_FWD, BLOCK_L=BL,
+        z, loc.contiguous(), scale.contiguous(), z if m8 is None else m8, lq, a if write_a else lq, total, M, K, B, L,
+        NORMAL=family == "normal", HAS_MASK=m8 is not None, WRITE_A=write_a, STATS=stats, K_CHUNK=R.K_CHUNK_FWD,
+        BLOCK_L=BL,
     )
-    return lq, a
+    return (lq, total) if stats else (lq, a)
 
 
 @triton_op("mmvae_fast_triton::mixture_log_density", mutates_args=())
@@ -54,12 +57,12 @@ def mixture_log_density_backward(
     scale: torch.Tensor, lq: torch.Tensor, family: str, mask: torch.Tensor | None, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dz, dloc, dscale), each empty where output_mask does not ask for it."""
-    # the log-sum-exp over the present experts: lq + log(#present) (none present: lq = -inf stays)
-    n = torch.full((1,), float(z.shape[0]), dtype=lq.dtype, device=lq.device) if mask is None else mask.sum(0).to(lq.dtype)
-    lse = (lq + torch.log(n.clamp_min(1.0))).contiguous()
+    # the responsibilities exp(a - max) / sum from the log-sum-exp's (max, sum) recomputed here: the
+    # saved lq is rounded (at |a| ~ 1e20, lq + log M is lq, and M tied experts would each get weight 1)
+    mx, total = _forward(z, loc, scale, family, mask, False, stats=True) if grad_lq is not None else (lq, None)
     c = lambda g: None if g is None else g.contiguous()  # noqa: E731
     grads = R.pairwise_backward(
-        z.contiguous(), loc.contiguous(), scale.contiguous(), _mask8(mask), lse, c(grad_lq), c(grad_a),
-        family == "normal", False,
+        z.contiguous(), loc.contiguous(), scale.contiguous(), _mask8(mask), mx, c(grad_lq), c(grad_a),
+        family == "normal", False, total,
     )
     return tuple(g if want else g.new_empty((0,)) for g, want in zip(grads, output_mask))

@@ -54,12 +54,16 @@ struct DensityGrad {
   T dscale;
 };
 
+// Where phi(u) overflows the density is -inf, with zero gradients (docs/design.md section 2), as
+// every -inf log-density: a tiny scale far from x gives 0, not an infinite or NaN gradient.
 template <typename T>
 MMVAE_HD DensityGrad<T> log_density_grad(int family, T x, T loc, T inv_scale) {
   const T u = (x - loc) * inv_scale;
-  const T d = family == kNormal ? dphi<kNormal>(u) : dphi<kLaplace>(u);
+  const bool normal = family == kNormal;
+  const bool overflow = std::isinf(normal ? phi<kNormal>(u) : phi<kLaplace>(u));
+  const T d = overflow ? T(0) : normal ? dphi<kNormal>(u) : dphi<kLaplace>(u);
   const T dx = -d * inv_scale;
-  return {dx, -dx, (u * d - T(1)) * inv_scale};
+  return {dx, -dx, overflow ? T(0) : (u * d - T(1)) * inv_scale};
 }
 
 }  // namespace mmvae_fast

@@ -46,15 +46,6 @@ MMVAE_HD T mixture_lq_from_sum(T shift, T sum, int64_t n_present) {
   return shift + std::log(sum) - log_expert_count<T>(n_present);
 }
 
-// Responsibility pi_m = exp(a_m - lse) of expert m for one sample, lse = lq + log(#present).
-// A sample no present expert can explain (lq = -inf) has pi = 0 and so zero gradients, as the
-// reference's safe log-sum-exp; NaN propagates.
-template <typename T>
-MMVAE_HD T responsibility(T a, T lq, T log_count) {
-  if (lq == -std::numeric_limits<T>::infinity()) return T(0);
-  return fast_exp(a - (lq + log_count));
-}
-
 // Appendix B's importance ratio of expert r on the samples of expert d: exp(a[d, r] - a[d, d]).
 template <typename T>
 MMVAE_HD T importance_ratio(T a_num, T a_own) {
