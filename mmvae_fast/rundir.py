@@ -8,7 +8,7 @@ previous good one kept, and a metrics history that always agrees with the checkp
     out/metrics.jsonl       one line per epoch, appended (and fsynced) before that epoch's checkpoint
 
 Order of an epoch's end: metrics line (fsync), checkpoint to a temporary file (fsync), the old
-checkpoint renamed to checkpoint.prev.pt, the temporary file renamed to checkpoint.pt. A kill at any
+checkpoint (if it verifies) renamed to checkpoint.prev.pt, the temporary file renamed to checkpoint.pt. A kill at any
 point leaves a checkpoint of epoch e or e - 1 and a metrics file with at most one line past it; on
 resume, `reconcile_metrics` drops lines past the checkpoint's epoch (and a torn last line).
 
@@ -159,16 +159,25 @@ def started(run_dir: str) -> bool:
 def check_run_dir(run_dir: str, flag: str = "--out") -> None:
     """RunDirError unless run_dir can hold a run: a directory (or a path to one not made yet) whose
     checkpoints, metrics and args.json are regular files. Reads only: called before anything is written."""
-    d = os.path.abspath(run_dir)
-    while not os.path.lexists(d):  # the nearest part that exists ("/" does)
-        d = os.path.dirname(d)
-    if not os.path.isdir(d):
-        raise RunDirError(f"{flag} {run_dir!r}: {d} is not a directory; pick another {flag}")
+    check_dir_path(run_dir, flag)
     for n in (CHECKPOINT, PREVIOUS, METRICS, ARGS):
         p = os.path.join(run_dir, n)
         if os.path.lexists(p) and not os.path.isfile(p):
             raise RunDirError(f"{p} is not a file (a directory?), so the run directory cannot be used; move it "
                               f"out of {run_dir!r} or pick another {flag}")
+    p = os.path.join(run_dir, "images")  # save_images makes it after the first epoch: a file there fails only then
+    if os.path.lexists(p) and not os.path.isdir(p):
+        raise RunDirError(f"{p} is not a directory (the epochs' PNG grids go there), so the run directory cannot be "
+                          f"used; move it out of {run_dir!r} or pick another {flag}")
+
+
+def check_dir_path(path: str, flag: str) -> None:
+    """RunDirError unless path is a directory or can be made one (its nearest existing part is a directory)."""
+    d = os.path.abspath(path)
+    while not os.path.lexists(d):  # the nearest part that exists ("/" does)
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise RunDirError(f"{flag} {path!r}: {d} is not a directory; pick another {flag}")
 
 
 def clear_run(run_dir: str) -> None:
@@ -187,7 +196,7 @@ def clear_run(run_dir: str) -> None:
 
 def write_checkpoint(obj, run_dir: str, fault: str = None) -> str:
     """Checksummed, atomic: the payload to a temporary file (fsync), the current checkpoint kept as
-    checkpoint.prev.pt, then the temporary file renamed to checkpoint.pt."""
+    checkpoint.prev.pt (if it verifies), then the temporary file renamed to checkpoint.pt."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     payload = buf.getvalue()
@@ -203,30 +212,45 @@ def write_checkpoint(obj, run_dir: str, fault: str = None) -> str:
         f.write(payload[len(payload) // 2:])
 
     def keep_previous():
-        if os.path.exists(path):
+        # Only a newest that verifies becomes the previous: after a fall-back resume checkpoint.pt is the
+        # corrupt one and checkpoint.prev.pt the good one, which a kill before the rename must still find.
+        if os.path.exists(path) and verify_checkpoint(path) is None:
             os.replace(path, os.path.join(run_dir, PREVIOUS))
 
     _write_atomic(path, write, "wb", before_replace=keep_previous)
     return path
 
 
-def read_checkpoint(path: str, map_location="cpu", need=()) -> dict:
-    """A checkpoint that verifies and holds the keys in need, else RunDirError saying what is wrong
-    with the file. Files without the header (written before checksums) load unverified."""
+def _verified_payload(path: str):
+    """(None, the torch.save payload) if the file verifies, else (what is wrong, None). Reads, never unpickles.
+    A file without the header (written before checksums) cannot be checked: its bytes count as the payload."""
     if not os.path.isfile(path):
-        raise RunDirError(f"checkpoint {path} does not exist")
+        return f"checkpoint {path} does not exist", None
     with open(path, "rb") as f:
         data = f.read()
     if not data:
-        raise RunDirError(f"checkpoint {path} is empty (0 bytes): the write was cut short")
-    if data.startswith(_MAGIC):
-        head = len(_MAGIC) + 65
-        digest, payload = data[len(_MAGIC): head - 1].decode("ascii", "replace"), data[head:]
-        if hashlib.sha256(payload).hexdigest() != digest:
-            raise RunDirError(f"checkpoint {path} is corrupted or truncated: its SHA-256 does not match the one it "
-                              f"was written with ({len(data)} bytes)")
-    else:
-        payload = data
+        return f"checkpoint {path} is empty (0 bytes): the write was cut short", None
+    if not data.startswith(_MAGIC):
+        return None, data
+    head = len(_MAGIC) + 65
+    digest, payload = data[len(_MAGIC): head - 1].decode("ascii", "replace"), data[head:]
+    if hashlib.sha256(payload).hexdigest() != digest:
+        return (f"checkpoint {path} is corrupted or truncated: its SHA-256 does not match the one it was written "
+                f"with ({len(data)} bytes)"), None
+    return None, payload
+
+
+def verify_checkpoint(path: str):
+    """None if the checkpoint's SHA-256 matches its header (or it predates checksums), else what is wrong."""
+    return _verified_payload(path)[0]
+
+
+def read_checkpoint(path: str, map_location="cpu", need=()) -> dict:
+    """A checkpoint that verifies and holds the keys in need, else RunDirError saying what is wrong
+    with the file. Files without the header (written before checksums) load unverified."""
+    problem, payload = _verified_payload(path)
+    if problem:
+        raise RunDirError(problem)
     try:
         ck = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
     except Exception as e:  # an unverified legacy file that does not unpickle

@@ -272,3 +272,23 @@ def test_training_killed_before_its_first_checkpoint_starts_over(tmp_path, unint
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert _metrics(run) == [dict(_metrics(uninterrupted)[0], time_s=_metrics(run)[0]["time_s"])]
     assert not [n for n in os.listdir(run) if n.startswith(rundir.TMP_PREFIX) or n == rundir.LOCK]
+
+
+def test_corrupt_newest_checkpoint_does_not_displace_the_good_previous(tmp_path, uninterrupted):
+    # After a fall-back resume (checkpoint.pt corrupt, checkpoint.prev.pt good), the next write must not
+    # rotate the corrupt file over the good one: a kill before the rename would leave no usable checkpoint.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    path = run / rundir.CHECKPOINT
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+    path.write_bytes(bytes(data))
+    assert rundir.verify_checkpoint(str(path)) is not None
+    assert rundir.verify_checkpoint(str(run / rundir.PREVIOUS)) is None
+    rundir.write_checkpoint({"epoch": 3}, str(run))
+    assert rundir.read_checkpoint(str(run / rundir.PREVIOUS))["epoch"] == 1  # still the good one
+    assert rundir.read_checkpoint(str(path))["epoch"] == 3
+    rundir.write_checkpoint({"epoch": 4}, str(run))  # a newest that verifies is kept as the previous
+    assert rundir.read_checkpoint(str(run / rundir.PREVIOUS))["epoch"] == 3
