@@ -282,9 +282,24 @@ def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=LL_N, n_joint=10000, lat
     ll_n: test items of the log-likelihood (a fixed random subset of the evaluated test set; None:
     all of it); ll_K = 0 skips it. limit: evaluate everything on a fixed random subset of the test set."""
     from .data import get_datasets
+    from .rundir import RunDirError, check_dir_path
     from .train import load_model, usable_device
 
+    # Everything checked before any work: each of these otherwise fails only after minutes of evaluation.
+    for flag, v, low in (("--ll-K", ll_K, 0), ("--ll-n", ll_n, 1), ("--n-joint", n_joint, 1),
+                         ("--latent-n", latent_n, 1), ("--limit", limit, 1), ("batch_size", batch_size, 1)):
+        if v is not None and v < low:  # None: all of them (ll_n, limit); ll_K = 0 skips the log-likelihood
+            raise ValueError(f"{flag} must be >= {low}, got {v}")
+    if classifiers is not None:
+        try:
+            check_dir_path(classifiers, "--classifiers")  # where they are trained if absent
+        except RunDirError as e:  # a bad argument, not a bad run directory
+            raise ValueError(str(e)) from None
     device = usable_device(device)
+    out = os.path.join(run_dir, "eval.json")
+    if os.path.lexists(out) and not os.path.isfile(out):
+        raise ValueError(f"{out} is not a file (a directory?), so the results cannot be written there; move it "
+                         f"out of {run_dir!r}")
     model, a = load_model(run_dir, device)
     torch.manual_seed(a.seed)
     train_set, test_set = get_datasets(a.experiment, data_dir=data_dir or a.data_dir)
@@ -330,10 +345,10 @@ def evaluate(run_dir, classifiers=None, ll_K=1000, ll_n=LL_N, n_joint=10000, lat
     res["time_s"] = round(time.time() - t0, 1)
     from .rundir import write_text_atomic
 
-    write_text_atomic(json.dumps(res, indent=1) + "\n", os.path.join(run_dir, "eval.json"))
+    write_text_atomic(json.dumps(res, indent=1) + "\n", out)
     if verbose:
         print(markdown_table(res))
-        print(f"\nresults: {os.path.join(run_dir, 'eval.json')}")
+        print(f"\nresults: {out}")
         images = os.path.join(run_dir, "images")
         if os.path.isdir(images):
             print(f"PNG grids (per epoch: recon_eNNN reconstructions, cross_eNNN cross-modal generations, "

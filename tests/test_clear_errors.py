@@ -162,3 +162,64 @@ def test_evaluate_on_a_device_that_cannot_compute(tmp_path, capsys, device):
     """evaluate checks --device as train does, before reading the run (was a raw RuntimeError)."""
     err = _clear_error(capsys, ["evaluate", str(tmp_path / "run"), "--device", device])
     assert f"--device {device}" in err and "--device cpu" in err
+
+
+# ---- entries of a run directory that train and evaluate write, but of the wrong kind; evaluate's
+# numeric arguments: a clear error before the epoch / the evaluation, not an exception after it
+@pytest.mark.parametrize("resume", [False, True])
+def test_images_that_is_a_file(tmp_path, capsys, resume):
+    run = tmp_path / "run"
+    if resume:
+        assert cli.main(["train", *TINY, "--device", "cpu", "--out", str(run)]) == 0
+        import shutil
+
+        shutil.rmtree(run / "images")
+    run.mkdir(exist_ok=True)
+    (run / "images").write_text("mine\n")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    argv = ["train", "--resume", str(run), "--epochs", "2"] if resume else ["train", *TINY, "--device", "cpu", "--out", str(run)]
+    err = _clear_error(capsys, argv)
+    assert str(run / "images") in err and "not a directory" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    assert cli.main(["train", *TINY, "--device", "cpu", "--out", str(run)]) == 0
+    return run
+
+
+def test_eval_json_that_is_a_directory(tiny_run, capsys):
+    (tiny_run / "eval.json").mkdir()
+    try:
+        err = _clear_error(capsys, ["evaluate", str(tiny_run), "--device", "cpu", "--ll-K", "0", "--limit", "8"])
+    finally:
+        (tiny_run / "eval.json").rmdir()
+    assert str(tiny_run / "eval.json") in err and "not a file" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--n-joint", "0"), ("--limit", "0"), ("--latent-n", "0"), ("--ll-K", "-5"),
+                                        ("--n-joint", "-1")])
+def test_evaluate_numbers_out_of_range(tiny_run, capsys, flag, value):
+    err = _clear_error(capsys, ["evaluate", str(tiny_run), "--device", "cpu", flag, value])
+    assert f"{flag} must be >=" in err and value in err
+    assert not (tiny_run / "eval.json").exists()
+
+
+def test_evaluate_function_checks_its_numbers(tiny_run):
+    from mmvae_fast.evaluate import evaluate
+
+    for kw in (dict(batch_size=0), dict(ll_n=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            evaluate(str(tiny_run), device="cpu", verbose=False, **kw)
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_classifiers_that_is_a_file(tiny_run, tmp_path, capsys, under):
+    f = tmp_path / "clfs"
+    f.write_text("mine\n")
+    path = f / "sub" if under else f
+    err = _clear_error(capsys, ["evaluate", str(tiny_run), "--device", "cpu", "--classifiers", str(path)])
+    assert "--classifiers" in err and "not a directory" in err and str(f) in err
+    assert f.read_text() == "mine\n" and not (tiny_run / "eval.json").exists()
