@@ -280,7 +280,7 @@ def test_moe_estimator_masks_and_minus_inf_on_gpu(backend, estimator, bound):
 def test_moe_estimator_given_normalisers_on_gpu(backend, estimator, bound):
     """The large-K path's lse and num_samples (a chunk of K = 4 of a bound over 10 samples)."""
     ins = moe_inputs(2, 4, 3, 6, seed=5, dtype=torch.float64)
-    lse = randn(*((2, 3) if bound == "looser" else (3,)), seed=7, dtype=torch.float64, scale=3.0)
+    lse = randn(*((2, 3, 2) if bound == "looser" else (3, 2)), seed=7, dtype=torch.float64, scale=3.0)  # (max, log-sum)
     cot = randn(3, seed=9, dtype=torch.float64)
     moe_compare(backend, ins, cot, rtol=1e-9, atol=1e-10, family="normal", bound=bound, estimator=estimator,
                 lse=lse, num_samples=10)

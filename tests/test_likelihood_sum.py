@@ -239,7 +239,7 @@ def test_triton_likelihood_nan_and_bad_class_index():
     params = torch.zeros(2, 2, 3, dtype=F64)
     params[1, 0, 2] = math.nan
     for fam in ("laplace", "bernoulli"):
-        out = ops.likelihood_sum(x, params, family=fam, scale=1.0, **T)
+        out = ops.likelihood_sum(x, params, family=fam, scale=1.0 if fam == "laplace" else None, **T)
         assert torch.isnan(out[1, 0]) and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 1])
     # the Triton op itself (the public op refuses the index first): class 4 of 4 gives NaN, not a number
     logits = torch.zeros(1, 2, 3, 4, dtype=F64)
@@ -300,3 +300,28 @@ def test_likelihood_sum_class_index_out_of_range_is_a_clear_error(backend, bad, 
     logits = torch.zeros(2, 3, 4)
     with pytest.raises(ValueError, match=rf"argument 'x' holds class index {bad}, outside the vocabulary \[0, 4\)"):
         ops.likelihood_sum(torch.tensor([0, bad, 1]), logits, family="categorical", backend=backend)
+
+
+def test_likelihood_sum_bernoulli_nan_target_gives_nan(backend):
+    """NaN in, NaN out: a NaN target gave log-likelihood 0 (both of its terms were dropped as
+    zero-weight terms, since NaN < 1 and NaN > 0 are false)."""
+    x = torch.tensor([[0.3, math.nan]])
+    params = torch.zeros(1, 1, 2, requires_grad=True)
+    out = ops.likelihood_sum(x, params, family="bernoulli", backend=backend)
+    assert out.isnan().all(), out
+    (g,) = torch.autograd.grad(out.sum(), params)
+    assert g[0, 0, 1].isnan() and torch.isfinite(g[0, 0, 0])
+
+
+@pytest.mark.parametrize("bad", [2.0, -0.5, math.inf])
+def test_likelihood_sum_bernoulli_target_outside_the_unit_interval_is_an_error(backend, bad):
+    with pytest.raises(ValueError, match=r"argument 'x' must hold Bernoulli targets in \[0, 1\]"):
+        ops.likelihood_sum(torch.tensor([[0.5, bad]]), torch.zeros(1, 1, 2), family="bernoulli", backend=backend)
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "categorical"])
+def test_likelihood_sum_scale_for_a_logit_family_is_an_error(backend, family):
+    x = torch.tensor([[1, 0]]) if family == "categorical" else torch.tensor([[1.0, 0.0]])
+    params = torch.zeros(1, 1, 2, 3) if family == "categorical" else torch.zeros(1, 1, 2)
+    with pytest.raises(ValueError, match="argument 'scale' applies to 'normal' and 'laplace' only"):
+        ops.likelihood_sum(x, params, family=family, scale=2.0, backend=backend)

@@ -241,7 +241,7 @@ def test_given_normalisers_give_the_full_gradient_chunk_by_chunk(backend, estima
     to the gradient of the whole (and the value is the whole's bound)."""
     p = Problem(M=3, K=6, B=3, seed=11)
     est, want = fused(p, bound, estimator, backend)
-    lse = torch.logsumexp(est.lw, 1) if bound == "looser" else torch.logsumexp(est.lw.flatten(0, 1), 0)
+    lse = ops.slice_stats(est.lw, bound)
     total = None
     for sl in (slice(0, 4), slice(4, 6)):
         zs, scale = p.sample()
@@ -466,3 +466,32 @@ def test_infinite_and_nan_log_likelihoods(backend, bound):
         (g,) = torch.autograd.grad(est.bound.sum(), lpx)
         assert g[0, 1, 0].isnan(), (bad, g[:, :, 0])
         assert torch.isfinite(g[:, :, 1]).all()
+
+
+def test_chunk_normalisers_are_checked():
+    """lse and num_samples go together, and lse must be the bound's own (max, log-sum) pairs: at
+    M = B = 2 a stratified [B, 2] was silently read as looser [M, B] normalisers."""
+    p = Problem(M=2, K=3, B=2, seed=1)
+    zs, scale = p.sample()
+    z = torch.stack(zs)
+    args = (z, p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), p.lpx(z))
+    lw = ops.moe_estimator(*args, family=p.family, estimator="iwae").lw
+    with pytest.raises(ValueError, match="go together"):
+        ops.moe_estimator(*args, family=p.family, num_samples=100)
+    with pytest.raises(ValueError, match="go together"):
+        ops.moe_estimator(*args, family=p.family, lse=ops.slice_stats(lw, "looser"))
+    with pytest.raises(ValueError, match="lse"):
+        ops.moe_estimator(*args, family=p.family, bound="looser", lse=ops.slice_stats(lw, "stratified"), num_samples=3)
+    with pytest.raises(ValueError, match="num_samples"):
+        ops.moe_estimator(*args, family=p.family, lse=ops.slice_stats(lw, "looser"), num_samples=2)
+
+
+@ALL
+def test_looser_bound_near_the_float32_limit_does_not_overflow(backend):
+    """The looser bound averages over experts: at lw ~ -3e38 the sum of two log-normalisers
+    overflowed to -inf before the division (the stratified bound gave -3e38)."""
+    z, loc, scale, lpx = _lw_offset_case(-3e38, K=4)
+    for bound in BOUNDS:
+        est = ops.moe_estimator(z, loc, scale, loc[0], scale[0], lpx, family="normal", bound=bound, backend=backend)
+        assert torch.isfinite(est.bound).all(), (bound, est.bound)
+        torch.testing.assert_close(est.bound.double(), torch.tensor([-3e38], dtype=torch.float64), rtol=1e-6, atol=0)

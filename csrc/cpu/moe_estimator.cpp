@@ -195,8 +195,9 @@ MMVAE_ALWAYS_INLINE void forward_item(const Args<T>& p, int64_t b, Item<T>& it, 
         slice_stats(r, r + 1, st);
       }
     }
-    for (int64_t r : P) value += p.stats[(r * B + b) * 2] + p.stats[(r * B + b) * 2 + 1];
-    value = value / n - std::log(T(p.Kc));
+    // the mean over experts as a sum of quotients: a sum of log-normalisers near -3e38 would overflow
+    for (int64_t r : P) value += (p.stats[(r * B + b) * 2] + p.stats[(r * B + b) * 2 + 1]) / n;
+    value -= std::log(T(p.Kc));
   } else {
     T* st = p.stats + b * 2;
     if (p.lse_in != nullptr) {

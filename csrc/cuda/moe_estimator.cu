@@ -194,8 +194,8 @@ __global__ void finish_kernel(const T* __restrict__ lw, const T* __restrict__ st
     if (bound == kLooser) {
       value = T(0);
       for (int64_t r = 0; r < M; ++r)
-        if (present(mask, r, b, B)) value += stats[(r * B + b) * 2] + stats[(r * B + b) * 2 + 1];
-      value = value / n - std::log(T(Kc));
+        if (present(mask, r, b, B)) value += (stats[(r * B + b) * 2] + stats[(r * B + b) * 2 + 1]) / n;
+      value -= std::log(T(Kc));  // a sum of quotients: near -3e38 a sum of log-normalisers would overflow
     } else {
       value = stats[b * 2] + stats[b * 2 + 1] - std::log(n * T(Kc));
     }

@@ -29,8 +29,8 @@ def _dense_terms(x, p, sc, FAM: tl.constexpr):
     wants a single exit)."""
     if FAM == 2:  # bernoulli logits: -(1 - x) softplus(l) - x softplus(-l), a 0-weight term dropped (l = +-inf)
         lp1 = tl.log(1.0 + tl.exp(-tl.abs(p)))
-        lp = -(tl.where(x < 1.0, (1.0 - x) * (tl.maximum(p, 0.0) + lp1), 0.0)
-               + tl.where(x > 0.0, x * (tl.maximum(-p, 0.0) + lp1), 0.0))
+        lp = -(tl.where(x != 1.0, (1.0 - x) * (tl.maximum(p, 0.0) + lp1), 0.0)  # NaN x: NaN
+               + tl.where(x != 0.0, x * (tl.maximum(-p, 0.0) + lp1), 0.0))
         dp = x - 1.0 / (1.0 + tl.exp(-p))
         ds = tl.zeros_like(p)
     else:  # normal (0) / laplace (1), params = location

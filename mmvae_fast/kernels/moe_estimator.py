@@ -218,10 +218,11 @@ def _fwd_stats_kernel(
             st = stats_ptr + (r * B + offs_b).to(tl.int64) * 2
             tl.store(st, mx, mask=bmask)
             tl.store(st + 1, ls, mask=bmask)
-            value += tl.where(_present(mask_ptr, r, B, offs_b, bmask, HAS_MASK), mx + ls, 0.0)
+            # a sum of quotients: near -3e38 a sum of log-normalisers would overflow
+            value += tl.where(_present(mask_ptr, r, B, offs_b, bmask, HAS_MASK), (mx + ls) / tl.maximum(n, 1.0), 0.0)
             if WRITE_ZW:
                 _z_weight(lw_ptr, pi_ptr, zw_ptr, mask_ptr, r, K, B, offs_b, bmask, mx, ls, EST, HAS_MASK, BLOCK_K)
-        value = value / tl.maximum(n, 1.0) - log_kc
+        value = value - log_kc
     else:
         if HAS_LSE:
             mx = tl.load(lse_ptr + offs_b.to(tl.int64) * 2, mask=bmask, other=0.0).to(acc)

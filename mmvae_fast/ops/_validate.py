@@ -80,6 +80,20 @@ def class_indices(name: str, x, V: int) -> None:
         torch._assert_async(~bad.any(), f"argument '{name}' holds a class index outside the vocabulary [0, {V})")
 
 
+def unit_interval(name: str, x) -> None:
+    """Values in [0, 1] (Bernoulli targets, soft ones allowed; NaN passes: NaN in, NaN out). Immediate
+    on a CPU; on a GPU asynchronous, as `positive`, unless MMVAE_FAST_SYNC_CHECKS=1."""
+    if not _checks_enabled(x) or x.numel() == 0:
+        return
+    bad = (x < 0) | (x > 1)
+    msg = f"argument '{name}' must hold Bernoulli targets in [0, 1]"
+    if x.device.type == "cpu" or os.environ.get("MMVAE_FAST_SYNC_CHECKS") == "1":
+        if bool(bad.any()):
+            raise ValueError(f"{msg}, got {x[bad].flatten()[0].item()}")
+    else:
+        torch._assert_async(~bad.any(), msg)
+
+
 def family(name: str, f, allowed=FAMILIES) -> str:
     if f not in allowed:
         raise ValueError(f"argument '{name}' must be one of {allowed}, got {f!r}")

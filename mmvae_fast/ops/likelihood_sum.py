@@ -49,12 +49,17 @@ def likelihood_sum(x, params, *, family, scale=None, backend=None):
             _validate.tensor("scale", scale)
             _validate.positive("scale", scale)
         _validate.broadcasts("scale", scale, "params", params)
-    elif family == "categorical":
+    elif scale is not None:
+        raise ValueError(f"argument 'scale' applies to 'normal' and 'laplace' only; family {family!r} takes logits "
+                         "and no scale: pass scale=None")
+    if family == "categorical":
         if x.is_floating_point() or x.dtype == torch.bool:
             raise TypeError(f"argument 'x' must hold integer class indices for 'categorical', got {x.dtype}")
         _validate.class_indices("x", x, params.shape[-1])
-    elif not x.is_floating_point():
-        x = x.to(params.dtype)
+    elif family == "bernoulli":
+        if not x.is_floating_point():
+            x = x.to(params.dtype)
+        _validate.unit_interval("x", x)
     b = _dispatch.resolve("likelihood_sum", backend, params.device.type)
     return _dispatch.impl("likelihood_sum", b)(x, params, family, scale)
 

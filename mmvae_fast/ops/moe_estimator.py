@@ -18,7 +18,7 @@ import torch
 from . import _dispatch, _extension, _validate
 from ._autograd import first_order_only
 from .._numerics import acc_dtype
-from ..reference.moe_estimator import BOUNDS, ESTIMATORS, MoEEstimate, as_stats, bound_from_lse, slice_stats
+from ..reference.moe_estimator import BOUNDS, ESTIMATORS, MoEEstimate, bound_from_lse, slice_stats
 
 __all__ = ["BOUNDS", "ESTIMATORS", "MoEEstimate", "moe_estimator", "apply_z_weight", "bound_from_lse", "slice_stats"]
 
@@ -33,9 +33,9 @@ def moe_estimator(
     Laplace). prior_loc, prior_scale: broadcastable to [B, L] (`prior_family`, default `family`).
     lpx [M, K, B]: the summed, scaled log-likelihoods at z. bound: "looser" (eq. 3) or "stratified"
     (eq. 5). estimator: one of ESTIMATORS. mask: bool [M, B], True where expert m of item b is present.
-    lse, num_samples: the chunked large-K path's normalisers and its K per expert; lse as each
-    softmax's (max, log-sum) pair ([M, B, 2] looser, [B, 2] stratified: `slice_stats` of the full
-    lw, exact at any |lw|) or as plain log-normalisers ([M, B], [B]).
+    lse, num_samples: the chunked large-K path's normalisers and its K per expert, given together:
+    lse holds each softmax's (max, log-sum) pair over all K samples ([M, B, 2] looser, [B, 2]
+    stratified: `slice_stats` of the full lw; the pair keeps the weights exact at any |lw|).
     """
     for name, t in (("z", z), ("loc", loc), ("scale", scale), ("prior_loc", prior_loc),
                     ("prior_scale", prior_scale), ("lpx", lpx)):
@@ -64,15 +64,18 @@ def moe_estimator(
             raise TypeError(f"argument 'mask' must be a bool tensor [M, B], got {mask.dtype}")
         _validate.same_device(z=z, mask=mask)
         _validate.shape("mask", mask, (M, B), "True where expert m of item b is present")
+    if (lse is None) != (num_samples is None):  # a chunk's bound needs both: the normalisers and the total K
+        raise ValueError("arguments 'lse' and 'num_samples' go together (the chunked path: the (max, log-sum) "
+                         "pairs over all K samples, and that K); pass both or neither")
     if lse is not None:
         _validate.tensor("lse", lse)
         _validate.same_device(z=z, lse=lse)
-        pairs = (M, B, 2) if bound == "looser" else (B, 2)
-        if tuple(lse.shape) != pairs:
-            _validate.shape("lse", lse, pairs[:-1], f"one log-normaliser per softmax, or {list(pairs)}: (max, log-sum) pairs")
-        lse = as_stats(lse, bound, M, B).to(acc_dtype(z.dtype))
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
-        raise ValueError(f"argument 'num_samples' must be an integer >= 1 (K per expert), got {num_samples!r}")
+        _validate.shape("lse", lse, (M, B, 2) if bound == "looser" else (B, 2),
+                        f"each {bound} softmax's (max, log-sum) pair: ops.slice_stats(lw, {bound!r})")
+        lse = lse.to(acc_dtype(z.dtype))
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < K:
+            raise ValueError(f"argument 'num_samples' must be an integer >= K = {K} (the bound's samples per expert, "
+                             f"of which these are a chunk), got {num_samples!r}")
     _validate.positive("scale", scale)
     _validate.positive("prior_scale", prior_scale)
     lpx = lpx.to(acc_dtype(z.dtype))

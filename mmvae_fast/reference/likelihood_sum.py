@@ -22,7 +22,8 @@ def likelihood_sum(x, params, family: str, scale=None):
         # -(1 - x) softplus(l) - x softplus(-l) (= x l - softplus(l)), a term of weight 0 dropped so
         # that infinite logits give the limits (0 or -inf), never inf - inf = NaN
         logits, xx = params.to(dt), x.to(dt)
-        lp = -(torch.where(xx < 1, (1 - xx) * F.softplus(logits), 0.0) + torch.where(xx > 0, xx * F.softplus(-logits), 0.0))
+        lp = -(torch.where(xx != 1, (1 - xx) * F.softplus(logits), 0.0)  # NaN x: NaN
+               + torch.where(xx != 0, xx * F.softplus(-logits), 0.0))
     elif family == "categorical":
         logp = torch.log_softmax(params.to(dt), dim=-1)
         idx = x.long().expand(logp.shape[:-1]).unsqueeze(-1)

@@ -26,9 +26,9 @@ decoders') by `z_weight`: wbar (eq8), 1 - pi_r (1 - wbar) (mixture, mixture-cent
 (iwae, released). The caller applies it with a hook on the model's samples (see objectives).
 
 lse: in the chunked large-K path, the log-normaliser of each softmax over all the bound's samples
-(from a first pass), as its (max, log-sum) pair (`slice_stats`; a plain log-normaliser [M, B] / [B]
-is taken as (lse, 0)): wbar = exp((lw - max) - log-sum), and the value is the bound those
-normalisers give; `num_samples` is then the bound's K per expert (it sets c).
+(from a first pass), as its (max, log-sum) pair (`slice_stats`): wbar = exp((lw - max) - log-sum),
+and the value is the bound those normalisers give; `num_samples` is then the bound's K per expert
+(it sets c).
 
 Weights at any |lw|: wbar is computed from the slice's max and log-sum, never from one rounded
 log-normaliser (in float32, lw - lse would be off by up to |lw| * 6e-8: 0.6 at lw = -1e7).
@@ -65,15 +65,6 @@ def slice_stats(lw, bound):
     return st if bound == "looser" else st[0]
 
 
-def as_stats(lse, bound, M, B):
-    """lse given as (max, log-sum) pairs ([M, B, 2] / [B, 2]) or as log-normalisers ([M, B] / [B],
-    taken as (lse, 0)): the pairs."""
-    single = (M, B) if bound == "looser" else (B,)
-    if tuple(lse.shape) == single:
-        return torch.stack([lse, torch.zeros_like(lse)], -1)
-    return lse
-
-
 class _GradOnly(torch.autograd.Function):
     """0 in value, x's gradient in backward: adds a surrogate's gradient to the bound without
     touching its value (x - x.detach() would turn the +inf bound of a +inf log weight into NaN)."""
@@ -97,8 +88,11 @@ def bound_from_lse(lse, bound, mask, K, M):
     (lse[r, b] - log K), or lse[b] - log(n_b K)."""
     if bound == "looser":
         present = torch.ones_like(lse, dtype=torch.bool) if mask is None else mask
-        n = present.sum(0).clamp_min(1).to(lse.dtype)
-        return torch.where(present, lse - math.log(K), 0.0).sum(0) / n
+        count = present.sum(0)
+        n = count.clamp_min(1).to(lse.dtype)
+        # a sum of quotients: near -3e38 a sum of log-normalisers would overflow
+        mean = torch.where(present, lse / n, 0.0).sum(0) - math.log(K)
+        return torch.where(count > 0, mean, 0.0)  # an item with no expert: 0
     if mask is None:
         return lse - math.log(M * K)
     n = mask.sum(0).to(lse.dtype)
@@ -151,7 +145,7 @@ def moe_estimator(
     lw = torch.where(valid, lpz + lpx - lq, -math.inf)
 
     lw_d = lw.detach()
-    st = slice_stats(lw_d, bound) if lse is None else as_stats(lse, bound, M, B).to(dt)
+    st = slice_stats(lw_d, bound) if lse is None else lse.to(dt)
     mx, ls = (t.reshape(M, 1, B) if bound == "looser" else t.reshape(1, 1, B) for t in st.unbind(-1))
     wbar = torch.where(lw_d == -math.inf, 0.0, torch.exp((lw_d - mx) - ls))  # lw - mx: exact near the max
     Kc = num_samples or K

@@ -86,7 +86,7 @@ template <typename T>
 MMVAE_HD T bernoulli_log_prob(T x, T l) {
   const T lp = fast_log1p(fast_exp(-std::abs(l)));
   const T sp_pos = (l > T(0) ? l : T(0)) + lp, sp_neg = (l < T(0) ? -l : T(0)) + lp;
-  return -((x < T(1) ? (T(1) - x) * sp_pos : T(0)) + (x > T(0) ? x * sp_neg : T(0)));
+  return -((x != T(1) ? (T(1) - x) * sp_pos : T(0)) + (x != T(0) ? x * sp_neg : T(0)));  // NaN x: NaN
 }
 
 // d/dl log p(x | l) = x - sigmoid(l), sigmoid from the same exp(-|l|) (no overflow either side).
