@@ -5,14 +5,17 @@
 // saving lw, lq and the slices' (max, log-sum): O(M K B). The backward recomputes a[r, :] per sample
 // and writes the gradients of z, loc, scale, the prior's loc and scale and lpx directly.
 //
-// Both passes work on tiles of kSampleTile samples of one item (mixture_rows.h), transposed to [L][kSampleTile]
-// so every loop over L runs over whole SIMD registers of samples, with the vectorisable exp / log1p
-// of fastmath.h; loc, scale and the prior's parameter gradients are per-lane partial sums reduced
-// once per item. Items are independent (each owns its rows of every gradient): both passes run in
-// parallel over b.
+// Both passes walk z in its own layout: a block of `span` adjacent items, one sample row at a time
+// (z[r, k, b0:b0 + span, :], span * L contiguous numbers, and likewise the rows of lw, lq, lpx and
+// every gradient), with SIMD loops over l and the vectorisable exp / log1p of fastmath.h. Walking
+// one item's samples instead reads rows B * L apart (8 KB at B = 64, L = 32), a cache line and a
+// page per sample: 2-3x slower. The parameter gradients accumulate in loc's layout over the
+// samples, so nothing is transposed or reduced across lanes. Blocks are independent (each owns its
+// items' rows of every gradient): both passes run in parallel over them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -34,51 +37,12 @@ struct Args {
   T *gz, *gloc, *gscale, *gploc, *gpscale, *glpx;           // backward outputs
   int bound_kind, estimator;
   int64_t M, K, B, L, Kc;
+  int64_t span;  // items per block
 };
 
 template <typename T>
 MMVAE_ALWAYS_INLINE bool present(const Args<T>& p, int64_t m, int64_t b) {
   return p.mask == nullptr || p.mask[m * p.B + b];
-}
-
-// One item's present experts and the prior, with 1/scale and sum_l log scale precomputed.
-template <typename T>
-struct Item {
-  std::vector<int64_t> present;  // expert indices present in this item
-  std::vector<T> mu, inv, lss;   // [M * L], [M * L], [M]: sum_l log scale
-  std::vector<T> pmu, pinv;      // [L]
-  T plss = T(0), log_n = T(0);
-};
-
-template <int F, int PF, typename T>
-MMVAE_ALWAYS_INLINE void load_item(Item<T>& it, const Args<T>& p, int64_t b) {
-  const int64_t M = p.M, B = p.B, L = p.L;
-  it.present.clear();
-  it.mu.assign(M * L, T(0));
-  it.inv.assign(M * L, T(1));
-  it.lss.assign(M, T(0));
-  for (int64_t m = 0; m < M; ++m) {
-    if (!present(p, m, b)) continue;
-    it.present.push_back(m);
-    T n = T(0);
-    for (int64_t l = 0; l < L; ++l) {
-      const T s = p.scale[(m * B + b) * L + l];
-      it.mu[m * L + l] = p.loc[(m * B + b) * L + l];
-      it.inv[m * L + l] = T(1) / s;
-      n += std::log(s);
-    }
-    it.lss[m] = n;
-  }
-  it.log_n = std::log(T(it.present.empty() ? 1 : it.present.size()));
-  it.pmu.resize(L);
-  it.pinv.resize(L);
-  it.plss = T(0);
-  for (int64_t l = 0; l < L; ++l) {
-    const T s = p.pscale[b * L + l];
-    it.pmu[l] = p.ploc[b * L + l];
-    it.pinv[l] = T(1) / s;
-    it.plss += std::log(s);
-  }
 }
 
 // x - x is 0 exactly for finite x (NaN for +-inf and NaN): a branch-free isfinite for SIMD loops.
@@ -93,298 +57,353 @@ MMVAE_ALWAYS_INLINE T wbar(T lw, T mx, T ls) {
   return mx == -std::numeric_limits<T>::infinity() ? T(0) : fast_exp((lw - mx) - ls);
 }
 
-// Per-thread scratch: a tile of z, the experts' log-densities of a tile, and the item's own lw, lq
-// and pi_own rows (contiguous copies of the strided [M, K, B] rows).
+// A block of items [b0, b0 + nb) and their parameters in z's row layout ([item][l]), with 1/scale
+// and sum_l log scale precomputed. Experts absent from an item get loc 0, scale 1 here and weight 0
+// in every result (selects, not products: the caller's values there may be NaN).
+template <typename T>
+struct Block {
+  int64_t b0 = 0, nb = 0;
+  std::vector<T> mu, inv, lss;                 // [M][span][L], [M][span][L], [M][span]
+  std::vector<char> on;                        // [M][span]: expert m present in item i
+  std::vector<T> pmu, pinv, plss, log_n, n_b;  // [span][L], [span][L], [span], [span], [span]
+  Block(int64_t M, int64_t S, int64_t L)
+      : mu(M * S * L), inv(M * S * L), lss(M * S), on(M * S), pmu(S * L), pinv(S * L), plss(S), log_n(S), n_b(S) {}
+};
+
+template <typename T>
+MMVAE_ALWAYS_INLINE void load_block(Block<T>& blk, const Args<T>& p, int64_t b0) {
+  const int64_t M = p.M, B = p.B, L = p.L, S = p.span;
+  blk.b0 = b0;
+  blk.nb = std::min(S, B - b0);
+  for (int64_t i = 0; i < blk.nb; ++i) {
+    const int64_t b = b0 + i;
+    int64_t n = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const bool on = present(p, m, b);
+      blk.on[m * S + i] = on;
+      n += on;
+      T ls = T(0);
+      for (int64_t l = 0; l < L; ++l) {
+        const T s = on ? p.scale[(m * B + b) * L + l] : T(1);
+        blk.mu[(m * S + i) * L + l] = on ? p.loc[(m * B + b) * L + l] : T(0);
+        blk.inv[(m * S + i) * L + l] = T(1) / s;
+        ls += std::log(s);
+      }
+      blk.lss[m * S + i] = ls;
+    }
+    blk.n_b[i] = T(n == 0 ? 1 : n);
+    blk.log_n[i] = std::log(blk.n_b[i]);
+    T ls = T(0);
+    for (int64_t l = 0; l < L; ++l) {
+      const T s = p.pscale[b * L + l];
+      blk.pmu[i * L + l] = p.ploc[b * L + l];
+      blk.pinv[i * L + l] = T(1) / s;
+      ls += std::log(s);
+    }
+    blk.plss[i] = ls;
+  }
+}
+
+// a[i] = sum_l log f(z[i][l]; mu[i][l], 1 / inv[i][l]) - lss[i] for the nb rows of one sample.
+template <int F, typename T>
+MMVAE_ALWAYS_INLINE void rows_log_density(const T* z, const T* mu, const T* inv, const T* lss, int64_t nb, int64_t L,
+                                          T* a) {
+  for (int64_t i = 0; i < nb; ++i) {
+    const T *zi = z + i * L, *lo = mu + i * L, *iv = inv + i * L;
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t l = 0; l < L; ++l) acc += log_density_unscaled<F, T>(zi[l], lo[l], iv[l]);
+    a[i] = acc - lss[i];
+  }
+}
+
+// Forward tiles: kt adjacent samples of the block's nb items, kt * nb >= kTilePairs (sample, item)
+// pairs, so the per-pair logsumexp runs over whole SIMD registers even at small B (at nb = B the
+// tile's rows are one contiguous run).
+constexpr int64_t kTilePairs = kSampleTile;
+
 template <typename T>
 struct FwdScratch {
-  std::vector<T> zt, a, lw, lq, pi_own;
-  FwdScratch(int64_t M, int64_t K, int64_t L)
-      : zt(L * kSampleTile), a((M + 1) * kSampleTile), lw(M * K), lq(M * K), pi_own(M * K) {}
+  std::vector<T> a;          // [M + 1][pairs]: the experts' and the prior's log-densities of a tile
+  std::vector<int64_t> row;  // [pairs]: the pair's row in [M, K, B]
+  int64_t pairs;
+  FwdScratch(int64_t M, int64_t S) : pairs(std::max<int64_t>(S, kTilePairs / S * S)) {
+    a.resize((M + 1) * pairs);
+    row.resize(pairs);
+  }
 };
 
+// Samples [k0, k0 + kt) of expert r for the block's items: lw and lq, and pi_own into zw's rows
+// (made the weights by forward_finish). Pair j is sample k0 + j / nb of item j % nb.
 template <int F, int PF, typename T>
-MMVAE_ALWAYS_INLINE void forward_item(const Args<T>& p, int64_t b, Item<T>& it, FwdScratch<T>& s) {
-  const int64_t M = p.M, K = p.K, B = p.B, L = p.L;
+MMVAE_ALWAYS_INLINE void forward_tile(const Args<T>& p, const Block<T>& blk, FwdScratch<T>& s, int64_t r, int64_t k0,
+                                      int64_t kt) {
+  const int64_t M = p.M, L = p.L, S = p.span, nb = blk.nb, P = s.pairs, n = kt * nb;
   const T ninf = -std::numeric_limits<T>::infinity();
-  load_item<F, PF>(it, p, b);
-  const auto& P = it.present;
-  for (int64_t r = 0; r < M; ++r)
-    if (!present(p, r, b))
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t i = (r * K + k) * B + b;
-        p.lw[i] = ninf;
-        p.lq[i] = T(0);
-        if (p.zw != nullptr) p.zw[i] = T(0);
-      }
-  T* lpz = s.a.data() + M * kSampleTile;
-  for (int64_t r : P)
-    for (int64_t j0 = 0; j0 < K; j0 += kSampleTile) {
-      const int64_t n = std::min(kSampleTile, K - j0);
-      if (j0 + kSampleTile < K)
-        prefetch_tile(p.z, r * K + j0 + kSampleTile, std::min(kSampleTile, K - j0 - kSampleTile), B, b, L);
-      load_tile(p.z, r * K + j0, n, B, b, L, s.zt.data());
-      for (int64_t m : P)
-        tile_log_density<F>(s.zt.data(), &it.mu[m * L], &it.inv[m * L], it.lss[m], L, &s.a[m * kSampleTile]);
-      tile_log_density<PF>(s.zt.data(), it.pmu.data(), it.pinv.data(), it.plss, L, lpz);
-      T mx[kSampleTile], sum[kSampleTile], lse[kSampleTile];
+  int64_t* row = s.row.data();
+  for (int64_t q = 0; q < kt; ++q)
+    for (int64_t i = 0; i < nb; ++i) row[q * nb + i] = (r * p.K + k0 + q) * p.B + blk.b0 + i;
+  for (int64_t q = 0; q < kt; ++q) {
+    const T* z = p.z + row[q * nb] * L;
+    for (int64_t m = 0; m < M; ++m)
+      rows_log_density<F>(z, &blk.mu[m * S * L], &blk.inv[m * S * L], &blk.lss[m * S], nb, L, &s.a[m * P + q * nb]);
+    rows_log_density<PF>(z, blk.pmu.data(), blk.pinv.data(), blk.plss.data(), nb, L, &s.a[M * P + q * nb]);
+  }
+  T mx[kTilePairs], sum[kTilePairs], lse[kTilePairs];
+  for (int64_t j0 = 0; j0 < n; j0 += kTilePairs) {  // more than kTilePairs pairs only when nb > kTilePairs
+    const int64_t w = std::min(kTilePairs, n - j0);
+    for (int64_t m = 0; m < M; ++m) {
+      T* am = &s.a[m * P + j0];
+      const char* on = &blk.on[m * S];
 #pragma omp simd
-      for (int64_t j = 0; j < kSampleTile; ++j) mx[j] = ninf;
-      for (int64_t m : P) {
-        const T* am = &s.a[m * kSampleTile];
+      for (int64_t j = 0; j < w; ++j) am[j] = on[(j0 + j) % nb] ? am[j] : ninf;  // absent experts: no mass
+    }
 #pragma omp simd
-        for (int64_t j = 0; j < kSampleTile; ++j) mx[j] = am[j] > mx[j] || am[j] != am[j] ? am[j] : mx[j];
-      }
+    for (int64_t j = 0; j < w; ++j) mx[j] = ninf, sum[j] = T(0);
+    for (int64_t m = 0; m < M; ++m) {
+      const T* am = &s.a[m * P + j0];
 #pragma omp simd
-      for (int64_t j = 0; j < kSampleTile; ++j) sum[j] = T(0);
-      for (int64_t m : P) {
-        const T* am = &s.a[m * kSampleTile];
+      for (int64_t j = 0; j < w; ++j) mx[j] = am[j] > mx[j] || am[j] != am[j] ? am[j] : mx[j];
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const T* am = &s.a[m * P + j0];
 #pragma omp simd
-        for (int64_t j = 0; j < kSampleTile; ++j) sum[j] += fast_exp(am[j] - (finite(mx[j]) ? mx[j] : T(0)));
-      }
-      const T* ar = &s.a[r * kSampleTile];
-      T* lw = &s.lw[r * K + j0];
-      T* lq = &s.lq[r * K + j0];
-      T* po = &s.pi_own[r * K + j0];
-      T lpx[kSampleTile];
-      for (int64_t j = 0; j < n; ++j) lpx[j] = p.lpx[((r * K + j0 + j) * B + b)];
+      for (int64_t j = 0; j < w; ++j) sum[j] += fast_exp(am[j] - (finite(mx[j]) ? mx[j] : T(0)));
+    }
     // the sum is >= 1 when the max is finite (its own term is 1); otherwise the lse is the max
 #pragma omp simd
-      for (int64_t j = 0; j < kSampleTile; ++j) lse[j] = finite(mx[j]) ? mx[j] + fast_log1p(sum[j] - T(1)) : mx[j];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        lq[j] = lse[j] - it.log_n;
-        lw[j] = lpz[j] + lpx[j] - lq[j];
-        po[j] = fast_exp(ar[j] - lse[j]);
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = (r * K + j0 + j) * B + b;
-        p.lw[i] = lw[j];
-        p.lq[i] = lq[j];
-      }
+    for (int64_t j = 0; j < w; ++j) lse[j] = finite(mx[j]) ? mx[j] + fast_log1p(sum[j] - T(1)) : mx[j];
+    const T* ar = &s.a[r * P + j0];
+    const T* lpz = &s.a[M * P + j0];
+    const char* own = &blk.on[r * S];
+    for (int64_t j = 0; j < w; ++j) {
+      const int64_t i = (j0 + j) % nb, at = row[j0 + j];
+      const T lq = own[i] ? lse[j] - blk.log_n[i] : T(0);
+      p.lq[at] = lq;
+      p.lw[at] = own[i] ? lpz[j] + p.lpx[at] - lq : ninf;
+      if (p.zw != nullptr) p.zw[at] = own[i] ? fast_exp(ar[j] - lse[j]) : T(0);
     }
-  // the slices' (max, log-sum): per group (looser) or over all present groups (stratified)
-  auto slice_stats = [&](int64_t r_lo, int64_t r_hi, T* st) {
-    T mx = ninf;
-    for (int64_t r = r_lo; r < r_hi; ++r)
-      if (present(p, r, b))
-        for (int64_t k = 0; k < K; ++k) {
-          const T v = s.lw[r * K + k];
-          mx = v > mx || v != v ? v : mx;
-        }
-    // an infinite max gives (max, 0): all -inf, weights 0; +inf, the bound +inf and NaN weights
-    T sum = T(0);
-    if (!std::isinf(mx))
-      for (int64_t r = r_lo; r < r_hi; ++r)
-        if (present(p, r, b)) {
-          const T* lw = &s.lw[r * K];
-#pragma omp simd reduction(+ : sum)
-          for (int64_t k = 0; k < K; ++k) sum += fast_exp(lw[k] - mx);
-        }
-    st[0] = mx;
-    st[1] = std::isinf(mx) ? T(0) : std::log(sum);
-  };
-  const T n = T(P.empty() ? 1 : P.size());
-  T value = T(0);
-  if (p.bound_kind == kLooser) {
-    for (int64_t r = 0; r < M; ++r) {
-      T* st = p.stats + (r * B + b) * 2;
-      if (p.lse_in != nullptr) {
-        st[0] = p.lse_in[(r * B + b) * 2];
-        st[1] = p.lse_in[(r * B + b) * 2 + 1];
-      } else {
-        slice_stats(r, r + 1, st);
-      }
-    }
-    // the mean over experts as a sum of quotients: a sum of log-normalisers near -3e38 would overflow
-    for (int64_t r : P) value += (p.stats[(r * B + b) * 2] + p.stats[(r * B + b) * 2 + 1]) / n;
-    value -= std::log(T(p.Kc));
-  } else {
-    T* st = p.stats + b * 2;
-    if (p.lse_in != nullptr) {
-      st[0] = p.lse_in[b * 2];
-      st[1] = p.lse_in[b * 2 + 1];
-    } else {
-      slice_stats(0, M, st);
-    }
-    value = st[0] + st[1] - std::log(n * T(p.Kc));
   }
-  p.bound[b] = P.empty() ? T(0) : value;
+}
+
+// The block's slices' (max, log-sum), its items' bounds, and their z weights (from pi_own, left in
+// zw by the tiles). Absent experts' rows hold lw = -inf, which moves neither a max nor a sum.
+template <typename T>
+MMVAE_ALWAYS_INLINE void forward_finish(const Args<T>& p, const Block<T>& blk) {
+  const int64_t M = p.M, K = p.K, B = p.B, S = p.span, b0 = blk.b0, nb = blk.nb;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const bool looser = p.bound_kind == kLooser;
+  const int64_t slices = looser ? M : 1;
+  std::vector<T> mx(slices * S, ninf), ls(slices * S, T(0));  // [slice][item]
+  if (p.lse_in != nullptr) {
+    for (int64_t q = 0; q < slices; ++q)
+      for (int64_t i = 0; i < nb; ++i) {
+        mx[q * S + i] = p.lse_in[(q * B + b0 + i) * 2];
+        ls[q * S + i] = p.lse_in[(q * B + b0 + i) * 2 + 1];
+      }
+  } else {
+    for (int64_t r = 0; r < M; ++r) {
+      T* m = &mx[(looser ? r : 0) * S];
+      for (int64_t k = 0; k < K; ++k) {
+        const T* row = p.lw + (r * K + k) * B + b0;
+#pragma omp simd
+        for (int64_t i = 0; i < nb; ++i) m[i] = row[i] > m[i] || row[i] != row[i] ? row[i] : m[i];
+      }
+    }
+    // an infinite max gives (max, 0): all -inf, weights 0; +inf, the bound +inf and NaN weights
+    std::vector<T> shift(slices * S);
+    for (int64_t q = 0; q < slices * S; ++q) shift[q] = finite(mx[q]) ? mx[q] : T(0);
+    for (int64_t r = 0; r < M; ++r) {
+      const T* c = &shift[(looser ? r : 0) * S];
+      T* sm = &ls[(looser ? r : 0) * S];
+      for (int64_t k = 0; k < K; ++k) {
+        const T* row = p.lw + (r * K + k) * B + b0;
+#pragma omp simd
+        for (int64_t i = 0; i < nb; ++i) sm[i] += fast_exp(row[i] - c[i]);
+      }
+    }
+    for (int64_t q = 0; q < slices * S; ++q) ls[q] = std::isinf(mx[q]) ? T(0) : std::log(ls[q]);
+  }
+  for (int64_t q = 0; q < slices; ++q)
+    for (int64_t i = 0; i < nb; ++i) {
+      p.stats[(q * B + b0 + i) * 2] = mx[q * S + i];
+      p.stats[(q * B + b0 + i) * 2 + 1] = ls[q * S + i];
+    }
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t b = b0 + i;
+    int64_t n_present = 0;
+    for (int64_t r = 0; r < M; ++r) n_present += blk.on[r * S + i];
+    const T n = T(n_present == 0 ? 1 : n_present);
+    T value = T(0);
+    if (looser) {
+      // the mean over experts as a sum of quotients: a sum of log-normalisers near -3e38 would overflow
+      for (int64_t r = 0; r < M; ++r)
+        if (blk.on[r * S + i]) value += (mx[r * S + i] + ls[r * S + i]) / n;
+      value -= std::log(T(p.Kc));
+    } else {
+      value = mx[i] + ls[i] - std::log(n * T(p.Kc));
+    }
+    p.bound[b] = n_present == 0 ? T(0) : value;
+  }
   if (p.zw == nullptr) return;
   const bool eq8 = p.estimator == kEq8;
-  for (int64_t r : P) {
-    const T* st = p.stats + (p.bound_kind == kLooser ? r * B + b : b) * 2;
-    const T mx = st[0], ls = st[1];
-    T* lw = &s.lw[r * K];
-    const T* po = &s.pi_own[r * K];
+  for (int64_t r = 0; r < M; ++r) {
+    const T* m = &mx[(looser ? r : 0) * S];
+    const T* sm = &ls[(looser ? r : 0) * S];
+    const char* own = &blk.on[r * S];
+    for (int64_t k = 0; k < K; ++k) {
+      const T* lw = p.lw + (r * K + k) * B + b0;
+      T* zw = p.zw + (r * K + k) * B + b0;  // holds pi_own
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) {  // lw's row becomes z_weight's
-      const T w = wbar(lw[k], mx, ls);
-      lw[k] = eq8 ? w : T(1) - po[k] * (T(1) - w);
+      for (int64_t i = 0; i < nb; ++i) {
+        const T w = wbar(lw[i], m[i], sm[i]);
+        zw[i] = !own[i] ? T(0) : eq8 ? w : T(1) - zw[i] * (T(1) - w);
+      }
     }
-    for (int64_t k = 0; k < K; ++k) p.zw[(r * K + k) * B + b] = lw[k];
   }
 }
 
-// Per-thread scratch of the backward: a tile of z and of its gradient, per-lane coefficients, and
-// per-lane partial sums of the item's loc / scale gradients [M][L][kSampleTile] and the prior's [L][kSampleTile].
+// Per-thread scratch of the backward: per-item densities, responsibilities and coefficients of one
+// sample row, and the block's parameter gradients in loc's layout, accumulated over the samples.
 template <typename T>
 struct BwdScratch {
-  std::vector<T> zt, gzt, a, sc, gl, gs, gpl, gps;
-  BwdScratch(int64_t M, int64_t L)
-      : zt(L * kSampleTile),
-        gzt(L * kSampleTile),
-        a(M * kSampleTile),
-        sc(M * kSampleTile),
-        gl(M * L * kSampleTile),
-        gs(M * L * kSampleTile),
-        gpl(L * kSampleTile),
-        gps(L * kSampleTile) {}
+  std::vector<T> pi, sc, coef, sdA, gl, gs, gpl, gps;
+  BwdScratch(int64_t M, int64_t S, int64_t L)
+      : pi(M * S), sc(M * S), coef(3 * S), sdA(L), gl(M * S * L), gs(M * S * L), gpl(S * L), gps(S * L) {}
 };
 
+// Sample k of expert r for the block's items: its rows of the z and lpx gradients, and its terms of
+// the parameter gradients.
 template <int F, int PF, typename T>
-MMVAE_ALWAYS_INLINE void backward_item(const Args<T>& p, int64_t b, Item<T>& it, BwdScratch<T>& s) {
-  const int64_t M = p.M, K = p.K, B = p.B, L = p.L;
-  load_item<F, PF>(it, p, b);
-  const auto& P = it.present;
+MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, BwdScratch<T>& s, int64_t r, int64_t k) {
+  const int64_t M = p.M, B = p.B, L = p.L, S = p.span, nb = blk.nb;
+  const int64_t row = (r * p.K + k) * B + blk.b0;
+  const T* z = p.z + row * L;
   const bool looser = p.bound_kind == kLooser;
-  const T n_b = T(P.empty() ? 1 : P.size());
-  const T sg = p.g[b] / (looser ? n_b : T(1));
-  const T c = T(1) / (T(p.Kc) * (looser ? T(1) : n_b));
   const int est = p.estimator;
   const bool alias = est == kMixture || est == kMixtureCentred;
-  std::fill(s.gl.begin(), s.gl.end(), T(0));
-  std::fill(s.gs.begin(), s.gs.end(), T(0));
-  std::fill(s.gpl.begin(), s.gpl.end(), T(0));
-  std::fill(s.gps.begin(), s.gps.end(), T(0));
-  for (int64_t r = 0; r < M; ++r)
-    if (!present(p, r, b))
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t i = (r * K + k) * B + b;
-        p.glpx[i] = T(0);
-        for (int64_t l = 0; l < L; ++l) p.gz[i * L + l] = T(0);
-      }
-  for (int64_t r : P) {
+  const char* own = &blk.on[r * S];
+  // the estimator's coefficients per item (moe_coef), 0 where expert r is absent
+  T* om = &s.coef[0];
+  T* al = &s.coef[S];
+  T* base = &s.coef[2 * S];
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t b = blk.b0 + i;
     const T* st = p.stats_in + (looser ? r * B + b : b) * 2;
-    const T mx = st[0], ls = st[1];
-    for (int64_t j0 = 0; j0 < K; j0 += kSampleTile) {
-      const int64_t n = std::min(kSampleTile, K - j0);
-      if (j0 + kSampleTile < K)
-        prefetch_tile(p.z, r * K + j0 + kSampleTile, std::min(kSampleTile, K - j0 - kSampleTile), B, b, L);
-      load_tile(p.z, r * K + j0, n, B, b, L, s.zt.data());
-      T lw[kSampleTile], base[kSampleTile];
-      for (int64_t j = 0; j < kSampleTile; ++j) {
-        const int64_t i = (r * K + j0 + j) * B + b;
-        lw[j] = j < n ? p.lw_in[i] : T(0);
-        base[j] = j < n ? p.lq_in[i] + it.log_n : T(0);
-      }
-      // the estimator's coefficients per sample (moe_coef), 0 in the padding lanes
-      T om[kSampleTile], s_own[kSampleTile], s_other[kSampleTile], al[kSampleTile];
+    const T w = own[i] ? wbar(p.lw_in[row + i], st[0], st[1]) : T(0);
+    const T sg = own[i] ? p.g[b] / (looser ? blk.n_b[i] : T(1)) : T(0);
+    const T c = T(1) / (T(p.Kc) * (looser ? T(1) : blk.n_b[i]));
+    const T o = sg * w, centred = sg * (w - c);
+    om[i] = o;
+    al[i] = est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
+    const T s_own = est == kIwae ? o : T(0);
+    const T s_other = est == kIwae || est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
+    for (int64_t m = 0; m < M; ++m) s.sc[m * S + i] = m == r ? s_own : s_other;  // score weights, made sc below
+    base[i] = own[i] ? p.lq_in[row + i] + blk.log_n[i] : T(0);
+    p.glpx[row + i] = o;
+  }
+  // pi_m = q_m(z) / sum_m' q_m'(z) from the saved lq (0 for absent experts); sc_m = -score_m pi_m
+  for (int64_t m = 0; m < M; ++m) {
+    T* pim = &s.pi[m * S];
+    rows_log_density<F>(z, &blk.mu[m * S * L], &blk.inv[m * S * L], &blk.lss[m * S], nb, L, pim);
+    const char* on = &blk.on[m * S];
+    T* scm = &s.sc[m * S];
+    for (int64_t i = 0; i < nb; ++i) {
+      pim[i] = own[i] && on[i] ? fast_exp(pim[i] - base[i]) : T(0);  // a becomes pi
+      scm[i] = -scm[i] * pim[i];
+    }
+  }
+  T* gz = p.gz + row * L;
+  T* sdA = s.sdA.data();  // sum_m pi_m d log q_m / dz over one item's row
+  for (int64_t i = 0; i < nb; ++i) {
+    const T* zi = z + i * L;
+    // weighted_grad: a zero weight contributes 0, not 0 * inf = NaN (a collapsed expert's
+    // derivative overflows at the samples it gives no mass)
 #pragma omp simd
-      for (int64_t j = 0; j < kSampleTile; ++j) {
-        const T w = wbar(lw[j], mx, ls);
-        const bool on = j < n;
-        const T o = on ? sg * w : T(0);
-        const T centred = on ? sg * (w - c) : T(0);
-        om[j] = o;
-        s_own[j] = est == kIwae ? o : T(0);
-        s_other[j] = est == kIwae || est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
-        al[j] = est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
-      }
-      for (int64_t j = 0; j < n; ++j) p.glpx[(r * K + j0 + j) * B + b] = om[j];
-      // pi_m = q_m(z) / sum_m' q_m'(z) from the saved lq; sc_m = -score_m pi_m
-      for (int64_t m : P) {
-        T* am = &s.a[m * kSampleTile];
-        T* scm = &s.sc[m * kSampleTile];
-        tile_log_density<F>(s.zt.data(), &it.mu[m * L], &it.inv[m * L], it.lss[m], L, am);
-        const T* sm = m == r ? s_own : s_other;
+    for (int64_t l = 0; l < L; ++l) sdA[l] = T(0);
+    for (int64_t m = 0; m < M; ++m) {
+      const T* lo = &blk.mu[(m * S + i) * L];
+      const T* iv = &blk.inv[(m * S + i) * L];
+      const T pim = s.pi[m * S + i], scm = s.sc[m * S + i];
+      T* glm = &s.gl[(m * S + i) * L];
+      T* gsm = &s.gs[(m * S + i) * L];
 #pragma omp simd
-        for (int64_t j = 0; j < kSampleTile; ++j) {
-          am[j] = j < n ? fast_exp(am[j] - base[j]) : T(0);  // a becomes pi
-          scm[j] = -sm[j] * am[j];
-        }
-      }
-      T beta[kSampleTile];
-      const T* pir = &s.a[r * kSampleTile];
-#pragma omp simd
-      for (int64_t j = 0; j < kSampleTile; ++j) beta[j] = -al[j] * pir[j];
       for (int64_t l = 0; l < L; ++l) {
-        const T* zl = &s.zt[l * kSampleTile];
-        // weighted_grad: a zero weight contributes 0, not 0 * inf = NaN (a collapsed expert's
-        // derivative overflows at the samples it gives no mass)
-        T sdA[kSampleTile];  // sum_m pi_m d log q_m / dz
-#pragma omp simd
-        for (int64_t j = 0; j < kSampleTile; ++j) sdA[j] = T(0);
-        for (int64_t m : P) {
-          const T lo = it.mu[m * L + l], iv = it.inv[m * L + l];
-          const T* pim = &s.a[m * kSampleTile];
-          const T* scm = &s.sc[m * kSampleTile];
-          T* glm = &s.gl[(m * L + l) * kSampleTile];
-          T* gsm = &s.gs[(m * L + l) * kSampleTile];
-#pragma omp simd
-          for (int64_t j = 0; j < kSampleTile; ++j) {
-            const T u = (zl[j] - lo) * iv;
-            const T d = dphi<F>(u);
-            sdA[j] += weighted_grad(pim[j], -d * iv);
-            glm[j] += weighted_grad(scm[j], d * iv);
-            gsm[j] += weighted_grad(scm[j], (u * d - T(1)) * iv);
-          }
-        }
-        if (alias) {  // -alias pi_r (dA_r - sum_m pi_m dA_m), through loc_r + scale_r eps
-          const T lo = it.mu[r * L + l], iv = it.inv[r * L + l];
-          T* glr = &s.gl[(r * L + l) * kSampleTile];
-          T* gsr = &s.gs[(r * L + l) * kSampleTile];
-#pragma omp simd
-          for (int64_t j = 0; j < kSampleTile; ++j) {
-            const T u = (zl[j] - lo) * iv;
-            const T ga = weighted_grad(beta[j], -dphi<F>(u) * iv - sdA[j]);
-            glr[j] += ga;
-            gsr[j] += weighted_grad(ga, u);
-          }
-        }
-        const T plo = it.pmu[l], piv = it.pinv[l];
-        T* gzl = &s.gzt[l * kSampleTile];
-        T* gpl = &s.gpl[l * kSampleTile];
-        T* gps = &s.gps[l * kSampleTile];
-#pragma omp simd
-        for (int64_t j = 0; j < kSampleTile; ++j) {
-          const T u = (zl[j] - plo) * piv;
-          const T d = dphi<PF>(u);
-          gzl[j] = weighted_grad(om[j], -d * piv - sdA[j]);
-          gpl[j] += weighted_grad(om[j], d * piv);
-          gps[j] += weighted_grad(om[j], (u * d - T(1)) * piv);
-        }
+        const T u = (zi[l] - lo[l]) * iv[l];
+        const T d = dphi<F>(u);
+        sdA[l] += weighted_grad(pim, -d * iv[l]);
+        glm[l] += weighted_grad(scm, d * iv[l]);
+        gsm[l] += weighted_grad(scm, (u * d - T(1)) * iv[l]);
       }
-      store_tile(s.gzt.data(), r * K + j0, n, B, b, L, p.gz);
     }
-  }
-  auto lane_sum = [](const T* v) {
-    T acc = T(0);
-    for (int64_t j = 0; j < kSampleTile; ++j) acc += v[j];
-    return acc;
-  };
-  for (int64_t m = 0; m < M; ++m)
+    const T beta = -al[i] * s.pi[r * S + i];
+    if (alias && beta != T(0)) {  // -alias pi_r (dA_r - sum_m pi_m dA_m), through loc_r + scale_r eps
+      const T* lo = &blk.mu[(r * S + i) * L];
+      const T* iv = &blk.inv[(r * S + i) * L];
+      T* glr = &s.gl[(r * S + i) * L];
+      T* gsr = &s.gs[(r * S + i) * L];
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) {
+        const T u = (zi[l] - lo[l]) * iv[l];
+        const T ga = weighted_grad(beta, -dphi<F>(u) * iv[l] - sdA[l]);
+        glr[l] += ga;
+        gsr[l] += weighted_grad(ga, u);
+      }
+    }
+    const T* plo = &blk.pmu[i * L];
+    const T* piv = &blk.pinv[i * L];
+    T* gzi = gz + i * L;
+    T* gpl = &s.gpl[i * L];
+    T* gps = &s.gps[i * L];
+    const T o = om[i];
+#pragma omp simd
     for (int64_t l = 0; l < L; ++l) {
-      p.gloc[(m * B + b) * L + l] = lane_sum(&s.gl[(m * L + l) * kSampleTile]);
-      p.gscale[(m * B + b) * L + l] = lane_sum(&s.gs[(m * L + l) * kSampleTile]);
+      const T u = (zi[l] - plo[l]) * piv[l];
+      const T d = dphi<PF>(u);
+      gzi[l] = weighted_grad(o, -d * piv[l] - sdA[l]);
+      gpl[l] += weighted_grad(o, d * piv[l]);
+      gps[l] += weighted_grad(o, (u * d - T(1)) * piv[l]);
     }
-  for (int64_t l = 0; l < L; ++l) {
-    p.gploc[b * L + l] = lane_sum(&s.gpl[l * kSampleTile]);
-    p.gpscale[b * L + l] = lane_sum(&s.gps[l * kSampleTile]);
+  }
+}
+
+// The blocks [q0, q1) of span items each. (No lambdas around the rows: a lambda's body is compiled
+// once, for the baseline ISA, not per clone.)
+template <int F, int PF, typename T>
+MMVAE_ALWAYS_INLINE void forward_range_t(const Args<T>& p, int64_t q0, int64_t q1) {
+  Block<T> blk(p.M, p.span, p.L);
+  FwdScratch<T> s(p.M, p.span);
+  for (int64_t q = q0; q < q1; ++q) {
+    load_block(blk, p, q * p.span);
+    const int64_t kt = s.pairs / blk.nb;  // samples per tile
+    for (int64_t r = 0; r < p.M; ++r)
+      for (int64_t k0 = 0; k0 < p.K; k0 += kt) forward_tile<F, PF>(p, blk, s, r, k0, std::min(kt, p.K - k0));
+    forward_finish(p, blk);
   }
 }
 
 template <int F, int PF, typename T>
-MMVAE_ALWAYS_INLINE void forward_range_t(const Args<T>& p, int64_t b0, int64_t b1) {
-  Item<T> it;
-  FwdScratch<T> s(p.M, p.K, p.L);
-  for (int64_t b = b0; b < b1; ++b) forward_item<F, PF>(p, b, it, s);
-}
-
-template <int F, int PF, typename T>
-MMVAE_ALWAYS_INLINE void backward_range_t(const Args<T>& p, int64_t b0, int64_t b1) {
-  Item<T> it;
-  BwdScratch<T> s(p.M, p.L);
-  for (int64_t b = b0; b < b1; ++b) backward_item<F, PF>(p, b, it, s);
+MMVAE_ALWAYS_INLINE void backward_range_t(const Args<T>& p, int64_t q0, int64_t q1) {
+  const int64_t M = p.M, B = p.B, L = p.L, S = p.span;
+  Block<T> blk(M, S, L);
+  BwdScratch<T> s(M, S, L);
+  for (int64_t q = q0; q < q1; ++q) {
+    load_block(blk, p, q * S);
+    std::fill(s.gl.begin(), s.gl.end(), T(0));
+    std::fill(s.gs.begin(), s.gs.end(), T(0));
+    std::fill(s.gpl.begin(), s.gpl.end(), T(0));
+    std::fill(s.gps.begin(), s.gps.end(), T(0));
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t k = 0; k < p.K; ++k) backward_row<F, PF>(p, blk, s, r, k);
+    // the accumulators are in loc's layout: the block's items are nb * L contiguous numbers
+    const int64_t n = blk.nb * L;
+    for (int64_t m = 0; m < M; ++m) {
+      std::copy_n(&s.gl[m * S * L], n, p.gloc + (m * B + blk.b0) * L);
+      std::copy_n(&s.gs[m * S * L], n, p.gscale + (m * B + blk.b0) * L);
+    }
+    std::copy_n(s.gpl.data(), n, p.gploc + blk.b0 * L);
+    std::copy_n(s.gps.data(), n, p.gpscale + blk.b0 * L);
+  }
 }
 
 // The families as template constants, expanded inside each per-ISA clone (a lambda would be
@@ -409,8 +428,20 @@ void run_fwd(int f, int pf, const Args<double>& p, int64_t b0, int64_t b1) { fwd
 void run_bwd(int f, int pf, const Args<float>& p, int64_t b0, int64_t b1) { bwd_f32(f, pf, p, b0, b1); }
 void run_bwd(int f, int pf, const Args<double>& p, int64_t b0, int64_t b1) { bwd_f64(f, pf, p, b0, b1); }
 
-// Items per thread chunk: about 1e5 density terms per chunk, so small problems stay on one thread.
-int64_t item_grain(int64_t M, int64_t K, int64_t L) { return task_grain((M + 1) * M * K * L); }
+// Items per block: about kBlockRow numbers per sample row (a few KB, contiguous), fewer where
+// that leaves a thread without a block. The results do not depend on it: every item's sums run
+// over its samples in order.
+constexpr int64_t kBlockRow = 1024;
+int64_t item_span(int64_t B, int64_t L) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t span = std::max<int64_t>(1, kBlockRow / std::max<int64_t>(1, L));
+  return std::max<int64_t>(1, std::min({span, B, (B + threads - 1) / threads}));
+}
+
+// Blocks per thread chunk: about 1e5 density terms per chunk, so small problems stay on one thread.
+int64_t block_grain(int64_t M, int64_t K, int64_t L, int64_t span) {
+  return std::max<int64_t>(1, task_grain((M + 1) * M * K * L) / span);
+}
 
 }  // namespace
 
@@ -431,8 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estim
     p.bound = f.bound.data_ptr<T>(), p.lw = f.lw.data_ptr<T>(), p.lq = f.lq.data_ptr<T>();
     p.zw = f.want_zw ? f.zw.data_ptr<T>() : nullptr, p.stats = f.stats.data_ptr<T>();
     p.bound_kind = f.bound_kind, p.estimator = f.estimator;
-    p.M = f.M, p.K = f.K, p.B = f.B, p.L = f.L, p.Kc = f.Kc;
-    at::parallel_for(0, f.B, item_grain(f.M, f.K, f.L),
+    p.M = f.M, p.K = f.K, p.B = f.B, p.L = f.L, p.Kc = f.Kc, p.span = item_span(f.B, f.L);
+    at::parallel_for(0, (p.B + p.span - 1) / p.span, block_grain(p.M, p.K, p.L, p.span),
                      [&](int64_t b0, int64_t b1) { run_fwd(f.fam, f.pfam, p, b0, b1); });
   });
   return f.outputs();
@@ -455,8 +486,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.gz = q.gz.data_ptr<T>(), p.gloc = q.gloc.data_ptr<T>(), p.gscale = q.gscale.data_ptr<T>();
     p.gploc = q.gploc.data_ptr<T>(), p.gpscale = q.gpscale.data_ptr<T>(), p.glpx = q.glpx.data_ptr<T>();
     p.bound_kind = q.bound_kind, p.estimator = q.estimator;
-    p.M = q.M, p.K = q.K, p.B = q.B, p.L = q.L, p.Kc = q.Kc;
-    at::parallel_for(0, q.B, item_grain(q.M, q.K, q.L),
+    p.M = q.M, p.K = q.K, p.B = q.B, p.L = q.L, p.Kc = q.Kc, p.span = item_span(q.B, q.L);
+    at::parallel_for(0, (p.B + p.span - 1) / p.span, block_grain(p.M, p.K, p.L, p.span),
                      [&](int64_t b0, int64_t b1) { run_bwd(q.fam, q.pfam, p, b0, b1); });
   });
   return q.outputs();
