@@ -125,6 +125,47 @@ MMVAE_LIK_ROWS(float)
 MMVAE_LIK_ROWS(double)
 #undef MMVAE_LIK_ROWS
 
+// Whole ranges of (s, b) rows in one call, for params already in the accumulation dtype: with a
+// few event dims (E = 4, say) a call and two integer divisions per row cost more than the row.
+template <int F, typename T>
+MMVAE_ALWAYS_INLINE void loc_forward_range_impl(const lik::Dims& d, const T* x, const T* p, const T* inv, const T* logs,
+                                                int64_t begin, int64_t end, T* out) {
+  const int64_t E = d.E, se = d.sE > 1 ? 1 : 0;
+  int64_t s = begin / d.B, b = begin % d.B;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t so = d.scale_row(s, b);
+    out[row] = loc_forward_impl<F>(x + b * E, p + row * E, inv + so, logs + so, se, E);
+    if (++b == d.B) b = 0, ++s;
+  }
+}
+
+template <int F, typename T>
+MMVAE_ALWAYS_INLINE void loc_backward_range_impl(const lik::Dims& d, const T* x, const T* p, const T* inv, const T* g,
+                                                 int64_t begin, int64_t end, T* gp, T* gs) {
+  const int64_t E = d.E, se = d.sE > 1 ? 1 : 0;
+  int64_t s = begin / d.B, b = begin % d.B;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t so = d.scale_row(s, b);
+    loc_backward_impl<F>(x + b * E, p + row * E, inv + so, se, E, g[row], gp ? gp + row * E : nullptr,
+                         gs ? gs + so : nullptr);
+    if (++b == d.B) b = 0, ++s;
+  }
+}
+
+#define MMVAE_LIK_RANGES(T)                                                                                       \
+  MMVAE_CPU_MULTIVERSION void loc_forward_range(int f, const lik::Dims& d, const T* x, const T* p, const T* inv,  \
+                                                const T* logs, int64_t begin, int64_t end, T* out) {              \
+    MMVAE_DISPATCH_FAMILY(f, F, loc_forward_range_impl<F>(d, x, p, inv, logs, begin, end, out));                  \
+  }                                                                                                               \
+  MMVAE_CPU_MULTIVERSION void loc_backward_range(int f, const lik::Dims& d, const T* x, const T* p, const T* inv, \
+                                                 const T* g, int64_t begin, int64_t end, T* gp, T* gs) {          \
+    MMVAE_DISPATCH_FAMILY(f, F, loc_backward_range_impl<F>(d, x, p, inv, g, begin, end, gp, gs));                 \
+  }
+
+MMVAE_LIK_RANGES(float)
+MMVAE_LIK_RANGES(double)
+#undef MMVAE_LIK_RANGES
+
 // ------------------------------------------------------------------------------------ helpers
 
 // A row of params as acc_t: the tensor's memory when it already is acc_t, else widened into buf.
@@ -204,6 +245,13 @@ at::Tensor likelihood_sum_cpu(const at::Tensor& x_in, const at::Tensor& params_i
     const acc_t* plogs = logs.defined() ? logs.const_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, SB, grain_for(E), [&](int64_t begin, int64_t end) {
       const FlushDenormals ftz;
+      if constexpr (kWide) {
+        if (family != kLikBernoulli) {
+          // kWide: scalar_t is acc_t (the casts only let the other dtypes' branch compile)
+          loc_forward_range(int(family), d, px, reinterpret_cast<const acc_t*>(pp), pinv, plogs, begin, end, po);
+          return;
+        }
+      }
       std::vector<acc_t> buf(kWide ? 0 : E);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t s = row / d.B, b = row % d.B;
@@ -275,6 +323,13 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
       const FlushDenormals ftz;
       std::vector<acc_t> buf(kWide ? 0 : E), gbuf(kWide ? 0 : E);
       acc_t* gs_base = pgs_part ? pgs_part + at::get_thread_num() * gscale.numel() : pgs;
+      if constexpr (kWide) {
+        if (family != kLikBernoulli) {
+          loc_backward_range(int(family), d, px, reinterpret_cast<const acc_t*>(pp), pinv, pg, begin, end,
+                             reinterpret_cast<acc_t*>(pgp), gs_base);
+          return;
+        }
+      }
       for (int64_t row = begin; row < end; ++row) {
         const int64_t s = row / d.B, b = row % d.B;
         const acc_t* p = widen<acc_t>(pp + row * E, E, buf);
