@@ -317,8 +317,9 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
   T* sdA = s.sdA.data();  // sum_m pi_m d log q_m / dz over one item's row
   for (int64_t i = 0; i < nb; ++i) {
     const T* zi = z + i * L;
-    // weighted_grad: a zero weight contributes 0, not 0 * inf = NaN (a collapsed expert's
-    // derivative overflows at the samples it gives no mass)
+    // A zero weight contributes exactly 0, not 0 * inf = NaN (weighted_grad: a collapsed expert's
+    // derivative overflows at the samples it gives no mass). These weights are per item, so a zero
+    // one skips its loop and a nonzero (or NaN) one multiplies.
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) sdA[l] = T(0);
     for (int64_t m = 0; m < M; ++m) {
@@ -327,13 +328,19 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
       const T pim = s.pi[m * S + i], scm = s.sc[m * S + i];
       T* glm = &s.gl[(m * S + i) * L];
       T* gsm = &s.gs[(m * S + i) * L];
+      if (scm == T(0)) {  // no score term (the own expert of the mixture estimators, eq8, released)
+        if (pim == T(0)) continue;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) sdA[l] += pim * (-dphi<F>((zi[l] - lo[l]) * iv[l]) * iv[l]);
+        continue;
+      }
 #pragma omp simd
       for (int64_t l = 0; l < L; ++l) {
         const T u = (zi[l] - lo[l]) * iv[l];
         const T d = dphi<F>(u);
-        sdA[l] += weighted_grad(pim, -d * iv[l]);
-        glm[l] += weighted_grad(scm, d * iv[l]);
-        gsm[l] += weighted_grad(scm, (u * d - T(1)) * iv[l]);
+        if (pim != T(0)) sdA[l] += pim * (-d * iv[l]);  // pi 0 with a score weight: a NaN upstream
+        glm[l] += scm * (d * iv[l]);
+        gsm[l] += scm * ((u * d - T(1)) * iv[l]);
       }
     }
     const T beta = -al[i] * s.pi[r * S + i];
@@ -345,7 +352,7 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
 #pragma omp simd
       for (int64_t l = 0; l < L; ++l) {
         const T u = (zi[l] - lo[l]) * iv[l];
-        const T ga = weighted_grad(beta, -dphi<F>(u) * iv[l] - sdA[l]);
+        const T ga = beta * (-dphi<F>(u) * iv[l] - sdA[l]);
         glr[l] += ga;
         gsr[l] += weighted_grad(ga, u);
       }
@@ -356,13 +363,17 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
     T* gpl = &s.gpl[i * L];
     T* gps = &s.gps[i * L];
     const T o = om[i];
+    if (o == T(0)) {
+      std::fill_n(gzi, L, T(0));
+      continue;
+    }
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) {
       const T u = (zi[l] - plo[l]) * piv[l];
       const T d = dphi<PF>(u);
-      gzi[l] = weighted_grad(o, -d * piv[l] - sdA[l]);
-      gpl[l] += weighted_grad(o, d * piv[l]);
-      gps[l] += weighted_grad(o, (u * d - T(1)) * piv[l]);
+      gzi[l] = o * (-d * piv[l] - sdA[l]);
+      gpl[l] += o * (d * piv[l]);
+      gps[l] += o * ((u * d - T(1)) * piv[l]);
     }
   }
 }
