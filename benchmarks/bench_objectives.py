@@ -20,7 +20,8 @@ Laplace modalities) so the objective's own maths dominates: (2,30,128,20), (2,20
 (B = 8; the fused row with k_chunk = 100).
 
 Time: median of --repeats forward+backward steps (gradients of every parameter), after a warm-up
-call. On CUDA each step ends with a synchronize. Peak: the most bytes torch's allocator holds during
+call; the variants of one objective and size are timed round-robin, one step of each per round, so
+a slow spell of a shared machine falls on all of them alike. On CUDA each step ends with a synchronize. Peak: the most bytes torch's allocator holds during
 one step above what it held before it (CPU: the profiler's allocation records; CUDA:
 max_memory_allocated). Benchmarks print; they never assert.
 """
@@ -195,19 +196,39 @@ def peak_bytes(step, device):
     return profiling.peak_bytes(step)
 
 
+def _timed(step, device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def measure(step, repeats, device):
     step()
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times = [_timed(step, device) for _ in range(repeats)]
     return 1e3 * statistics.median(times), peak_bytes(step, device)
+
+
+def measure_interleaved(steps, repeats, device):
+    """{name: (median ms, peak bytes)} of steps {name: step}, timed round-robin (one step of each
+    variant per round), so a slow spell of a shared machine falls on every variant alike instead of
+    on whichever ran during it. A step that fails in its warm-up call is left out, with a line."""
+    ok = {}
+    for name, step in steps.items():
+        try:
+            step()
+            ok[name] = step
+        except Exception as e:  # noqa: BLE001 - a benchmark reports, never stops
+            print(f"  {name}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+    times = {name: [] for name in ok}
+    for _ in range(repeats):
+        for name, step in ok.items():
+            times[name].append(_timed(step, device))
+    return {name: (1e3 * statistics.median(times[name]), peak_bytes(step, device)) for name, step in ok.items()}
 
 
 def make_step(model, fn):
@@ -278,12 +299,9 @@ def run(args):
             variants = rows_for(name, model, x, K, args, k_chunk)
             if k_chunk is None:
                 variants.append(("model", lambda model=model, x=x, K=K: model_alone(model, x, K)))
-            for variant, fn in variants:
-                try:
-                    ms, peak = measure(make_step(model, fn), args.repeats if k_chunk is None else 3, args.device)
-                except Exception as e:  # noqa: BLE001 - a benchmark reports, never stops
-                    print(f"  {label} {name} {variant}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
-                    continue
+            steps = {variant: make_step(model, fn) for variant, fn in variants}
+            got = measure_interleaved(steps, args.repeats if k_chunk is None else 3, args.device)
+            for variant, (ms, peak) in got.items():
                 rows.append((label, name, variant, ms, peak))
                 print(f"  {label:28s} {name:14s} {variant:18s} {ms:10.2f} ms  {peak / 2**20:9.1f} MiB", flush=True)
         del model, x
