@@ -48,31 +48,39 @@ def broadcasts(name: str, t, to_name: str, to) -> None:
         raise ValueError(f"argument '{name}' of shape {a} does not broadcast to {to_name} {b}")
 
 
+def _sync_checks(t) -> bool:
+    # CPU tensors are checked at once; on a GPU the check must not wait for the device
+    return t.device.type == "cpu" or os.environ.get("MMVAE_FAST_SYNC_CHECKS") == "1"
+
+
+def _assert_none(bad, msg: str, detail=None) -> None:
+    """Raise ValueError(msg) if the bool tensor `bad` has a True entry: at once on a CPU (with
+    detail(bad) appended, when given) or with MMVAE_FAST_SYNC_CHECKS=1; on a GPU an asynchronous
+    assertion (a device-side error at the next sync), so the host never waits for the device."""
+    if _sync_checks(bad):
+        if bool(bad.any()):
+            raise ValueError(msg + (detail(bad) if detail else ""))
+    else:
+        torch._assert_async(~bad.any(), msg)
+
+
 def positive(name: str, t) -> None:
-    """scale > 0, for a tensor or a Python number (checked without a tensor op). On a GPU the check
-    must not wait for the device: it is an asynchronous assertion (a device-side error at the next
-    sync) unless MMVAE_FAST_SYNC_CHECKS=1 asks for the immediate ValueError; on a CPU it is immediate."""
+    """scale > 0, for a tensor or a Python number (checked without a tensor op); see _assert_none."""
     if isinstance(t, (int, float)):
         if not t > 0:
             raise ValueError(f"argument '{name}' must be strictly positive (it is a scale)")
         return
-    if not _checks_enabled(t):
-        return
-    if t.device.type == "cpu" or os.environ.get("MMVAE_FAST_SYNC_CHECKS") == "1":
-        if bool((t <= 0).any()):
-            raise ValueError(f"argument '{name}' must be strictly positive (it is a scale)")
-    else:
-        torch._assert_async(~(t <= 0).any(), f"argument '{name}' must be strictly positive (it is a scale)")
+    if _checks_enabled(t):
+        _assert_none(t <= 0, f"argument '{name}' must be strictly positive (it is a scale)")
 
 
 def class_indices(name: str, x, V: int) -> None:
     """Integer class indices in [0, V): an index outside would read past the logits row (torch's
-    gather and the kernels fail each their own way). Immediate on a CPU; on a GPU asynchronous, as
-    `positive`, unless MMVAE_FAST_SYNC_CHECKS=1."""
+    gather and the kernels fail each their own way); see _assert_none."""
     if not _checks_enabled(x) or x.numel() == 0:
         return
     bad = (x < 0) | (x >= V)
-    if x.device.type == "cpu" or os.environ.get("MMVAE_FAST_SYNC_CHECKS") == "1":
+    if _sync_checks(x):
         if bool(bad.any()):
             i = x[bad].flatten()[0].item()
             raise ValueError(f"argument '{name}' holds class index {i}, outside the vocabulary [0, {V}) of the logits' last dim")
@@ -81,17 +89,11 @@ def class_indices(name: str, x, V: int) -> None:
 
 
 def unit_interval(name: str, x) -> None:
-    """Values in [0, 1] (Bernoulli targets, soft ones allowed; NaN passes: NaN in, NaN out). Immediate
-    on a CPU; on a GPU asynchronous, as `positive`, unless MMVAE_FAST_SYNC_CHECKS=1."""
-    if not _checks_enabled(x) or x.numel() == 0:
-        return
-    bad = (x < 0) | (x > 1)
-    msg = f"argument '{name}' must hold Bernoulli targets in [0, 1]"
-    if x.device.type == "cpu" or os.environ.get("MMVAE_FAST_SYNC_CHECKS") == "1":
-        if bool(bad.any()):
-            raise ValueError(f"{msg}, got {x[bad].flatten()[0].item()}")
-    else:
-        torch._assert_async(~bad.any(), msg)
+    """Values in [0, 1] (Bernoulli targets, soft ones allowed; NaN passes: NaN in, NaN out); see
+    _assert_none."""
+    if _checks_enabled(x) and x.numel():
+        _assert_none((x < 0) | (x > 1), f"argument '{name}' must hold Bernoulli targets in [0, 1]",
+                     lambda bad: f", got {x[bad].flatten()[0].item()}")
 
 
 def family(name: str, f, allowed=FAMILIES) -> str:
