@@ -442,6 +442,30 @@ def test_weights_are_exact_at_any_log_weight_offset(backend, offset):
     torch.testing.assert_close(g, torch.full_like(g, 1 / 20), rtol=1e-5, atol=0)
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("estimator", ["iwae", "mixture"])
+@pytest.mark.parametrize("u", [1e2, 1e4])
+def test_cpu_responsibilities_are_exact_at_any_log_density(estimator, u):
+    """Two identical experts with samples u scales away: log q ~ -u^2 / 2 (-5e7 at u = 1e4), and each
+    expert's responsibility is 1/2. From the saved float32 lq (rounded to a multiple of 4 there) the
+    backward made them 1 each, doubling d lq / dz; the CPU kernel recomputes them from the row's
+    log-densities. Float32 gradients against the float64 reference face."""
+    K, B, s = 3, 2, 1e-3
+    loc = torch.zeros(2, B, 1, dtype=torch.float64)
+    scale = torch.full((2, B, 1), s, dtype=torch.float64)
+    z = (u * s * (1 + 0.1 * torch.arange(2 * K * B, dtype=torch.float64))).reshape(2, K, B, 1)
+    lpx = torch.zeros(2, K, B, dtype=torch.float64)
+    pl, ps = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+
+    def run(dtype, backend):
+        args = [t.to(dtype).requires_grad_() for t in (z, loc, scale, pl, ps, lpx)]
+        est = ops.moe_estimator(*args, family="normal", estimator=estimator, backend=backend)
+        return torch.autograd.grad(est.bound.sum(), args)
+
+    for got, want in zip(run(torch.float32, "cpu"), run(torch.float64, "reference")):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
 @grid("offset,bound", (-1e7, -1e20), BOUNDS, triton=[(-1e7, "looser")])
 def test_given_normalisers_are_exact_at_any_offset(backend, offset, bound):
     """The chunked path: the slices' (max, log-sum) of the full lw, given to a chunk, keep its

@@ -32,9 +32,9 @@ struct Args {
   const T *z, *loc, *scale, *ploc, *pscale, *lpx, *lse_in;  // lse_in: the chunked path's (max, log-sum) pairs, or null
   const bool* mask;                                         // [M, B] or null
   const T* g;                                               // backward: the bound's gradient [B]
-  const T *lw_in, *lq_in, *stats_in;                        // backward: the forward's saved tensors
-  T *bound, *lw, *zw, *lq, *stats;                          // forward outputs (zw may be null)
-  T *gz, *gloc, *gscale, *gploc, *gpscale, *glpx;           // backward outputs
+  const T *lw_in, *stats_in;        // backward: the forward's saved lw and stats (not lq: pi comes from each row's a)
+  T *bound, *lw, *zw, *lq, *stats;  // forward outputs (zw may be null)
+  T *gz, *gloc, *gscale, *gploc, *gpscale, *glpx;  // backward outputs
   int bound_kind, estimator;
   int64_t M, K, B, L, Kc;
   int64_t span;  // items per block
@@ -286,7 +286,7 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
   // the estimator's coefficients per item (moe_coef), 0 where expert r is absent
   T* om = &s.coef[0];
   T* al = &s.coef[S];
-  T* base = &s.coef[2 * S];
+  T* amax = &s.coef[2 * S];  // per item: the max log-density over the present experts
   for (int64_t i = 0; i < nb; ++i) {
     const int64_t b = blk.b0 + i;
     const T* st = p.stats_in + (looser ? r * B + b : b) * 2;
@@ -299,19 +299,38 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
     const T s_own = est == kIwae ? o : T(0);
     const T s_other = est == kIwae || est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
     for (int64_t m = 0; m < M; ++m) s.sc[m * S + i] = m == r ? s_own : s_other;  // score weights, made sc below
-    base[i] = own[i] ? p.lq_in[row + i] + blk.log_n[i] : T(0);
     p.glpx[row + i] = o;
   }
-  // pi_m = q_m(z) / sum_m' q_m'(z) from the saved lq (0 for absent experts); sc_m = -score_m pi_m
-  for (int64_t m = 0; m < M; ++m) {
-    T* pim = &s.pi[m * S];
-    rows_log_density<F>(z, &blk.mu[m * S * L], &blk.inv[m * S * L], &blk.lss[m * S], nb, L, pim);
-    const char* on = &blk.on[m * S];
-    T* scm = &s.sc[m * S];
-    for (int64_t i = 0; i < nb; ++i) {
-      pim[i] = own[i] && on[i] ? fast_exp(pim[i] - base[i]) : T(0);  // a becomes pi
-      scm[i] = -scm[i] * pim[i];
+  // pi_m = q_m(z) / sum_m' q_m'(z) over the present experts, as exp(a_m - max) / sum_m' exp(a_m' - max)
+  // from this row's log-densities: exact at any |a| (a single rounded log-sum-exp, the saved lq
+  // or one recomputed, cannot hold a + log 2 at |a| ~ 5e7 in float32, and made two tied experts'
+  // pi 1 each); sc_m = -score_m pi_m
+  for (int64_t m = 0; m < M; ++m)
+    rows_log_density<F>(z, &blk.mu[m * S * L], &blk.inv[m * S * L], &blk.lss[m * S], nb, L, &s.pi[m * S]);
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < nb; ++i) {
+    T m_i = ninf;
+    for (int64_t m = 0; m < M; ++m) {
+      const T am = blk.on[m * S + i] ? s.pi[m * S + i] : ninf;
+      m_i = am > m_i || am != am ? am : m_i;
     }
+    amax[i] = m_i;
+  }
+  for (int64_t m = 0; m < M; ++m) {  // a becomes exp(a - max) (exp(a - max) alone where the max is infinite)
+    T* pim = &s.pi[m * S];
+    const char* on = &blk.on[m * S];
+    for (int64_t i = 0; i < nb; ++i) pim[i] = own[i] && on[i] ? fast_exp(pim[i] - amax[i]) : T(0);
+  }
+  for (int64_t i = 0; i < nb; ++i) {
+    if (!finite(amax[i])) continue;
+    T sum = T(0);
+    for (int64_t m = 0; m < M; ++m) sum += s.pi[m * S + i];
+    const T inv = sum > T(0) ? T(1) / sum : T(0);  // 0 where r is absent (all 0)
+    for (int64_t m = 0; m < M; ++m) s.pi[m * S + i] *= inv;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    T* scm = &s.sc[m * S];
+    for (int64_t i = 0; i < nb; ++i) scm[i] = -scm[i] * s.pi[m * S + i];
   }
   T* gz = p.gz + row * L;
   T* sdA = s.sdA.data();  // sum_m pi_m d log q_m / dz over one item's row
@@ -493,7 +512,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.g = q.grad.data_ptr<T>(), p.z = q.z.data_ptr<T>(), p.loc = q.loc.data_ptr<T>(), p.scale = q.scale.data_ptr<T>();
     p.ploc = q.ploc.data_ptr<T>(), p.pscale = q.pscale.data_ptr<T>();
     p.mask = q.mask.defined() ? q.mask.data_ptr<bool>() : nullptr;
-    p.lw_in = q.lw.data_ptr<T>(), p.lq_in = q.lq.data_ptr<T>(), p.stats_in = q.stats.data_ptr<T>();
+    p.lw_in = q.lw.data_ptr<T>(), p.stats_in = q.stats.data_ptr<T>();
     p.gz = q.gz.data_ptr<T>(), p.gloc = q.gloc.data_ptr<T>(), p.gscale = q.gscale.data_ptr<T>();
     p.gploc = q.gploc.data_ptr<T>(), p.gpscale = q.gpscale.data_ptr<T>(), p.glpx = q.glpx.data_ptr<T>();
     p.bound_kind = q.bound_kind, p.estimator = q.estimator;
