@@ -163,12 +163,12 @@ MMVAE_ALWAYS_INLINE void forward_tile(const Args<T>& p, const Block<T>& blk, Fwd
     for (int64_t m = 0; m < M; ++m) {
       const T* am = &s.a[m * P + j0];
 #pragma omp simd
-      for (int64_t j = 0; j < w; ++j) mx[j] = am[j] > mx[j] || am[j] != am[j] ? am[j] : mx[j];
+      for (int64_t j = 0; j < w; ++j) mx[j] = nan_max(mx[j], am[j]);
     }
     for (int64_t m = 0; m < M; ++m) {
       const T* am = &s.a[m * P + j0];
 #pragma omp simd
-      for (int64_t j = 0; j < w; ++j) sum[j] += fast_exp(am[j] - (finite(mx[j]) ? mx[j] : T(0)));
+      for (int64_t j = 0; j < w; ++j) sum[j] += fast_exp(am[j] - lse_shift(mx[j]));
     }
     // the sum is >= 1 when the max is finite (its own term is 1); otherwise the lse is the max
 #pragma omp simd
@@ -207,12 +207,12 @@ MMVAE_ALWAYS_INLINE void forward_finish(const Args<T>& p, const Block<T>& blk) {
       for (int64_t k = 0; k < K; ++k) {
         const T* row = p.lw + (r * K + k) * B + b0;
 #pragma omp simd
-        for (int64_t i = 0; i < nb; ++i) m[i] = row[i] > m[i] || row[i] != row[i] ? row[i] : m[i];
+        for (int64_t i = 0; i < nb; ++i) m[i] = nan_max(m[i], row[i]);
       }
     }
     // an infinite max gives (max, 0): all -inf, weights 0; +inf, the bound +inf and NaN weights
     std::vector<T> shift(slices * S);
-    for (int64_t q = 0; q < slices * S; ++q) shift[q] = finite(mx[q]) ? mx[q] : T(0);
+    for (int64_t q = 0; q < slices * S; ++q) shift[q] = lse_shift(mx[q]);
     for (int64_t r = 0; r < M; ++r) {
       const T* c = &shift[(looser ? r : 0) * S];
       T* sm = &ls[(looser ? r : 0) * S];
@@ -312,7 +312,7 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
     T m_i = ninf;
     for (int64_t m = 0; m < M; ++m) {
       const T am = blk.on[m * S + i] ? s.pi[m * S + i] : ninf;
-      m_i = am > m_i || am != am ? am : m_i;
+      m_i = nan_max(m_i, am);
     }
     amax[i] = m_i;
   }
