@@ -1,8 +1,8 @@
 """The C++ extension's kernels (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu) as the `cpu` and `cuda` backends.
 
 Both kernels of an op implement the same torch.library op (mmvae_fast::<op>), for the CPU and the
-CUDA dispatch keys, so one adapter, one fake kernel and one autograd formula (in ops/<op>.py)
-serve both devices. Each op module hands its adapter to `register`.
+CUDA dispatch keys, so one adapter and one fake kernel (in ops/<op>.py) and one C++ autograd
+(csrc/autograd/<op>.cpp) serve both devices. Each op module hands its adapter to `register`.
 """
 import torch
 

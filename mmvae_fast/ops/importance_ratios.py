@@ -26,7 +26,8 @@ def importance_ratios(z, loc, scale, *, family="normal", backend=None):
 
 
 # ---- the backends' op <ns>::importance_ratios (ns: mmvae_fast, the C++ op of the cpu and cuda
-# backends; mmvae_fast_triton, the Triton op): one schema, so one autograd formula and one adapter
+# backends; mmvae_fast_triton, the Triton op): one schema, so one adapter; the autograd formula below
+# serves the Triton op, and csrc/autograd/importance_ratios.cpp is the same formula in C++ for the C++ op
 
 
 def register_autograd(ns: str) -> None:
@@ -69,5 +70,7 @@ def _register_fake():  # the C++ op's shapes (a triton_op traces its own)
 
 if _extension.built("importance_ratios"):
     _register_fake()
-    register_autograd("mmvae_fast")
+    # the C++ op's autograd is C++ (csrc/autograd/importance_ratios.cpp: no Python frame in eager); its backward
+    # op gets the first-order guard
+    first_order_only("mmvae_fast::importance_ratios_backward", "importance_ratios")
 _extension.register("importance_ratios", backend("mmvae_fast"))

@@ -48,7 +48,8 @@ def importance_weights(lw, dim=0, *, backend=None) -> ImportanceWeights:
 
 
 # ---- the backends' op <ns>::importance_weights (ns: mmvae_fast, the C++ op of the cpu and cuda
-# backends; mmvae_fast_triton, the Triton op): one schema, so one autograd formula and one adapter
+# backends; mmvae_fast_triton, the Triton op): one schema, so one adapter; the autograd formula below
+# serves the Triton op, and csrc/autograd/importance_weights.cpp is the same formula in C++ for the C++ op
 
 
 def register_autograd(ns: str) -> None:
@@ -104,5 +105,7 @@ def _register_fake():  # the C++ op's shapes (a triton_op traces its own)
 
 if _extension.built("importance_weights"):
     _register_fake()
-    register_autograd("mmvae_fast")
+    # the C++ op's autograd is C++ (csrc/autograd/importance_weights.cpp: no Python frame in eager); its backward
+    # op gets the first-order guard
+    first_order_only("mmvae_fast::importance_weights_backward", "importance_weights")
 _extension.register("importance_weights", backend("mmvae_fast"))

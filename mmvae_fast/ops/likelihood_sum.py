@@ -65,7 +65,8 @@ def likelihood_sum(x, params, *, family, scale=None, backend=None):
 
 
 # ---- the backends' op <ns>::likelihood_sum (ns: mmvae_fast, the C++ op of the cpu and cuda
-# backends; mmvae_fast_triton, the Triton op): one schema, so one autograd formula and one adapter
+# backends; mmvae_fast_triton, the Triton op): one schema, so one adapter; the autograd formula below
+# serves the Triton op, and csrc/autograd/likelihood_sum.cpp is the same formula in C++ for the C++ op
 
 
 def register_autograd(ns: str) -> None:
@@ -141,5 +142,7 @@ def _register_fake():  # the C++ op's shapes (a triton_op traces its own)
 
 if _extension.built("likelihood_sum"):
     _register_fake()
-    register_autograd("mmvae_fast")
+    # the C++ op's autograd is C++ (csrc/autograd/likelihood_sum.cpp: no Python frame in eager); its backward
+    # op gets the first-order guard
+    first_order_only("mmvae_fast::likelihood_sum_backward", "likelihood_sum")
 _extension.register("likelihood_sum", backend("mmvae_fast"))

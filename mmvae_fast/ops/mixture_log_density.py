@@ -2,7 +2,7 @@
 
 The public op, and the wiring of the backends' ops <ns>::mixture_log_density and
 mixture_log_density_pairwise (the C++ ops of csrc/cpu and csrc/cuda, and the Triton ops of
-mmvae_fast/kernels, one schema): the C++ ops' fake kernels, one autograd formula, one adapter.
+mmvae_fast/kernels, one schema): the C++ ops' fake kernels, the autograd formula, one adapter.
 Forward saves (z, loc, scale, lq), never the pairwise table; the backward op recomputes it a row at
 a time, so neither direction keeps anything of size M*M*K*B*L.
 """
@@ -40,8 +40,9 @@ def mixture_log_density(z, loc, scale, *, family="normal", mask=None, return_pai
 
 
 # ---- the backends' ops <ns>::mixture_log_density(_pairwise) (ns: mmvae_fast, the C++ ops of the
-# cpu and cuda backends; mmvae_fast_triton, the Triton ops): one schema, so one autograd formula
-# and one adapter
+# cpu and cuda backends; mmvae_fast_triton, the Triton ops): one schema, so one adapter; the autograd
+# formula below serves the Triton ops, and csrc/autograd/mixture_log_density.cpp is the same formula
+# in C++ for the C++ ops
 
 
 def register_autograd(ns: str) -> None:
@@ -98,5 +99,7 @@ def _register_fake():  # the C++ ops' shapes (a triton_op traces its own)
 
 if _extension.built("mixture_log_density"):
     _register_fake()
-    register_autograd("mmvae_fast")
+    # the C++ op's autograd is C++ (csrc/autograd/mixture_log_density.cpp: no Python frame in eager); its backward
+    # op gets the first-order guard
+    first_order_only("mmvae_fast::mixture_log_density_backward", "mixture_log_density")
 _extension.register("mixture_log_density", backend("mmvae_fast"))

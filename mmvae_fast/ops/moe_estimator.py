@@ -106,7 +106,8 @@ def apply_z_weight(zs, z_weight):
 
 
 # ---- the backends' ops <ns>::moe_estimator (ns: mmvae_fast, the C++ ops of the cpu and cuda
-# backends; mmvae_fast_triton, the Triton ops): one schema, so one autograd formula and one adapter
+# backends; mmvae_fast_triton, the Triton ops): one schema, so one adapter; the autograd formula below
+# serves the Triton op, and csrc/autograd/moe_estimator.cpp is the same formula in C++ for the C++ op
 #   <ns>::moe_estimator(...) -> (bound [B], lw, z_weight ([0] for iwae/released), lq [M, K, B],
 #                               stats [M*B (looser) or B, 2]: each softmax's (max, log-sum))
 
@@ -166,5 +167,7 @@ def _register_fake():  # the C++ ops' shapes (a triton_op traces its own)
 
 if _extension.built("moe_estimator"):
     _register_fake()
-    register_autograd("mmvae_fast")
+    # the C++ op's autograd is C++ (csrc/autograd/moe_estimator.cpp: no Python frame in eager); its backward
+    # op gets the first-order guard
+    first_order_only("mmvae_fast::moe_estimator_backward", "moe_estimator")
 _extension.register("moe_estimator", backend("mmvae_fast"))
