@@ -65,7 +65,7 @@ def variants(W, X, Lk, E, quick):
                 HAS_MASK=mask, WRITE_PI=est in (2, 3), K_CHUNK=4, BLOCK_L=32)))
             out.append((f"moe_bwd {tag}", E.bwd, dict(
                 g_ptr=P(acc), z_ptr=P(dt), loc_ptr=P(dt), scale_ptr=P(dt), ploc_ptr=P(dt), pscale_ptr=P(dt),
-                mask_ptr="*i8", lw_ptr=P(acc), lq_ptr=P(acc), stats_ptr=P(acc), gz_ptr=P(acc), glpx_ptr=P(acc),
+                mask_ptr="*i8", lw_ptr=P(acc), nrm_ptr=P(acc), stats_ptr=P(acc), gz_ptr=P(acc), glpx_ptr=P(acc),
                 gl_ptr=P(acc), gs_ptr=P(acc), gpl_ptr=P(acc), gps_ptr=P(acc), **dims, Kc="i32", K_TILE="i32",
                 NORMAL=normal, PNORMAL=normal, HAS_MASK=mask, LOOSER=est != 3, EST=est, ALIAS=est in (2, 3),
                 SCORE=est in (0, 2, 3), BLOCK_L=32)))

@@ -35,11 +35,14 @@ BACKENDS = DEVICE_BACKENDS + [TRITON]
 ALL = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
-def grid(names, *values, triton=()):
+def grid(names, *values, triton=(), fused=False):
     """pytest params: backend x the product of values on the CPU backends; on Triton (the
-    interpreter is slow) only the tuples of values in `triton`."""
+    interpreter is slow) only the tuples of values in `triton`. fused: the kernels only (a check
+    against the float64 reference that its plain-PyTorch float32 self does not pass)."""
     out = []
     for b in BACKENDS:
+        if fused and b.values[0][1] == "reference":
+            continue
         for case in itertools.product(*values) if b is not TRITON else triton:
             out.append(pytest.param(b.values[0], *case, marks=b.marks, id="-".join(map(str, (b.id, *case)))))
     return pytest.mark.parametrize("backend," + names, out, indirect=["backend"])
@@ -442,14 +445,14 @@ def test_weights_are_exact_at_any_log_weight_offset(backend, offset):
     torch.testing.assert_close(g, torch.full_like(g, 1 / 20), rtol=1e-5, atol=0)
 
 
-@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
-@pytest.mark.parametrize("estimator", ["iwae", "mixture"])
-@pytest.mark.parametrize("u", [1e2, 1e4])
-def test_cpu_responsibilities_are_exact_at_any_log_density(estimator, u):
+@grid("estimator,u", ("iwae", "mixture"), (1e2, 1e4), triton=[("mixture", 1e4)], fused=True)
+def test_responsibilities_are_exact_at_any_log_density(backend, estimator, u):
     """Two identical experts with samples u scales away: log q ~ -u^2 / 2 (-5e7 at u = 1e4), and each
-    expert's responsibility is 1/2. From the saved float32 lq (rounded to a multiple of 4 there) the
-    backward made them 1 each, doubling d lq / dz; the CPU kernel recomputes them from the row's
-    log-densities. Float32 gradients against the float64 reference face."""
+    expert's responsibility is 1/2. From a float32 log-sum-exp (the saved lq, or one recomputed:
+    rounded to a multiple of 4 there) they came out 1 each: the backward doubled d lq / dz (CPU until
+    932289f, CUDA and Triton until this test) and the forward's z_weight used pi_own = 1. The kernels
+    take pi = exp(a - max) / sum exp(a - max) from the row's log-densities. Float32 gradients and
+    z_weight against the float64 reference face."""
     K, B, s = 3, 2, 1e-3
     loc = torch.zeros(2, B, 1, dtype=torch.float64)
     scale = torch.full((2, B, 1), s, dtype=torch.float64)
@@ -460,9 +463,10 @@ def test_cpu_responsibilities_are_exact_at_any_log_density(estimator, u):
     def run(dtype, backend):
         args = [t.to(dtype).requires_grad_() for t in (z, loc, scale, pl, ps, lpx)]
         est = ops.moe_estimator(*args, family="normal", estimator=estimator, backend=backend)
-        return torch.autograd.grad(est.bound.sum(), args)
+        zw = () if est.z_weight is None else (est.z_weight.detach(),)
+        return torch.autograd.grad(est.bound.sum(), args) + zw
 
-    for got, want in zip(run(torch.float32, "cpu"), run(torch.float64, "reference")):
+    for got, want in zip(run(torch.float32, backend), run(torch.float64, "reference"), strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
 
 

@@ -181,7 +181,10 @@ MMVAE_ALWAYS_INLINE void forward_tile(const Args<T>& p, const Block<T>& blk, Fwd
       const T lq = own[i] ? lse[j] - blk.log_n[i] : T(0);
       p.lq[at] = lq;
       p.lw[at] = own[i] ? lpz[j] + p.lpx[at] - lq : ninf;
-      if (p.zw != nullptr) p.zw[at] = own[i] ? fast_exp(ar[j] - lse[j]) : T(0);
+      // pi_own = exp(a_r - max) / sum: exact at any |a| (exp(a_r - lse) is not: a float32 lse ~ -5e7
+      // cannot hold max + log 2)
+      const T pi = finite(mx[j]) ? fast_exp(ar[j] - mx[j]) / sum[j] : fast_exp(ar[j] - lse[j]);
+      if (p.zw != nullptr) p.zw[at] = own[i] ? pi : T(0);
     }
   }
 }

@@ -21,6 +21,7 @@
 #include <string>
 #include <tuple>
 
+#include "mmvae_fast/mixture.h"
 #include "mmvae_fast/moe_estimator.h"
 #include "mmvae_fast/moe_estimator_args.h"
 #include "reduce.cuh"
@@ -123,7 +124,10 @@ __global__ void sample_forward_kernel(const T* __restrict__ z, const T* __restri
       const T lqi = lse - std::log(T(cnt));
       lq[i] = lqi;
       lw[i] = lpz + lpx[i] - lqi;
-      if (pi_own != nullptr) pi_own[i] = std::exp(ar - lse);
+      // pi_own = exp(a_r - max) / sum: exact at any |a| (exp(a_r - lse) is not: a float32 lse ~ -5e7
+      // cannot hold max + log 2); as the CPU kernel
+      const bool fin = st.m - st.m == T(0);
+      if (pi_own != nullptr) pi_own[i] = fin ? std::exp(ar - st.m) / st.s : std::exp(ar - lse);
     }
   }
 }
@@ -219,10 +223,10 @@ template <int F, int PF, typename T>
 __global__ void sample_backward_kernel(const T* __restrict__ g, const T* __restrict__ z, const T* __restrict__ loc,
                                        const T* __restrict__ ploc, const T* __restrict__ inv,
                                        const T* __restrict__ norm, const bool* __restrict__ mask,
-                                       const T* __restrict__ lw, const T* __restrict__ lq, const T* __restrict__ stats,
-                                       int bound, int estimator, int64_t M, int64_t K, int64_t B, int64_t L, int64_t Kc,
-                                       int64_t C, int64_t kc, bool acc_in_smem, T* __restrict__ gz,
-                                       T* __restrict__ glpx, T* __restrict__ partial) {
+                                       const T* __restrict__ lw, const T* __restrict__ stats, int bound, int estimator,
+                                       int64_t M, int64_t K, int64_t B, int64_t L, int64_t Kc, int64_t C, int64_t kc,
+                                       bool acc_in_smem, T* __restrict__ gz, T* __restrict__ glpx,
+                                       T* __restrict__ partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, W = blockDim.x / kWarp;
@@ -236,7 +240,7 @@ __global__ void sample_backward_kernel(const T* __restrict__ g, const T* __restr
     for (int64_t l = lane; l < L; l += kWarp) acc[row * L + l] = T(0);
 
   const int64_t cnt = count_present(mask, M, b, B);
-  const T n = T(cnt == 0 ? 1 : cnt), log_n = std::log(n);
+  const T n = T(cnt == 0 ? 1 : cnt);
   const T s = g[b] / (bound == kLooser ? n : T(1));
   const T cc = T(1) / (T(Kc) * (bound == kLooser ? T(1) : n));
   const T* pmu = ploc + b * L;
@@ -256,13 +260,26 @@ __global__ void sample_backward_kernel(const T* __restrict__ g, const T* __restr
       const T w = moe_wbar(lw[i], st[0], st[1]);
       const MoECoef<T> cf = moe_coef(estimator, s, w, cc);
       if (lane == 0) glpx[i] = cf.omega;
-      const T base = lq[i] + log_n;
       __syncwarp();  // the previous sample's reads of pi are done
       for (int64_t m = 0; m < M; ++m) {
         if (!present(mask, m, b, B)) continue;
         const int64_t o = m * B + b;
         const T am = warp_log_density<F>(zr, loc + o * L, inv + o * L, norm[o], L, lane);
-        if (lane == 0) pi[m] = std::exp(am - base);
+        if (lane == 0) pi[m] = am;
+      }
+      // pi_m = exp(a_m - max) / sum_m' exp(a_m' - max) over the present experts: exact at any |a|.
+      // exp(a_m - lse) from the saved float32 lq is not: at |a| ~ 5e7 lq cannot hold a + log 2, and
+      // two tied experts got pi 1 each (as the CPU kernel; exp(a - max) alone where the max is not finite).
+      if (lane == 0) {
+        T mx = -std::numeric_limits<T>::infinity();
+        for (int64_t m = 0; m < M; ++m)
+          if (present(mask, m, b, B)) mx = nan_max(mx, pi[m]);
+        T sum = T(0);
+        for (int64_t m = 0; m < M; ++m)
+          if (present(mask, m, b, B)) sum += (pi[m] = std::exp(pi[m] - mx));
+        const T inv_sum = mx - mx == T(0) && sum > T(0) ? T(1) / sum : T(1);
+        for (int64_t m = 0; m < M; ++m)
+          if (present(mask, m, b, B)) pi[m] *= inv_sum;
       }
       __syncwarp();
       const T om = cf.omega;
@@ -406,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const MoEBackward q = moe_backward_setup(grad_, z_, loc_, scale_, ploc_, pscale_, mask_, lw_, lq_, stats_, family,
                                            prior_family, bound_s, estimator_s, num_samples);
   const auto &grad = q.grad, &z = q.z, &loc = q.loc, &ploc = q.ploc, &mask = q.mask;
-  const auto &lw = q.lw, &lq = q.lq, &stats = q.stats, &scale = q.scale, &pscale = q.pscale;
+  const auto &lw = q.lw, &stats = q.stats, &scale = q.scale, &pscale = q.pscale;  // lq: not read (pi from a)
   const auto &gz = q.gz, &gloc = q.gloc, &gscale = q.gscale, &gploc = q.gploc, &gpscale = q.gpscale, &glpx = q.glpx;
   const int fam = q.fam, pfam = q.pfam, bound = q.bound_kind, estimator = q.estimator;
   const int64_t M = q.M, K = q.K, B = q.B, L = q.L, Kc = q.Kc;
@@ -437,9 +454,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       sample_backward_kernel<decltype(F)::value, decltype(PF)::value, T>
           <<<static_cast<unsigned>(ceil_div(B * C, W)), W * kWarp, smem, stream>>>(
               grad.const_data_ptr<T>(), z.const_data_ptr<T>(), loc.const_data_ptr<T>(), ploc.const_data_ptr<T>(),
-              inv.const_data_ptr<T>(), norm.const_data_ptr<T>(), mk, lw.const_data_ptr<T>(), lq.const_data_ptr<T>(),
-              stats.const_data_ptr<T>(), bound, estimator, M, K, B, L, Kc, C, kc, in_smem, gz.data_ptr<T>(),
-              glpx.data_ptr<T>(), partial.data_ptr<T>());
+              inv.const_data_ptr<T>(), norm.const_data_ptr<T>(), mk, lw.const_data_ptr<T>(), stats.const_data_ptr<T>(),
+              bound, estimator, M, K, B, L, Kc, C, kc, in_smem, gz.data_ptr<T>(), glpx.data_ptr<T>(),
+              partial.data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     reduce_backward_kernel<T><<<grid_for(B * R * L, kBlock), kBlock, 0, stream>>>(

@@ -18,8 +18,9 @@ Forward, two kernels:
   _fwd_stats     one program per tile of items: each softmax's (max, log-sum) of lw (two passes, as
                  the CPU kernel), the bound, and z_weight. Reads O(M K B) numbers.
 Backward, one kernel, one program per (tile of samples k, tile of items), looping over r and m:
-  phase A  per sample: sum_m pi_m dlog q_m/dz (from the saved lq: no second log-sum-exp), the
-           gradients of z, lpx and the prior, and the alias term -pi_r(z) of expert r (mixture*);
+  phase A  per sample: pi_m = exp(a_m - max) / sum (two passes over the experts: exact at any |a|)
+           and sum_m pi_m dlog q_m/dz, the gradients of z, lpx and the prior, and the alias term
+           -pi_r(z) of expert r (mixture*); each sample's (max, 1 / sum) into a scratch [M, K, B, 2];
   phase B  expert by expert (iwae, mixture*): the score terms -pi_m dlog q_m/d(loc_m, scale_m).
 Each program writes partial sums of the loc/scale/prior gradients for its tile of samples
 ([n_tiles, M, B, L] and [n_tiles, B, L]), summed afterwards: deterministic, no atomics, and a
@@ -136,8 +137,10 @@ def _fwd_samples_kernel(
         # the samples of an absent expert: lw = -inf, lq = 0 (and pi = 0), as the CPU kernel
         tl.store(lw_ptr + rk * B + offs_b, tl.where(live, lpz + lpx - lq, float("-inf")), mask=bmask)
         tl.store(lq_ptr + rk * B + offs_b, tl.where(live, lq, 0.0), mask=bmask)
-        if WRITE_PI:
-            tl.store(pi_ptr + rk * B + offs_b, tl.where(live, tl.exp(own - lse), 0.0), mask=bmask)
+        if WRITE_PI:  # pi_r = exp(a_r - max) / sum: exact at any |a| (exp(a_r - lse) is not: a float32
+            # lse ~ -5e7 cannot hold max + log 2), as the CPU kernel
+            pi = tl.where(m_run - m_run == 0.0, tl.exp(own - m_run) / s, tl.exp(own - lse))
+            tl.store(pi_ptr + rk * B + offs_b, tl.where(live, pi, 0.0), mask=bmask)
 
 
 @triton.jit
@@ -257,7 +260,7 @@ def _coef(EST: tl.constexpr, s, w, c):
 
 @triton.jit
 def _bwd_kernel(
-    g_ptr, z_ptr, loc_ptr, scale_ptr, ploc_ptr, pscale_ptr, mask_ptr, lw_ptr, lq_ptr, stats_ptr,
+    g_ptr, z_ptr, loc_ptr, scale_ptr, ploc_ptr, pscale_ptr, mask_ptr, lw_ptr, nrm_ptr, stats_ptr,
     gz_ptr, glpx_ptr, gl_ptr, gs_ptr, gpl_ptr, gps_ptr, M, K, B, L, Kc, K_TILE,
     NORMAL: tl.constexpr, PNORMAL: tl.constexpr, HAS_MASK: tl.constexpr, LOOSER: tl.constexpr, EST: tl.constexpr,
     ALIAS: tl.constexpr, SCORE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -272,7 +275,6 @@ def _bwd_kernel(
     tmask = bmask[:, None] & (offs_l < L)[None, :]
     bl = offs_b.to(tl.int64)[:, None] * L + offs_l[None, :]
     n = tl.maximum(_n_present(mask_ptr, M, B, offs_b, bmask, acc, HAS_MASK), 1.0)
-    log_n = tl.log(n)
     g = tl.load(g_ptr + offs_b, mask=bmask, other=0.0).to(acc)
     kc = tl.zeros([BLOCK_B], acc) + Kc
     if LOOSER:  # s: the upstream gradient of the bound per sample's softmax; c: the centring constant
@@ -303,8 +305,18 @@ def _bwd_kernel(
             om, _so, _sx, alias = _coef(EST, s, w, c)
             om = tl.where(live, om, 0.0)
             tl.store(glpx_ptr + rk * B + offs_b, om, mask=bmask)
-            base = tl.load(lq_ptr + rk * B + offs_b, mask=bmask & live, other=0.0) + log_n  # the saved log-sum-exp
-            sum_da = tl.zeros([BLOCK_B, BLOCK_L], acc)  # sum_m pi_m dlog q_m / dz
+            # pi_m = exp(a_m - max) / sum_m' exp(a_m' - max) over the present experts, in two passes
+            # over them: exact at any |a|. exp(a_m - lse) from the saved float32 lq is not (at |a| ~ 5e7
+            # lq cannot hold a + log 2: two tied experts got pi 1 each), as the CPU kernel.
+            a_max = tl.full([BLOCK_B], float("-inf"), acc)
+            for mm in range(0, M):
+                pm = _present(mask_ptr, mm, B, offs_b, bmask, HAS_MASK)
+                lo, sc = _load_expert(loc_ptr, scale_ptr, mm * B * L + bl, tmask, pm, acc)
+                lp, _dl, _ds = log_density_terms(zz, lo, sc, NORMAL)
+                a = tl.sum(tl.where(tmask, lp, 0.0), 1)
+                a_max = tl.where(pm & ((a > a_max) | (a != a)), a, a_max)  # NaN-propagating max
+            e_sum = tl.zeros([BLOCK_B], acc)
+            sum_da = tl.zeros([BLOCK_B, BLOCK_L], acc)  # sum_m pi_m dlog q_m / dz, unnormalised here
             da_own = tl.zeros([BLOCK_B, BLOCK_L], acc)
             u_own = tl.zeros([BLOCK_B, BLOCK_L], acc)
             pi_own = tl.zeros([BLOCK_B], acc)
@@ -312,12 +324,19 @@ def _bwd_kernel(
                 pm = _present(mask_ptr, mm, B, offs_b, bmask, HAS_MASK)
                 lo, sc = _load_expert(loc_ptr, scale_ptr, mm * B * L + bl, tmask, pm, acc)
                 lp, dl, _ds = log_density_terms(zz, lo, sc, NORMAL)
-                pi = tl.where(pm, tl.exp(tl.sum(tl.where(tmask, lp, 0.0), 1) - base), 0.0)
-                sum_da -= weighted(pi[:, None], dl)  # dlog q_m / dz = -dlog q_m / dloc
+                e = tl.where(pm, tl.exp(tl.sum(tl.where(tmask, lp, 0.0), 1) - a_max), 0.0)
+                e_sum += e
+                sum_da -= weighted(e[:, None], dl)  # dlog q_m / dz = -dlog q_m / dloc
                 if ALIAS:
                     da_own = tl.where(mm == r, -dl, da_own)
                     u_own = tl.where(mm == r, (zz - lo) / sc, u_own)
-                    pi_own = tl.where(mm == r, pi, pi_own)
+                    pi_own = tl.where(mm == r, e, pi_own)
+            inv_sum = tl.where((a_max - a_max == 0.0) & (e_sum > 0.0), 1.0 / e_sum, 1.0)
+            sum_da = sum_da * inv_sum[:, None]
+            pi_own = pi_own * inv_sum
+            if SCORE:  # phase B's responsibilities of this sample
+                tl.store(nrm_ptr + (rk * B + offs_b) * 2, a_max, mask=bmask)
+                tl.store(nrm_ptr + (rk * B + offs_b) * 2 + 1, inv_sum, mask=bmask)
             _plp, pdl, pds = log_density_terms(zz, plo, psc, PNORMAL)
             om2 = om[:, None]
             tl.store(gz_ptr + rk * B * L + bl, tl.where(live[:, None], weighted(om2, -pdl - sum_da), 0.0), mask=tmask)
@@ -354,9 +373,10 @@ def _bwd_kernel(
                     zz = tl.load(z_ptr + rk * B * L + bl, mask=zmask, other=0.0).to(acc)
                     w = _wbar(tl.load(lw_ptr + rk * B + offs_b, mask=bmask & live, other=float("-inf")), mx, ls)
                     _om, s_own, s_other, _al = _coef(EST, s, w, c)
-                    base = tl.load(lq_ptr + rk * B + offs_b, mask=bmask & live, other=0.0) + log_n
+                    a_max = tl.load(nrm_ptr + (rk * B + offs_b) * 2, mask=bmask & live, other=0.0)
+                    inv_sum = tl.load(nrm_ptr + (rk * B + offs_b) * 2 + 1, mask=bmask & live, other=0.0)
                     lp, dl, ds = log_density_terms(zz, lo, sc, NORMAL)
-                    pi = tl.exp(tl.sum(tl.where(tmask, lp, 0.0), 1) - base)
+                    pi = tl.exp(tl.sum(tl.where(tmask, lp, 0.0), 1) - a_max) * inv_sum
                     coef = tl.where(pm & live, -tl.where(mm == r, s_own, s_other) * pi, 0.0)[:, None]
                     acc_l += tl.where(zmask, weighted(coef, dl), 0.0)
                     acc_s += tl.where(zmask, weighted(coef, ds), 0.0)
@@ -440,13 +460,16 @@ def moe_estimator_backward(
     gpl = torch.empty(n_kt, B, L, dtype=dt, device=z.device)
     gps = torch.empty_like(gpl)
     m8 = _mask8(mask)
+    score = estimator in ("iwae", "mixture", "mixture-centred")
+    # each sample's (max, 1 / sum) over its experts, from phase A to phase B (O(M K B); lq is not read)
+    nrm = torch.empty(M, K, B, 2, dtype=dt, device=z.device) if score else gz
     wrap_triton(bwd)[lambda meta: (n_kt, triton.cdiv(B, meta["BLOCK_B"]))](
         grad.to(dt).contiguous(), z.contiguous(), loc.contiguous(), scale.contiguous(), prior_loc.contiguous(),
-        prior_scale.contiguous(), z if m8 is None else m8, lw.contiguous(), lq.contiguous(), stats.contiguous(),
+        prior_scale.contiguous(), z if m8 is None else m8, lw.contiguous(), nrm, stats.contiguous(),
         gz, glpx, gl, gs, gpl, gps, M, K, B, L, num_samples or K, kt,
         NORMAL=family == "normal", PNORMAL=prior_family == "normal", HAS_MASK=m8 is not None,
         LOOSER=_BOUND[bound] == 0, EST=_EST[estimator], ALIAS=estimator in ("mixture", "mixture-centred"),
-        SCORE=estimator in ("iwae", "mixture", "mixture-centred"), BLOCK_L=BL,
+        SCORE=score, BLOCK_L=BL,
     )
     return (gz.to(z.dtype), gl.sum(0).to(loc.dtype), gs.sum(0).to(scale.dtype),
             gpl.sum(0).to(prior_loc.dtype).reshape(prior_loc.shape), gps.sum(0).to(prior_scale.dtype).reshape(prior_scale.shape),
