@@ -138,7 +138,9 @@ class Terms(NamedTuple):
 
 
 def _stack(ts):
-    return ts[0][None] if len(ts) == 1 else torch.stack(ts)
+    # torch.stack's result is a view of a cat, whose strides Inductor failed to order next to
+    # convolutions under dynamic shapes (tests/test_objectives.py); a cat of [1, ...] pieces is not
+    return ts[0][None] if len(ts) == 1 else torch.cat([t[None] for t in ts])
 
 
 def check_mask(mask, M, B, device):
