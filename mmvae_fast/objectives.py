@@ -63,6 +63,7 @@ from .protocol import (
     multimodal_experts,
     multimodal_terms,
     single_terms,
+    stack_samples,
 )
 from ._args import GRADS, check_grad, check_K
 from ._checks import check_modalities, check_single
@@ -188,7 +189,7 @@ def m_elbo(model, x, K=1, *, backend=None):
     check_modalities(model, x)
     qz_xs, px_zs, zss = model(x, K)
     M = len(qz_xs)
-    z = torch.stack(list(zss))
+    z = stack_samples(list(zss))
     own = torch.stack([log_likelihood(px_zs[d][d], x[d], model.vaes[d].llik_scaling, backend) for d in range(M)])
     ratio = multimodal_experts(model, qz_xs, backend).ratios(z)  # [r, d, K, B]
     pz = model.pz(*model.pz_params)

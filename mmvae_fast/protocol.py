@@ -137,7 +137,7 @@ class Terms(NamedTuple):
     px_zs: list
 
 
-def _stack(ts):
+def stack_samples(ts):
     # torch.stack's result is a view of a cat, whose strides Inductor failed to order next to
     # convolutions under dynamic shapes (tests/test_objectives.py); a cat of [1, ...] pieces is not
     return ts[0][None] if len(ts) == 1 else torch.cat([t[None] for t in ts])
@@ -157,7 +157,7 @@ def multimodal_terms(model, x, K, backend, mask=None) -> Terms:
     qz_xs, px_zs, zss = model(x, K)
     zss = list(zss)
     M = len(zss)
-    z = _stack(zss)
+    z = stack_samples(zss)
     rows = []
     for r in range(M):
         terms = []
@@ -170,7 +170,7 @@ def multimodal_terms(model, x, K, backend, mask=None) -> Terms:
             lp = log_likelihood(px_zs[r][d], x[d], model.vaes[d].llik_scaling, backend)
             terms.append(lp if mask is None else torch.where(mask[d], lp, torch.zeros((), dtype=lp.dtype, device=lp.device)))
         rows.append(sum(terms) if terms else torch.zeros(z.shape[1:3], dtype=ops.acc_dtype(z.dtype), device=z.device))
-    return Terms(zss, z, multimodal_experts(model, qz_xs, backend), model.pz(*model.pz_params), _stack(rows), list(qz_xs), px_zs)
+    return Terms(zss, z, multimodal_experts(model, qz_xs, backend), model.pz(*model.pz_params), stack_samples(rows), list(qz_xs), px_zs)
 
 
 def multimodal_experts(model, qz_xs, backend) -> Experts:
