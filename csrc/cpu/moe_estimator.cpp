@@ -272,7 +272,7 @@ template <typename T>
 struct BwdScratch {
   std::vector<T> pi, sc, coef, sdA, gl, gs, gpl, gps;
   BwdScratch(int64_t M, int64_t S, int64_t L)
-      : pi(M * S), sc(M * S), coef(3 * S), sdA(L), gl(M * S * L), gs(M * S * L), gpl(S * L), gps(S * L) {}
+      : pi(M * S), sc(M * S), coef(6 * S), sdA(L), gl(M * S * L), gs(M * S * L), gpl(S * L), gps(S * L) {}
 };
 
 // Sample k of expert r for the block's items: its rows of the z and lpx gradients, and its terms of
@@ -286,22 +286,29 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
   const int est = p.estimator;
   const bool alias = est == kMixture || est == kMixtureCentred;
   const char* own = &blk.on[r * S];
-  // the estimator's coefficients per item (moe_coef), 0 where expert r is absent
+  // the estimator's coefficients per item (moe_coef), 0 where expert r is absent. Every loop over
+  // the block's items below is branch-free (selects), so it runs over SIMD registers of items.
   T* om = &s.coef[0];
   T* al = &s.coef[S];
   T* amax = &s.coef[2 * S];  // per item: the max log-density over the present experts
+  T* norm = &s.coef[3 * S];  // per item: sum_m exp(a_m - max), then its inverse
+  T* s_own = &s.coef[4 * S];
+  T* s_other = &s.coef[5 * S];
+  const T* st = p.stats_in + (looser ? r * B : 0) * 2;
+  const T* lw = p.lw_in + row;
+  const T* g = p.g + blk.b0;
+  const T kc = T(p.Kc);
+#pragma omp simd
   for (int64_t i = 0; i < nb; ++i) {
-    const int64_t b = blk.b0 + i;
-    const T* st = p.stats_in + (looser ? r * B + b : b) * 2;
-    const T w = own[i] ? wbar(p.lw_in[row + i], st[0], st[1]) : T(0);
-    const T sg = own[i] ? p.g[b] / (looser ? blk.n_b[i] : T(1)) : T(0);
-    const T c = T(1) / (T(p.Kc) * (looser ? T(1) : blk.n_b[i]));
+    const T* sti = st + (blk.b0 + i) * 2;
+    const T w = own[i] ? wbar(lw[i], sti[0], sti[1]) : T(0);
+    const T sg = own[i] ? g[i] / (looser ? blk.n_b[i] : T(1)) : T(0);
+    const T c = T(1) / (kc * (looser ? T(1) : blk.n_b[i]));
     const T o = sg * w, centred = sg * (w - c);
     om[i] = o;
     al[i] = est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
-    const T s_own = est == kIwae ? o : T(0);
-    const T s_other = est == kIwae || est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
-    for (int64_t m = 0; m < M; ++m) s.sc[m * S + i] = m == r ? s_own : s_other;  // score weights, made sc below
+    s_own[i] = est == kIwae ? o : T(0);
+    s_other[i] = est == kIwae || est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
     p.glpx[row + i] = o;
   }
   // pi_m = q_m(z) / sum_m' q_m'(z) over the present experts, as exp(a_m - max) / sum_m' exp(a_m' - max)
@@ -311,29 +318,36 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
   for (int64_t m = 0; m < M; ++m)
     rows_log_density<F>(z, &blk.mu[m * S * L], &blk.inv[m * S * L], &blk.lss[m * S], nb, L, &s.pi[m * S]);
   const T ninf = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < nb; ++i) {
-    T m_i = ninf;
-    for (int64_t m = 0; m < M; ++m) {
-      const T am = blk.on[m * S + i] ? s.pi[m * S + i] : ninf;
-      m_i = nan_max(m_i, am);
-    }
-    amax[i] = m_i;
+#pragma omp simd
+  for (int64_t i = 0; i < nb; ++i) amax[i] = ninf, norm[i] = T(0);
+  for (int64_t m = 0; m < M; ++m) {
+    const T* am = &s.pi[m * S];
+    const char* on = &blk.on[m * S];
+#pragma omp simd
+    for (int64_t i = 0; i < nb; ++i) amax[i] = nan_max(amax[i], on[i] ? am[i] : ninf);
   }
   for (int64_t m = 0; m < M; ++m) {  // a becomes exp(a - max) (exp(a - max) alone where the max is infinite)
     T* pim = &s.pi[m * S];
     const char* on = &blk.on[m * S];
-    for (int64_t i = 0; i < nb; ++i) pim[i] = own[i] && on[i] ? fast_exp(pim[i] - amax[i]) : T(0);
+#pragma omp simd
+    for (int64_t i = 0; i < nb; ++i) {
+      const T e = fast_exp(pim[i] - amax[i]);
+      pim[i] = own[i] && on[i] ? e : T(0);
+      norm[i] += pim[i];
+    }
   }
-  for (int64_t i = 0; i < nb; ++i) {
-    if (!finite(amax[i])) continue;
-    T sum = T(0);
-    for (int64_t m = 0; m < M; ++m) sum += s.pi[m * S + i];
-    const T inv = sum > T(0) ? T(1) / sum : T(0);  // 0 where r is absent (all 0)
-    for (int64_t m = 0; m < M; ++m) s.pi[m * S + i] *= inv;
-  }
+#pragma omp simd
+  for (int64_t i = 0; i < nb; ++i)  // 0 where r is absent (all 0); unnormalised where the max is not finite
+    norm[i] = !finite(amax[i]) ? T(1) : norm[i] > T(0) ? T(1) / norm[i] : T(0);
   for (int64_t m = 0; m < M; ++m) {
+    T* pim = &s.pi[m * S];
     T* scm = &s.sc[m * S];
-    for (int64_t i = 0; i < nb; ++i) scm[i] = -scm[i] * s.pi[m * S + i];
+    const T* score = m == r ? s_own : s_other;
+#pragma omp simd
+    for (int64_t i = 0; i < nb; ++i) {
+      pim[i] *= norm[i];
+      scm[i] = -score[i] * pim[i];
+    }
   }
   T* gz = p.gz + row * L;
   T* sdA = s.sdA.data();  // sum_m pi_m d log q_m / dz over one item's row
