@@ -58,6 +58,42 @@ def test_cpu_ops_run_their_autograd_in_cpp():
         assert not any("GeneratedBackwardFor_mmvae_fast" in n for n in names), (op, names)
 
 
+@triton_test
+def test_triton_ops_run_eager_without_the_dispatcher():
+    """In eager the Triton ops run as autograd Functions over their Python entries (no dispatcher,
+    no torch.library wrapper per call: _autograd.EagerLibrary); torch.compile still sees the
+    registered ops (test_gpu.py, opcheck). Forward and backward of each op, with create_graph's
+    first-order guard intact."""
+    g = gen(3)
+    z = torch.randn(2, 3, 4, 5, generator=g)
+    loc = torch.randn(2, 4, 5, generator=g).requires_grad_()
+    scale = (0.5 + torch.rand(2, 4, 5, generator=g)).requires_grad_()
+    lpx = torch.randn(2, 3, 4, generator=g).requires_grad_()
+    run = {
+        "importance_weights": lambda: ops.importance_weights(lpx, (0, 1), backend="triton").bound,
+        "likelihood_sum": lambda: ops.likelihood_sum(z[0, 0], loc, family="normal", scale=scale, backend="triton"),
+        "mixture_log_density": lambda: ops.mixture_log_density(z, loc, scale, family="laplace", backend="triton"),
+        "importance_ratios": lambda: ops.importance_ratios(z, loc, scale, family="normal", backend="triton"),
+        "moe_estimator": lambda: ops.moe_estimator(z, loc, scale, loc[0], scale[0], lpx, family="normal",
+                                                   backend="triton").bound,
+    }
+    assert set(run) == set(_triton._OPS)
+    for op, f in run.items():
+        with torch.profiler.profile() as prof:
+            out = f()
+            torch.autograd.grad(out.sum(), [loc, scale, lpx], allow_unused=True)
+        names = {e.name for e in prof.events()}
+        assert not any(n.startswith("mmvae_fast_triton::") for n in names), (op, sorted(n for n in names if "mmvae" in n))
+        node, seen = out.grad_fn, []
+        while node is not None and not node.name().endswith("_eagerBackward"):
+            seen.append(node.name())
+            node = node.next_functions[0][0] if node.next_functions else None
+        assert node is not None, (op, seen)
+    (gl,) = torch.autograd.grad(run["moe_estimator"]().sum(), loc, create_graph=True)
+    with pytest.raises(ops.DoubleBackwardError, match="moe_estimator"):
+        torch.autograd.grad(gl.sum(), scale)
+
+
 def _extension_ops():
     return [op for op in ("importance_weights", "likelihood_sum", "mixture_log_density", "importance_ratios",
                           "moe_estimator") if hasattr(torch.ops.mmvae_fast, op)]

@@ -38,3 +38,45 @@ def first_order_only(backward_op, *ops: str) -> None:
 
     torch.library.register_autograd(backward_op, backward)
     _GUARDED.add(key)
+
+
+class EagerLibrary:
+    """The ops of a namespace whose implementations are Python (the Triton ops, `triton_op`s), as a
+    backend adapter calls them: while torch.compile traces, the registered ops (one graph node each,
+    with their fake kernels and autograd); in eager, each forward op as a torch.autograd.Function
+    over its Python implementation, with the op's own autograd formula. An eager call then costs one
+    Function, not the dispatcher and torch.library's Python autograd wrapper around the kernels'
+    launches (a GPU step at MMVAE sizes is bound by such host time).
+
+    module: the Python module that defines the ops (its `triton_op`s); formula(lib) -> (setup_context,
+    backward), the same formula the registered op gets (ops/<op>.py). The backward op runs as its
+    implementation too, except under create_graph, where the registered op's first-order guard
+    stands between a second derivative and the kernels (which record no graph)."""
+
+    def __init__(self, ns: str, module, formula):
+        self._ops, self._module, self._formula, self._eager = getattr(torch.ops, ns), module, formula, {}
+
+    def __getattr__(self, name):
+        if torch.compiler.is_compiling():
+            return getattr(self._ops, name)
+        fn = self._eager.get(name)
+        if fn is None:
+            setup_context, backward = self._formula(_FirstOrderImpls(self._ops, self._module))
+            fn = self._eager[name] = type(f"{name}_eager", (torch.autograd.Function,), {
+                "forward": staticmethod(getattr(self._module, name)._init_fn),
+                "setup_context": staticmethod(setup_context),
+                "backward": staticmethod(backward),
+            }).apply
+        return fn
+
+
+class _FirstOrderImpls:
+    """The backward ops for an eager formula: their Python implementations, or under create_graph
+    (grad mode on in backward) the registered ops, whose first_order_only guard raises on a second
+    derivative."""
+
+    def __init__(self, ops, module):
+        self._ops, self._module = ops, module
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name) if torch.is_grad_enabled() else getattr(self._module, name)._init_fn

@@ -13,19 +13,22 @@ import os
 import torch
 
 from . import _dispatch
+from ._autograd import EagerLibrary
 
 # each op's Triton ops live in mmvae_fast/kernels/<op>.py as mmvae_fast_triton::<op>, with the
 # schema of the C++ op; mmvae_fast/ops/<op>.py gives them the autograd formula and the adapter
+# (over an EagerLibrary: the registered ops while compiling, their implementations in eager)
 _OPS = ("importance_weights", "mixture_log_density", "importance_ratios", "likelihood_sum", "moe_estimator")
 _LOADED = {}  # op -> the backend entry, once the kernels are imported
 
 
 def _load(op):
     if op not in _LOADED:
-        importlib.import_module(f"mmvae_fast.kernels.{op}")  # defines mmvae_fast_triton::<op>
+        kernels = importlib.import_module(f"mmvae_fast.kernels.{op}")  # defines mmvae_fast_triton::<op>
         front = importlib.import_module(f"mmvae_fast.ops.{op}")
-        front.register_autograd("mmvae_fast_triton")
-        _LOADED[op] = front.backend("mmvae_fast_triton")
+        front.register_autograd("mmvae_fast_triton")  # for torch.compile
+        # in eager, the kernels' Python entries as autograd Functions: no dispatcher layers per call
+        _LOADED[op] = front.backend(EagerLibrary("mmvae_fast_triton", kernels, front.formula))
     return _LOADED[op]
 
 

@@ -30,7 +30,8 @@ def importance_ratios(z, loc, scale, *, family="normal", backend=None):
 # serves the Triton op, and csrc/autograd/importance_ratios.cpp is the same formula in C++ for the C++ op
 
 
-def register_autograd(ns: str) -> None:
+def formula(lib):
+    """(setup_context, backward) of the op's autograd; lib: where its backward op is called."""
     def setup_context(ctx, inputs, output):
         z, loc, scale, family = inputs
         ctx.save_for_backward(z, loc, scale, output)  # the ratios: d ratio / d a = ratio
@@ -40,19 +41,24 @@ def register_autograd(ns: str) -> None:
         z, loc, scale, ratio = ctx.saved_tensors
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             return None, None, None, None
-        gl, gs = getattr(torch.ops, ns).importance_ratios_backward(grad, ratio, z, loc, scale, ctx.family)
+        gl, gs = lib.importance_ratios_backward(grad, ratio, z, loc, scale, ctx.family)
         return None, gl if ctx.needs_input_grad[1] else None, gs if ctx.needs_input_grad[2] else None, None
 
+    return setup_context, backward
+
+
+def register_autograd(ns: str) -> None:
+    setup_context, backward = formula(getattr(torch.ops, ns))
     torch.library.register_autograd(f"{ns}::importance_ratios", backward, setup_context=setup_context)
     first_order_only(f"{ns}::importance_ratios_backward", "importance_ratios")
 
 
-def backend(ns: str):
-    """The backend entry (z, loc, scale, family) over <ns>::importance_ratios."""
+def backend(lib):
+    """The backend entry (z, loc, scale, family) over lib.importance_ratios (torch.ops.<ns>, or _autograd.EagerLibrary)."""
 
     def importance_ratios_(z, loc, scale, family):
         # z is detached by contract: the ratios' gradient reaches only loc and scale
-        return getattr(torch.ops, ns).importance_ratios(z.detach(), loc, scale, family)
+        return lib.importance_ratios(z.detach(), loc, scale, family)
 
     return importance_ratios_
 
@@ -73,4 +79,4 @@ if _extension.built("importance_ratios"):
     # the C++ op's autograd is C++ (csrc/autograd/importance_ratios.cpp: no Python frame in eager); its backward
     # op gets the first-order guard
     first_order_only("mmvae_fast::importance_ratios_backward", "importance_ratios")
-_extension.register("importance_ratios", backend("mmvae_fast"))
+_extension.register("importance_ratios", backend(torch.ops.mmvae_fast))

@@ -52,7 +52,8 @@ def importance_weights(lw, dim=0, *, backend=None) -> ImportanceWeights:
 # serves the Triton op, and csrc/autograd/importance_weights.cpp is the same formula in C++ for the C++ op
 
 
-def register_autograd(ns: str) -> None:
+def formula(lib):
+    """(setup_context, backward) of the op's autograd; lib: where its backward op is called."""
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], output[0], output[3])  # lw, lse, lse_lo: backward recomputes the weights
         ctx.mark_non_differentiable(output[3])
@@ -62,17 +63,22 @@ def register_autograd(ns: str) -> None:
         lw, lse, lse_lo = ctx.saved_tensors
         if g_lse is None and g_wbar is None and g_wbar_sq is None:
             return None
-        return getattr(torch.ops, ns).importance_weights_backward(lw, lse, lse_lo, g_lse, g_wbar, g_wbar_sq)
+        return lib.importance_weights_backward(lw, lse, lse_lo, g_lse, g_wbar, g_wbar_sq)
 
+    return setup_context, backward
+
+
+def register_autograd(ns: str) -> None:
+    setup_context, backward = formula(getattr(torch.ops, ns))
     torch.library.register_autograd(f"{ns}::importance_weights", backward, setup_context=setup_context)
     first_order_only(f"{ns}::importance_weights_backward", "importance_weights")
 
 
-def backend(ns: str):
-    """The backend entry (lw, dims) -> (bound, wbar, wbar_sq) over <ns>::importance_weights."""
+def backend(lib):
+    """The backend entry (lw, dims) -> (bound, wbar, wbar_sq) over lib.importance_weights (torch.ops.<ns>, or _autograd.EagerLibrary)."""
 
     def importance_weights_(lw, dims):
-        op = getattr(torch.ops, ns).importance_weights
+        op = lib.importance_weights
         shape = tuple(lw.shape)
         kept_shape = tuple([n for d, n in enumerate(shape) if d not in dims])
         N = math.prod([shape[d] for d in dims])
@@ -108,4 +114,4 @@ if _extension.built("importance_weights"):
     # the C++ op's autograd is C++ (csrc/autograd/importance_weights.cpp: no Python frame in eager); its backward
     # op gets the first-order guard
     first_order_only("mmvae_fast::importance_weights_backward", "importance_weights")
-_extension.register("importance_weights", backend("mmvae_fast"))
+_extension.register("importance_weights", backend(torch.ops.mmvae_fast))

@@ -69,7 +69,8 @@ def likelihood_sum(x, params, *, family, scale=None, backend=None):
 # serves the Triton op, and csrc/autograd/likelihood_sum.cpp is the same formula in C++ for the C++ op
 
 
-def register_autograd(ns: str) -> None:
+def formula(lib):
+    """(setup_context, backward) of the op's autograd; lib: where its backward op is called."""
     def setup_context(ctx, inputs, output):
         x, params, scale, family = inputs
         ctx.save_for_backward(x, params, scale)
@@ -80,9 +81,14 @@ def register_autograd(ns: str) -> None:
         need_p, need_s = ctx.needs_input_grad[1], scale is not None and ctx.needs_input_grad[2]
         if grad is None or not (need_p or need_s):
             return None, None, None, None
-        gp, gs = getattr(torch.ops, ns).likelihood_sum_backward(grad, x, params, scale, ctx.family, need_p, need_s)
+        gp, gs = lib.likelihood_sum_backward(grad, x, params, scale, ctx.family, need_p, need_s)
         return None, gp if need_p else None, gs if need_s else None, None
 
+    return setup_context, backward
+
+
+def register_autograd(ns: str) -> None:
+    setup_context, backward = formula(getattr(torch.ops, ns))
     torch.library.register_autograd(f"{ns}::likelihood_sum", backward, setup_context=setup_context)
     first_order_only(f"{ns}::likelihood_sum_backward", "likelihood_sum")
 
@@ -100,8 +106,8 @@ def _compact_scale(scale, params_shape, n_sample, n_event, dtype):
     return s.expand(target).reshape(flat)
 
 
-def backend(ns: str):
-    """The backend entry (x, params, family, scale) -> [*S, B] over <ns>::likelihood_sum."""
+def backend(lib):
+    """The backend entry (x, params, family, scale) -> [*S, B] over lib.likelihood_sum (torch.ops.<ns>, or _autograd.EagerLibrary)."""
 
     def likelihood_sum_(x, params, family, scale=None):
         x = x.detach()
@@ -120,7 +126,7 @@ def backend(ns: str):
         sc = None
         if family in ("normal", "laplace"):
             sc = _compact_scale(torch.as_tensor(scale, device=params.device), params.shape, len(sample), len(event), acc)
-        out = getattr(torch.ops, ns).likelihood_sum(xx, p, sc, LIKELIHOOD_CODES[family])
+        out = lib.likelihood_sum(xx, p, sc, LIKELIHOOD_CODES[family])
         return out.reshape(*sample, B)
 
     return likelihood_sum_
@@ -145,4 +151,4 @@ if _extension.built("likelihood_sum"):
     # the C++ op's autograd is C++ (csrc/autograd/likelihood_sum.cpp: no Python frame in eager); its backward
     # op gets the first-order guard
     first_order_only("mmvae_fast::likelihood_sum_backward", "likelihood_sum")
-_extension.register("likelihood_sum", backend("mmvae_fast"))
+_extension.register("likelihood_sum", backend(torch.ops.mmvae_fast))

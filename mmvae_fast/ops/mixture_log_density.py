@@ -45,7 +45,8 @@ def mixture_log_density(z, loc, scale, *, family="normal", mask=None, return_pai
 # in C++ for the C++ ops
 
 
-def register_autograd(ns: str) -> None:
+def formula(lib):
+    """(setup_context, backward) of the op's autograd; lib: where its backward op is called."""
     def setup_context(ctx, inputs, output):
         z, loc, scale, family, mask = inputs
         lq = output[0] if isinstance(output, (tuple, list)) else output
@@ -59,23 +60,28 @@ def register_autograd(ns: str) -> None:
         want = [bool(w) for w in ctx.needs_input_grad[:3]]
         if not any(want) or (grad_lq is None and grad_a is None):
             return None, None, None, None, None
-        gz, gl, gs = getattr(torch.ops, ns).mixture_log_density_backward(
+        gz, gl, gs = lib.mixture_log_density_backward(
             grad_lq, grad_a, z, loc, scale, lq, ctx.family, mask, want
         )
         return gz if want[0] else None, gl if want[1] else None, gs if want[2] else None, None, None
 
+    return setup_context, backward
+
+
+def register_autograd(ns: str) -> None:
+    setup_context, backward = formula(getattr(torch.ops, ns))
     for name in ("mixture_log_density", "mixture_log_density_pairwise"):
         torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup_context)
     first_order_only(f"{ns}::mixture_log_density_backward", "mixture_log_density")
 
 
-def backend(ns: str):
-    """The backend entry (z, loc, scale, family, mask, pairwise) over <ns>::mixture_log_density."""
+def backend(lib):
+    """The backend entry (z, loc, scale, family, mask, pairwise) over lib.mixture_log_density (torch.ops.<ns>, or _autograd.EagerLibrary)."""
 
     def mixture_log_density_(z, loc, scale, family, mask, pairwise):
         if pairwise:
-            return getattr(torch.ops, ns).mixture_log_density_pairwise(z, loc, scale, family, mask)
-        return getattr(torch.ops, ns).mixture_log_density(z, loc, scale, family, mask)
+            return lib.mixture_log_density_pairwise(z, loc, scale, family, mask)
+        return lib.mixture_log_density(z, loc, scale, family, mask)
 
     return mixture_log_density_
 
@@ -102,4 +108,4 @@ if _extension.built("mixture_log_density"):
     # the C++ op's autograd is C++ (csrc/autograd/mixture_log_density.cpp: no Python frame in eager); its backward
     # op gets the first-order guard
     first_order_only("mmvae_fast::mixture_log_density_backward", "mixture_log_density")
-_extension.register("mixture_log_density", backend("mmvae_fast"))
+_extension.register("mixture_log_density", backend(torch.ops.mmvae_fast))

@@ -112,7 +112,8 @@ def apply_z_weight(zs, z_weight):
 #                               stats [M*B (looser) or B, 2]: each softmax's (max, log-sum))
 
 
-def register_autograd(ns: str) -> None:
+def formula(lib):
+    """(setup_context, backward) of the op's autograd; lib: where its backward op is called."""
     def setup_context(ctx, inputs, output):
         z, loc, scale, prior_loc, prior_scale, _lpx, family, prior_family, bound, estimator, mask, _lse, ns_ = inputs
         _bound, lw, zw, lq, stats = output
@@ -124,23 +125,29 @@ def register_autograd(ns: str) -> None:
         z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats = ctx.saved_tensors
         if grad is None or not any(ctx.needs_input_grad[:6]):
             return (None,) * 13
-        grads = getattr(torch.ops, ns).moe_estimator_backward(
+        grads = lib.moe_estimator_backward(
             grad, z, loc, scale, prior_loc, prior_scale, mask, lw, lq, stats, *ctx.args
         )
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None,) * 7
 
+    return setup_context, backward
+
+
+def register_autograd(ns: str) -> None:
+    setup_context, backward = formula(getattr(torch.ops, ns))
     torch.library.register_autograd(f"{ns}::moe_estimator", backward, setup_context=setup_context)
     first_order_only(f"{ns}::moe_estimator_backward", "moe_estimator")
 
 
-def backend(ns: str):
-    """The backend entry over <ns>::moe_estimator -> (bound, lw, z_weight or None)."""
+def backend(lib):
+    """The backend entry over lib.moe_estimator (torch.ops.<ns>, or
+    _autograd.EagerLibrary) -> (bound, lw, z_weight or None)."""
 
     def moe_estimator_(z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse,
                        num_samples):
         if z.dtype not in (torch.float32, torch.float64):  # half inputs: the kernels read float32
             z, loc, scale, prior_loc, prior_scale = (t.float() for t in (z, loc, scale, prior_loc, prior_scale))
-        bound_, lw, zw, _lq, _stats = getattr(torch.ops, ns).moe_estimator(
+        bound_, lw, zw, _lq, _stats = lib.moe_estimator(
             z, loc, scale, prior_loc, prior_scale, lpx, family, prior_family, bound, estimator, mask, lse, num_samples
         )
         return bound_, lw, (zw if zw.numel() else None)
@@ -170,4 +177,4 @@ if _extension.built("moe_estimator"):
     # the C++ op's autograd is C++ (csrc/autograd/moe_estimator.cpp: no Python frame in eager); its backward
     # op gets the first-order guard
     first_order_only("mmvae_fast::moe_estimator_backward", "moe_estimator")
-_extension.register("moe_estimator", backend("mmvae_fast"))
+_extension.register("moe_estimator", backend(torch.ops.mmvae_fast))
