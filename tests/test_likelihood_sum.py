@@ -271,7 +271,7 @@ def test_likelihood_sum_bernoulli_infinite_logits(backend):
 @pytest.mark.parametrize("scale, match", [
     (0.0, "strictly positive"), (-1, "strictly positive"), (float("nan"), "strictly positive"),
     (torch.ones(5), "does not broadcast"), (torch.ones(1, 2, 3, 4), "does not broadcast"),
-    (torch.zeros(4), "strictly positive"),
+    (torch.zeros(4), "strictly positive"), (torch.tensor(0.0), "strictly positive"), (torch.tensor([-2.0]), "strictly positive"),
 ])
 def test_likelihood_sum_bad_scale_is_a_clear_error(scale, match):
     x, params = torch.rand(3, 4), torch.rand(2, 3, 4)

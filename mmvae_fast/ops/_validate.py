@@ -71,6 +71,10 @@ def positive(name: str, t) -> None:
             raise ValueError(f"argument '{name}' must be strictly positive (it is a scale)")
         return
     if _checks_enabled(t):
+        if t.numel() == 1 and t.device.type == "cpu":  # one number: read it (NaN passes: NaN in, NaN out)
+            if float(t) <= 0:
+                raise ValueError(f"argument '{name}' must be strictly positive (it is a scale)")
+            return
         _assert_none(t <= 0, f"argument '{name}' must be strictly positive (it is a scale)")
 
 

@@ -96,6 +96,8 @@ def register_autograd(ns: str) -> None:
 def _compact_scale(scale, params_shape, n_sample, n_event, dtype):
     """scale broadcast to params [*S, B, *E] as [S|1, B|1, E|1]."""
     s = scale.to(dtype)
+    if s.numel() == 1:  # a scalar scale, the common case: no broadcast to work out
+        return s.reshape(1, 1, 1)
     s = s.reshape((1,) * (len(params_shape) - s.dim()) + tuple(s.shape))
     groups = [(0, n_sample), (n_sample, n_sample + 1), (n_sample + 1, len(params_shape))]
     target, flat = [], []
