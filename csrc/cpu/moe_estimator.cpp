@@ -152,11 +152,11 @@ MMVAE_ALWAYS_INLINE void forward_tile(const Args<T>& p, const Block<T>& blk, Fwd
   T mx[kTilePairs], sum[kTilePairs], lse[kTilePairs];
   for (int64_t j0 = 0; j0 < n; j0 += kTilePairs) {  // more than kTilePairs pairs only when nb > kTilePairs
     const int64_t w = std::min(kTilePairs, n - j0);
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = 0; p.mask != nullptr && m < M; ++m) {  // absent experts (a mask): no mass
       T* am = &s.a[m * P + j0];
       const char* on = &blk.on[m * S];
 #pragma omp simd
-      for (int64_t j = 0; j < w; ++j) am[j] = on[(j0 + j) % nb] ? am[j] : ninf;  // absent experts: no mass
+      for (int64_t j = 0; j < w; ++j) am[j] = on[(j0 + j) % nb] ? am[j] : ninf;
     }
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) mx[j] = ninf, sum[j] = T(0);
