@@ -125,11 +125,129 @@ MMVAE_LIK_ROWS(float)
 MMVAE_LIK_ROWS(double)
 #undef MMVAE_LIK_ROWS
 
+// Few event dims (E = 4, say): a SIMD loop over one row's E numbers is mostly its remainder and
+// its horizontal add. When the scale is one number, or one per (b, e) (so that a sample's rows of
+// x, params and scale are all contiguous), the rows of one sample are instead walked as one flat
+// run of numbers, kFlatTile rows at a time: the elementwise terms over the whole run, then each
+// row's sum in order over its e.
+constexpr int64_t kFlatMaxE = 16, kFlatTile = 128;
+
+// The scale's step per flat element: 0 (one number) or 1 (one per (b, e)); -1: no flat walk.
+MMVAE_ALWAYS_INLINE int64_t flat_scale_step(const lik::Dims& d) {
+  if (d.E > kFlatMaxE) return -1;
+  if (d.sB == 1 && d.sE == 1) return 0;
+  return d.sB == d.B && d.sE == d.E ? 1 : -1;
+}
+
+// Each of n rows' sum of its E terms, in order over e; and g spread over each row's E numbers. With
+// E a compile-time constant (EC > 0) the inner loop unrolls and the compiler vectorises over rows.
+template <int EC, typename T>
+MMVAE_ALWAYS_INLINE void row_sums_e(const T* t, int64_t n, int64_t E_, T* out) {
+  const int64_t E = EC > 0 ? EC : E_;
+  for (int64_t i = 0; i < n; ++i) {
+    T acc = T(0);
+    for (int64_t e = 0; e < E; ++e) acc += t[i * E + e];
+    out[i] = acc;
+  }
+}
+
+template <int EC, typename T>
+MMVAE_ALWAYS_INLINE void spread_e(const T* g, int64_t n, int64_t E_, T* gt) {
+  const int64_t E = EC > 0 ? EC : E_;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t e = 0; e < E; ++e) gt[i * E + e] = g[i];
+}
+
+// E at its common small values as a compile-time constant, else at run time.
+template <typename T>
+MMVAE_ALWAYS_INLINE void row_sums(const T* t, int64_t n, int64_t E, T* out) {
+  // clang-format off
+  switch (E) {
+    case 1: return row_sums_e<1>(t, n, E, out);
+    case 2: return row_sums_e<2>(t, n, E, out);
+    case 3: return row_sums_e<3>(t, n, E, out);
+    case 4: return row_sums_e<4>(t, n, E, out);
+    case 8: return row_sums_e<8>(t, n, E, out);
+    default: return row_sums_e<0>(t, n, E, out);
+  }
+  // clang-format on
+}
+
+template <typename T>
+MMVAE_ALWAYS_INLINE void spread(const T* g, int64_t n, int64_t E, T* gt) {
+  // clang-format off
+  switch (E) {
+    case 1: return spread_e<1>(g, n, E, gt);
+    case 2: return spread_e<2>(g, n, E, gt);
+    case 3: return spread_e<3>(g, n, E, gt);
+    case 4: return spread_e<4>(g, n, E, gt);
+    case 8: return spread_e<8>(g, n, E, gt);
+    default: return spread_e<0>(g, n, E, gt);
+  }
+  // clang-format on
+}
+
+template <int F, typename T>
+MMVAE_ALWAYS_INLINE void loc_forward_flat(const lik::Dims& d, int64_t st, const T* x, const T* p, const T* inv,
+                                          const T* logs, int64_t begin, int64_t end, T* out) {
+  const int64_t E = d.E;
+  T t[kFlatMaxE * kFlatTile];
+  for (int64_t row = begin, n; row < end; row += n) {  // runs of at most kFlatTile rows of one sample s
+    const int64_t s = row / d.B, b0 = row % d.B;
+    n = std::min({kFlatTile, d.B - b0, end - row});
+    const int64_t so = st * ((d.sS > 1 ? s : 0) * d.B + b0) * E;
+    const T *xr = x + b0 * E, *pr = p + row * E, *iv = inv + so, *ls = logs + so;
+    if (st == 0) {
+#pragma omp simd
+      for (int64_t j = 0; j < n * E; ++j) t[j] = log_density<T>(F, xr[j], pr[j], iv[0], ls[0]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n * E; ++j) t[j] = log_density<T>(F, xr[j], pr[j], iv[j], ls[j]);
+    }
+    row_sums(t, n, E, out + row);
+  }
+}
+
+// The flat walk's backward: g spread over each row's E numbers, then elementwise.
+template <int F, typename T>
+MMVAE_ALWAYS_INLINE void loc_backward_flat(const lik::Dims& d, int64_t st, const T* x, const T* p, const T* inv,
+                                           const T* g, int64_t begin, int64_t end, T* gp, T* gs) {
+  const int64_t E = d.E;
+  T gt[kFlatMaxE * kFlatTile];
+  for (int64_t row = begin, n; row < end; row += n) {  // runs of at most kFlatTile rows of one sample s
+    const int64_t s = row / d.B, b0 = row % d.B;
+    n = std::min({kFlatTile, d.B - b0, end - row});
+    const int64_t so = st * ((d.sS > 1 ? s : 0) * d.B + b0) * E, ne = n * E;
+    const T *xr = x + b0 * E, *pr = p + row * E, *iv = inv + so;
+    spread(g + row, n, E, gt);
+    if (gp) {
+      T* gr = gp + row * E;
+#pragma omp simd
+      for (int64_t j = 0; j < ne; ++j)
+        gr[j] = weighted_grad(gt[j], log_density_grad<T>(F, xr[j], pr[j], iv[j * st]).dloc);
+    }
+    if (!gs) continue;
+    if (st == 0) {
+      T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < ne; ++j) acc += weighted_grad(gt[j], log_density_grad<T>(F, xr[j], pr[j], iv[0]).dscale);
+      gs[0] += acc;
+    } else {
+      T* gr = gs + so;
+#pragma omp simd
+      for (int64_t j = 0; j < ne; ++j)
+        gr[j] += weighted_grad(gt[j], log_density_grad<T>(F, xr[j], pr[j], iv[j]).dscale);
+    }
+  }
+}
+
 // Whole ranges of (s, b) rows in one call, for params already in the accumulation dtype: with a
 // few event dims (E = 4, say) a call and two integer divisions per row cost more than the row.
 template <int F, typename T>
 MMVAE_ALWAYS_INLINE void loc_forward_range_impl(const lik::Dims& d, const T* x, const T* p, const T* inv, const T* logs,
                                                 int64_t begin, int64_t end, T* out) {
+  if (const int64_t st = flat_scale_step(d); st >= 0)
+    return loc_forward_flat<F>(d, st, x, p, inv, logs, begin, end, out);
   const int64_t E = d.E, se = d.sE > 1 ? 1 : 0;
   int64_t s = begin / d.B, b = begin % d.B;
   for (int64_t row = begin; row < end; ++row) {
@@ -142,6 +260,8 @@ MMVAE_ALWAYS_INLINE void loc_forward_range_impl(const lik::Dims& d, const T* x, 
 template <int F, typename T>
 MMVAE_ALWAYS_INLINE void loc_backward_range_impl(const lik::Dims& d, const T* x, const T* p, const T* inv, const T* g,
                                                  int64_t begin, int64_t end, T* gp, T* gs) {
+  if (const int64_t st = flat_scale_step(d); st >= 0)
+    return loc_backward_flat<F>(d, st, x, p, inv, g, begin, end, gp, gs);
   const int64_t E = d.E, se = d.sE > 1 ? 1 : 0;
   int64_t s = begin / d.B, b = begin % d.B;
   for (int64_t row = begin; row < end; ++row) {
