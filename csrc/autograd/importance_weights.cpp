@@ -8,10 +8,7 @@
 namespace mmvae_fast::autograd {
 namespace {
 
-using Opt = c10::optional<at::Tensor>;
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-Opt given(const at::Tensor& t) { return t.defined() ? Opt(t) : c10::nullopt; }
 
 struct ImportanceWeights : torch::autograd::Function<ImportanceWeights> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& lw) {

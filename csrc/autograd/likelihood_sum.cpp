@@ -7,8 +7,6 @@
 namespace mmvae_fast::autograd {
 namespace {
 
-using Opt = c10::optional<at::Tensor>;
-
 struct LikelihoodSum : torch::autograd::Function<LikelihoodSum> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& params, const Opt& scale,
                             int64_t family) {

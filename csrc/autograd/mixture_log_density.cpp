@@ -8,10 +8,7 @@
 namespace mmvae_fast::autograd {
 namespace {
 
-using Opt = c10::optional<at::Tensor>;
 using Str = c10::string_view;
-
-Opt given(const at::Tensor& t) { return t.defined() ? Opt(t) : c10::nullopt; }
 
 struct MixtureLogDensity : torch::autograd::Function<MixtureLogDensity> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& z, const at::Tensor& loc,

@@ -10,7 +10,6 @@ namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using Opt = c10::optional<at::Tensor>;
 using Str = c10::string_view;
 
 struct MoEEstimator : torch::autograd::Function<MoEEstimator> {
@@ -49,7 +48,7 @@ struct MoEEstimator : torch::autograd::Function<MoEEstimator> {
                       bound = ctx->saved_data["bound"].toStringRef(),
                       estimator = ctx->saved_data["estimator"].toStringRef();
     const auto num_samples = ctx->saved_data["num_samples"].toOptional<int64_t>();
-    const Opt mask = s[5].defined() ? Opt(s[5]) : c10::nullopt;
+    const Opt mask = given(s[5]);
     auto gs = backward_call(op, g, s[0], s[1], s[2], s[3], s[4], mask, s[6], s[7], s[8], family, prior_family, bound,
                             estimator, num_samples);
     at::Tensor all[6] = {std::get<0>(gs), std::get<1>(gs), std::get<2>(gs),

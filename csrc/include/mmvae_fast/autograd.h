@@ -13,6 +13,10 @@ namespace mmvae_fast::autograd {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using Opt = c10::optional<at::Tensor>;
+
+// An optional tensor argument from a tensor that may be undefined (an unused output's gradient).
+inline Opt given(const at::Tensor& t) { return t.defined() ? Opt(t) : c10::nullopt; }
 
 // mmvae_fast::<name>, typed, looked up once per call site.
 template <typename Sig>
