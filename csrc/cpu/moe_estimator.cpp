@@ -52,9 +52,11 @@ MMVAE_ALWAYS_INLINE bool finite(T x) {
 }
 
 // The weight of lw in its slice's softmax from the slice's (max, log-sum): moe_wbar, vectorisable.
+// The exp is taken unconditionally (a select, not a branch, so loops over items vectorise).
 template <typename T>
 MMVAE_ALWAYS_INLINE T wbar(T lw, T mx, T ls) {
-  return mx == -std::numeric_limits<T>::infinity() ? T(0) : fast_exp((lw - mx) - ls);
+  const T e = fast_exp((lw - mx) - ls);
+  return mx == -std::numeric_limits<T>::infinity() ? T(0) : e;
 }
 
 // A block of items [b0, b0 + nb) and their parameters in z's row layout ([item][l]), with 1/scale
@@ -257,10 +259,18 @@ MMVAE_ALWAYS_INLINE void forward_finish(const Args<T>& p, const Block<T>& blk) {
     for (int64_t k = 0; k < K; ++k) {
       const T* lw = p.lw + (r * K + k) * B + b0;
       T* zw = p.zw + (r * K + k) * B + b0;  // holds pi_own
+      if (eq8) {  // two loops: a select on the loop-invariant eq8 kept GCC from vectorising one
 #pragma omp simd
-      for (int64_t i = 0; i < nb; ++i) {
-        const T w = wbar(lw[i], m[i], sm[i]);
-        zw[i] = !own[i] ? T(0) : eq8 ? w : T(1) - zw[i] * (T(1) - w);
+        for (int64_t i = 0; i < nb; ++i) {
+          const T w = wbar(lw[i], m[i], sm[i]);
+          zw[i] = own[i] ? w : T(0);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < nb; ++i) {
+          const T w = wbar(lw[i], m[i], sm[i]);
+          zw[i] = own[i] ? T(1) - zw[i] * (T(1) - w) : T(0);
+        }
       }
     }
   }
@@ -270,9 +280,19 @@ MMVAE_ALWAYS_INLINE void forward_finish(const Args<T>& p, const Block<T>& blk) {
 // sample row, and the block's parameter gradients in loc's layout, accumulated over the samples.
 template <typename T>
 struct BwdScratch {
-  std::vector<T> pi, sc, coef, sdA, gl, gs, gpl, gps;
+  std::vector<T> pi, sc, coef, gdiv, cc, zero, sdA, gl, gs, gpl, gps;
   BwdScratch(int64_t M, int64_t S, int64_t L)
-      : pi(M * S), sc(M * S), coef(6 * S), sdA(L), gl(M * S * L), gs(M * S * L), gpl(S * L), gps(S * L) {}
+      : pi(M * S),
+        sc(M * S),
+        coef(4 * S),
+        gdiv(S),
+        cc(S),
+        zero(S),
+        sdA(L),
+        gl(M * S * L),
+        gs(M * S * L),
+        gpl(S * L),
+        gps(S * L) {}
 };
 
 // Sample k of expert r for the block's items: its rows of the z and lpx gradients, and its terms of
@@ -286,29 +306,31 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
   const int est = p.estimator;
   const bool alias = est == kMixture || est == kMixtureCentred;
   const char* own = &blk.on[r * S];
-  // the estimator's coefficients per item (moe_coef), 0 where expert r is absent. Every loop over
-  // the block's items below is branch-free (selects), so it runs over SIMD registers of items.
+  // the estimator's coefficients per item (moe_coef), 0 where expert r is absent: o = g wbar and
+  // its centred form g (wbar - c). Every loop over the block's items below is branch-free (selects
+  // on per-item values: a select on a loop-invariant flag, or a load under a condition, kept GCC
+  // from vectorising them), so it runs over SIMD registers of items.
   T* om = &s.coef[0];
-  T* al = &s.coef[S];
+  T* ce = &s.coef[S];
   T* amax = &s.coef[2 * S];  // per item: the max log-density over the present experts
   T* norm = &s.coef[3 * S];  // per item: sum_m exp(a_m - max), then its inverse
-  T* s_own = &s.coef[4 * S];
-  T* s_other = &s.coef[5 * S];
+  const T* zero = s.zero.data();
+  const T* al = est == kMixture ? om : est == kMixtureCentred ? ce : zero;  // the own alias's weight
+  const T* s_own = est == kIwae ? om : zero;                                // the experts' score weights
+  const T* s_other = est == kIwae || est == kMixture ? om : est == kMixtureCentred ? ce : zero;
   const T* st = p.stats_in + (looser ? r * B : 0) * 2;
   const T* lw = p.lw_in + row;
   const T* g = p.g + blk.b0;
-  const T kc = T(p.Kc);
+  const T *gdiv = s.gdiv.data(), *cc = s.cc.data();
 #pragma omp simd
   for (int64_t i = 0; i < nb; ++i) {
     const T* sti = st + (blk.b0 + i) * 2;
-    const T w = own[i] ? wbar(lw[i], sti[0], sti[1]) : T(0);
-    const T sg = own[i] ? g[i] / (looser ? blk.n_b[i] : T(1)) : T(0);
-    const T c = T(1) / (kc * (looser ? T(1) : blk.n_b[i]));
-    const T o = sg * w, centred = sg * (w - c);
+    const T wv = wbar(lw[i], sti[0], sti[1]), gi = g[i] / gdiv[i];
+    const bool on = own[i] != 0;
+    const T w = on ? wv : T(0), sg = on ? gi : T(0);
+    const T o = sg * w;
     om[i] = o;
-    al[i] = est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
-    s_own[i] = est == kIwae ? o : T(0);
-    s_other[i] = est == kIwae || est == kMixture ? o : est == kMixtureCentred ? centred : T(0);
+    ce[i] = sg * (w - cc[i]);
     p.glpx[row + i] = o;
   }
   // pi_m = q_m(z) / sum_m' q_m'(z) over the present experts, as exp(a_m - max) / sum_m' exp(a_m' - max)
@@ -332,8 +354,9 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
 #pragma omp simd
     for (int64_t i = 0; i < nb; ++i) {
       const T e = fast_exp(pim[i] - amax[i]);
-      pim[i] = own[i] && on[i] ? e : T(0);
-      norm[i] += pim[i];
+      const T v = (own[i] & on[i]) ? e : T(0);  // &, not &&: no branch in the SIMD loop
+      pim[i] = v;
+      norm[i] += v;
     }
   }
 #pragma omp simd
@@ -436,6 +459,13 @@ MMVAE_ALWAYS_INLINE void backward_range_t(const Args<T>& p, int64_t q0, int64_t 
   BwdScratch<T> s(M, S, L);
   for (int64_t q = q0; q < q1; ++q) {
     load_block(blk, p, q * S);
+    // per item: the bound's gradient is divided by gdiv (the looser bound's mean over the present
+    // experts), and the centred estimators subtract c = 1 / (samples in the item's softmax)
+    const bool looser = p.bound_kind == kLooser;
+    for (int64_t i = 0; i < blk.nb; ++i) {
+      s.gdiv[i] = looser ? blk.n_b[i] : T(1);
+      s.cc[i] = T(1) / (T(p.Kc) * (looser ? T(1) : blk.n_b[i]));
+    }
     std::fill(s.gl.begin(), s.gl.end(), T(0));
     std::fill(s.gs.begin(), s.gs.end(), T(0));
     std::fill(s.gpl.begin(), s.gpl.end(), T(0));

@@ -31,7 +31,7 @@ MMVAE_HD T log_expert_count(int64_t n) {
 // seen it stays.
 template <typename T>
 MMVAE_HD T nan_max(T m, T x) {
-  return (x > m || x != x) ? x : m;
+  return ((x > m) | (x != x)) ? x : m;  // |, not ||: a branch would keep SIMD loops scalar
 }
 // The shift used for the sum: the max, or 0 when every term is -inf (the sum is then 0).
 template <typename T>
