@@ -78,6 +78,26 @@ def test_importance_weights_nan_propagates(backend):
     assert torch.isfinite(bound[1]) and torch.isfinite(w[1]).all()
 
 
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+def test_importance_weights_pos_inf_gives_an_inf_bound(backend, layout):
+    """A +inf log weight: the bound is +inf, and the weight and the gradient at it NaN (the softmax
+    is undefined there, and says so; docs/design.md section 2, as moe_estimator); with a NaN in the
+    slice too, NaN. The other slices are untouched. 300 samples: the +inf of slice 0 is in the CPU
+    row kernel's second chunk."""
+    g = torch.Generator().manual_seed(4)
+    lw = rand(3, 300, gen=g, scale=3.0)
+    lw[0, 280] = math.inf
+    lw[1, 10], lw[1, 20] = math.inf, math.nan
+    x = (lw if layout == "rows" else lw.t().contiguous()).requires_grad_()
+    dim = 1 if layout == "rows" else 0
+    bound, w, _ = ops.importance_weights(x, dim, backend=backend)
+    (gx,) = torch.autograd.grad(bound.sum(), x)
+    w, gx = (w, gx) if layout == "rows" else (w.t(), gx.t())
+    assert bound[0] == math.inf and torch.isnan(bound[1]), bound
+    assert torch.isnan(w[0, 280]) and torch.isnan(gx[0, 280])
+    check_close((bound[2], w[2], gx[2]), (direct_iw(lw[2:], (1,))[0][0], direct_iw(lw[2:], (1,))[1][0], w[2]))
+
+
 def test_importance_weights_large_magnitudes(backend):
     g = torch.Generator().manual_seed(2)
     lw = (rand(8, 30, gen=g) + 1e4).requires_grad_()

@@ -45,8 +45,9 @@ MMVAE_ALWAYS_INLINE LseSplit<T> forward_row_impl(const T* x, int64_t n, T* w, T*
     T m = kNegInf;
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < len; ++j) m = xc[j] > m ? xc[j] : m;
-    // An all -inf chunk: exp(x - 0) = 0 (as the reference). A NaN shows up in the sum below.
-    m = m == kNegInf ? T(0) : m;
+    // An infinite max shifts by 0 (as the reference): an all -inf chunk sums exp(x - 0) = 0, one
+    // with a +inf sums +inf (the bound is +inf), not exp(inf - inf) = NaN. A NaN shows up in the sum.
+    m = std::isfinite(m) ? m : T(0);
     T s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < len; ++j) {
@@ -118,7 +119,7 @@ MMVAE_ALWAYS_INLINE void forward_cols_impl(const T* x, int64_t n, int64_t stride
 #pragma omp simd
     for (int64_t t = 0; t < width; ++t) m[t] = xr[t] > m[t] ? xr[t] : m[t];
   }
-  for (int64_t t = 0; t < width; ++t) m[t] = m[t] == kNegInf ? T(0) : m[t];  // all -inf: exp(x - 0) = 0
+  for (int64_t t = 0; t < width; ++t) m[t] = std::isfinite(m[t]) ? m[t] : T(0);  // infinite: as forward_row_impl
   for (int64_t j = 0; j < n; ++j) {
     const T* xr = x + j * stride;
     T* wr = w + j * stride;

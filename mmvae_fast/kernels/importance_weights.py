@@ -54,8 +54,9 @@ def _iw_fwd_kernel(x_ptr, w_ptr, w2_ptr, lse_ptr, lo_ptr, R, N, BLOCK_R: tl.cons
         msk = rmask[:, None] & (c < N)[None, :]
         x = tl.load(x_ptr + base + c[None, :], mask=msk, other=float("-inf")).to(acc)
         m_new = tl.maximum(m, tl.max(x, 1))
-        # a row that has seen only -inf keeps s = 0: shift by 0 instead of -inf - -inf = NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # an infinite max shifts by 0 (as the reference): a row that has seen only -inf keeps s = 0
+        # (not -inf - -inf = NaN), one with a +inf gets s = +inf and the bound +inf (not inf - inf)
+        m_safe = tl.where(m_new - m_new == 0.0, m_new, 0.0)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)  # NaN sticks in s
         m = m_new
     lse, lo = _lse_split(m, s)

@@ -44,9 +44,12 @@ def importance_weights(lw, dim=0):
 
 def safe_logsumexp(x, dims):
     """(logsumexp over dims keeping them, softmax over dims) with all -inf slices giving
-    (-inf, 0) and zero gradients instead of NaN."""
+    (-inf, 0) and zero gradients instead of NaN, and a +inf giving +inf (its weight and gradient
+    NaN: the softmax is undefined there)."""
     m = x.detach().amax(dims, keepdim=True)
-    m = torch.where(m == -math.inf, torch.zeros_like(m), m)  # all -inf slice: exp(x - 0) = 0
+    # shift by 0 where the max is infinite: all -inf gives exp(x - 0) = 0; a +inf gives a sum of +inf
+    # (not exp(inf - inf) = NaN), so the bound is +inf unless a NaN is in the slice
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(x - m)
     s = e.sum(dims, keepdim=True)
     empty = s == 0  # NaN is not empty: it must propagate
