@@ -329,8 +329,12 @@ at::Tensor likelihood_sum_cpu(const at::Tensor& x_in, const at::Tensor& params_i
   const int64_t SB = d.S * d.B, E = d.E, V = d.V;
   if (SB == 0) return out;
   if (family == kLikCategorical) lik::check_indices(x, V);
+  // 1 / scale and log scale: two numbers for a one-number scale (the common fixed likelihood
+  // scale: no tensor ops per call), else tensors
+  const bool loc_family = family == kLikNormal || family == kLikLaplace;
+  const bool one_scale = loc_family && scale->numel() == 1;
   at::Tensor inv, logs;
-  if (family == kLikNormal || family == kLikLaplace) {
+  if (loc_family && !one_scale) {
     const at::Tensor sc = scale->contiguous();
     inv = sc.reciprocal();
     logs = sc.log();
@@ -361,8 +365,9 @@ at::Tensor likelihood_sum_cpu(const at::Tensor& x_in, const at::Tensor& params_i
       return;
     }
     const acc_t* px = x.const_data_ptr<acc_t>();
-    const acc_t* pinv = inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* plogs = logs.defined() ? logs.const_data_ptr<acc_t>() : nullptr;
+    const acc_t s1 = one_scale ? *scale->const_data_ptr<acc_t>() : acc_t(1), inv1 = acc_t(1) / s1, logs1 = std::log(s1);
+    const acc_t* pinv = one_scale ? &inv1 : inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* plogs = one_scale ? &logs1 : logs.defined() ? logs.const_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, SB, grain_for(E), [&](int64_t begin, int64_t end) {
       const FlushDenormals ftz;
       if constexpr (kWide) {
@@ -406,8 +411,9 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
   const int64_t SB = d.S * d.B, E = d.E, V = d.V;
   if (SB == 0 || !(params_grad || scale_grad)) return {gparams, gscale};
   if (family == kLikCategorical) lik::check_indices(x, V);
+  const bool one_scale = loc_family && scale->numel() == 1;  // 1 / scale as a number, as the forward
   at::Tensor inv;
-  if (loc_family) inv = scale->contiguous().reciprocal();
+  if (loc_family && !one_scale) inv = scale->contiguous().reciprocal();
   // The scale gradient sums over the rows that share a scale row. When every sample row has its
   // own, rows write directly; otherwise each thread accumulates into its own copy.
   const bool own_scale_rows = d.sS * d.sB == SB;
@@ -436,7 +442,8 @@ std::tuple<at::Tensor, at::Tensor> likelihood_sum_backward_cpu(const at::Tensor&
       return;
     }
     const acc_t* px = x.const_data_ptr<acc_t>();
-    const acc_t* pinv = inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr;
+    const acc_t inv1 = acc_t(1) / (one_scale ? *scale->const_data_ptr<acc_t>() : acc_t(1));
+    const acc_t* pinv = one_scale ? &inv1 : inv.defined() ? inv.const_data_ptr<acc_t>() : nullptr;
     acc_t* pgs = scale_grad ? gscale.data_ptr<acc_t>() : nullptr;
     acc_t* pgs_part = gscale_partial.defined() ? gscale_partial.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, SB, grain_for(E), [&](int64_t begin, int64_t end) {
