@@ -128,10 +128,12 @@ template <typename T>
 struct FwdScratch {
   std::vector<T> a;          // [M + 1][pairs]: the experts' and the prior's log-densities of a tile
   std::vector<int64_t> row;  // [pairs]: the pair's row in [M, K, B]
+  std::vector<T> zt;         // B = 1: the tile's samples transposed, [L][kSampleTile]
   int64_t pairs;
-  FwdScratch(int64_t M, int64_t S) : pairs(std::max<int64_t>(S, kTilePairs / S * S)) {
+  FwdScratch(int64_t M, int64_t S, int64_t L, int64_t B) : pairs(std::max<int64_t>(S, kTilePairs / S * S)) {
     a.resize((M + 1) * pairs);
     row.resize(pairs);
+    if (B == 1) zt.resize(L * kSampleTile);
   }
 };
 
@@ -145,11 +147,23 @@ MMVAE_ALWAYS_INLINE void forward_tile(const Args<T>& p, const Block<T>& blk, Fwd
   int64_t* row = s.row.data();
   for (int64_t q = 0; q < kt; ++q)
     for (int64_t i = 0; i < nb; ++i) row[q * nb + i] = (r * p.K + k0 + q) * p.B + blk.b0 + i;
-  for (int64_t q = 0; q < kt; ++q) {
-    const T* z = p.z + row[q * nb] * L;
+  if (p.B == 1) {
+    // One item: a row is then one sample's L numbers, and its sum would end in a horizontal add.
+    // The tile's kt <= kSampleTile samples are transposed instead (mixture_rows.h), so the sums
+    // over l run across SIMD registers of samples. (B only, not the block: the numbers must not
+    // depend on the thread count.)
+    T* zt = s.zt.data();
+    load_tile(p.z, r * p.K + k0, kt, p.B, blk.b0, L, zt);
     for (int64_t m = 0; m < M; ++m)
-      rows_log_density<F>(z, &blk.mu[m * S * L], &blk.inv[m * S * L], &blk.lss[m * S], nb, L, &s.a[m * P + q * nb]);
-    rows_log_density<PF>(z, blk.pmu.data(), blk.pinv.data(), blk.plss.data(), nb, L, &s.a[M * P + q * nb]);
+      tile_log_density<F>(zt, &blk.mu[m * S * L], &blk.inv[m * S * L], blk.lss[m * S], L, &s.a[m * P]);
+    tile_log_density<PF>(zt, blk.pmu.data(), blk.pinv.data(), blk.plss[0], L, &s.a[M * P]);
+  } else {
+    for (int64_t q = 0; q < kt; ++q) {
+      const T* z = p.z + row[q * nb] * L;
+      for (int64_t m = 0; m < M; ++m)
+        rows_log_density<F>(z, &blk.mu[m * S * L], &blk.inv[m * S * L], &blk.lss[m * S], nb, L, &s.a[m * P + q * nb]);
+      rows_log_density<PF>(z, blk.pmu.data(), blk.pinv.data(), blk.plss.data(), nb, L, &s.a[M * P + q * nb]);
+    }
   }
   T mx[kTilePairs], sum[kTilePairs], lse[kTilePairs];
   for (int64_t j0 = 0; j0 < n; j0 += kTilePairs) {  // more than kTilePairs pairs only when nb > kTilePairs
@@ -442,7 +456,7 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
 template <int F, int PF, typename T>
 MMVAE_ALWAYS_INLINE void forward_range_t(const Args<T>& p, int64_t q0, int64_t q1) {
   Block<T> blk(p.M, p.span, p.L);
-  FwdScratch<T> s(p.M, p.span);
+  FwdScratch<T> s(p.M, p.span, p.L, p.B);
   for (int64_t q = q0; q < q1; ++q) {
     load_block(blk, p, q * p.span);
     const int64_t kt = s.pairs / blk.nb;  // samples per tile
