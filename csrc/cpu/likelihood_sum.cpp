@@ -139,50 +139,34 @@ MMVAE_ALWAYS_INLINE int64_t flat_scale_step(const lik::Dims& d) {
   return d.sB == d.B && d.sE == d.E ? 1 : -1;
 }
 
-// Each of n rows' sum of its E terms, in order over e; and g spread over each row's E numbers. With
-// E a compile-time constant (EC > 0) the inner loop unrolls and the compiler vectorises over rows.
-template <int EC, typename T>
-MMVAE_ALWAYS_INLINE void row_sums_e(const T* t, int64_t n, int64_t E_, T* out) {
+// Between n rows of E numbers (flat) and one number per row: kSum, dst[i] = the sum of src's row i
+// in order over e; else dst[i][e] = src[i] for every e. With E a compile-time constant (EC > 0)
+// the inner loop unrolls and the compiler vectorises over rows.
+template <bool kSum, int EC, typename T>
+MMVAE_ALWAYS_INLINE void per_row_e(const T* src, T* dst, int64_t n, int64_t E_) {
   const int64_t E = EC > 0 ? EC : E_;
   for (int64_t i = 0; i < n; ++i) {
-    T acc = T(0);
-    for (int64_t e = 0; e < E; ++e) acc += t[i * E + e];
-    out[i] = acc;
+    if constexpr (kSum) {
+      T acc = T(0);
+      for (int64_t e = 0; e < E; ++e) acc += src[i * E + e];
+      dst[i] = acc;
+    } else {
+      for (int64_t e = 0; e < E; ++e) dst[i * E + e] = src[i];
+    }
   }
 }
 
-template <int EC, typename T>
-MMVAE_ALWAYS_INLINE void spread_e(const T* g, int64_t n, int64_t E_, T* gt) {
-  const int64_t E = EC > 0 ? EC : E_;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t e = 0; e < E; ++e) gt[i * E + e] = g[i];
-}
-
-// E at its common small values as a compile-time constant, else at run time.
-template <typename T>
-MMVAE_ALWAYS_INLINE void row_sums(const T* t, int64_t n, int64_t E, T* out) {
+// per_row_e with E at its common small values as a compile-time constant, else at run time.
+template <bool kSum, typename T>
+MMVAE_ALWAYS_INLINE void per_row(const T* src, T* dst, int64_t n, int64_t E) {
   // clang-format off
   switch (E) {
-    case 1: return row_sums_e<1>(t, n, E, out);
-    case 2: return row_sums_e<2>(t, n, E, out);
-    case 3: return row_sums_e<3>(t, n, E, out);
-    case 4: return row_sums_e<4>(t, n, E, out);
-    case 8: return row_sums_e<8>(t, n, E, out);
-    default: return row_sums_e<0>(t, n, E, out);
-  }
-  // clang-format on
-}
-
-template <typename T>
-MMVAE_ALWAYS_INLINE void spread(const T* g, int64_t n, int64_t E, T* gt) {
-  // clang-format off
-  switch (E) {
-    case 1: return spread_e<1>(g, n, E, gt);
-    case 2: return spread_e<2>(g, n, E, gt);
-    case 3: return spread_e<3>(g, n, E, gt);
-    case 4: return spread_e<4>(g, n, E, gt);
-    case 8: return spread_e<8>(g, n, E, gt);
-    default: return spread_e<0>(g, n, E, gt);
+    case 1: return per_row_e<kSum, 1>(src, dst, n, E);
+    case 2: return per_row_e<kSum, 2>(src, dst, n, E);
+    case 3: return per_row_e<kSum, 3>(src, dst, n, E);
+    case 4: return per_row_e<kSum, 4>(src, dst, n, E);
+    case 8: return per_row_e<kSum, 8>(src, dst, n, E);
+    default: return per_row_e<kSum, 0>(src, dst, n, E);
   }
   // clang-format on
 }
@@ -204,7 +188,7 @@ MMVAE_ALWAYS_INLINE void loc_forward_flat(const lik::Dims& d, int64_t st, const 
 #pragma omp simd
       for (int64_t j = 0; j < n * E; ++j) t[j] = log_density<T>(F, xr[j], pr[j], iv[j], ls[j]);
     }
-    row_sums(t, n, E, out + row);
+    per_row<true>(t, out + row, n, E);  // each row's sum
   }
 }
 
@@ -219,7 +203,7 @@ MMVAE_ALWAYS_INLINE void loc_backward_flat(const lik::Dims& d, int64_t st, const
     n = std::min({kFlatTile, d.B - b0, end - row});
     const int64_t so = st * ((d.sS > 1 ? s : 0) * d.B + b0) * E, ne = n * E;
     const T *xr = x + b0 * E, *pr = p + row * E, *iv = inv + so;
-    spread(g + row, n, E, gt);
+    per_row<false>(g + row, gt, n, E);  // each row's g over its E numbers
     if (gp) {
       T* gr = gp + row * E;
 #pragma omp simd
