@@ -10,8 +10,12 @@
 // every gradient), with SIMD loops over l and the vectorisable exp / log1p of fastmath.h. Walking
 // one item's samples instead reads rows B * L apart (8 KB at B = 64, L = 32), a cache line and a
 // page per sample: 2-3x slower. The parameter gradients accumulate in loc's layout over the
-// samples, so nothing is transposed or reduced across lanes. Blocks are independent (each owns its
-// items' rows of every gradient): both passes run in parallel over them.
+// samples, so nothing is transposed or reduced across lanes. (A backward with one (sample, item)
+// pair per SIMD lane, each tile transposed to [l][pair], runs the same number of vector iterations
+// at L = 32 and took 1.56x the instructions at (M, K, B, L) = (5, 300, 64, 32): the transposes in
+// and out cost about 6 instructions a number, and per-lane weights replace per-item broadcasts and
+// skips.) Blocks are independent (each owns its items' rows of every gradient): both passes run in
+// parallel over them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
