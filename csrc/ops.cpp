@@ -47,16 +47,16 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cpu(const at::Tens
 // ---- MoE estimator (csrc/cpu/moe_estimator.cpp)
 namespace mmvae_fast::cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_cpu(
-    const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& prior_loc,
+    at::TensorList z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& prior_loc,
     const at::Tensor& prior_scale, const at::Tensor& lpx, c10::string_view family, c10::string_view prior_family,
     c10::string_view bound, c10::string_view estimator, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& lse, c10::optional<int64_t> num_samples);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
-    const at::Tensor& prior_loc, const at::Tensor& prior_scale, const c10::optional<at::Tensor>& mask,
-    const at::Tensor& lw, const at::Tensor& lq, const at::Tensor& stats, c10::string_view family,
-    c10::string_view prior_family, c10::string_view bound, c10::string_view estimator,
-    c10::optional<int64_t> num_samples);
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+moe_estimator_backward_cpu(const at::Tensor& grad, at::TensorList z, const at::Tensor& loc, const at::Tensor& scale,
+                           const at::Tensor& prior_loc, const at::Tensor& prior_scale,
+                           const c10::optional<at::Tensor>& mask, const at::Tensor& lw, const at::Tensor& lq,
+                           const at::Tensor& stats, c10::string_view family, c10::string_view prior_family,
+                           c10::string_view bound, c10::string_view estimator, c10::optional<int64_t> num_samples);
 }  // namespace mmvae_fast::cpu
 // ---- end MoE estimator
 
@@ -95,13 +95,13 @@ TORCH_LIBRARY(mmvae_fast, m) {
   // ---- MoE estimator: the bound [B], lw, z_weight ([0] for iwae/released), and for backward lq [M, K, B]
   // and the slices' (max, log-sum) [M*B or B, 2]; the maths: mmvae_fast/reference/moe_estimator.py
   m.def(
-      "moe_estimator(Tensor z, Tensor loc, Tensor scale, Tensor prior_loc, Tensor prior_scale, Tensor lpx, "
+      "moe_estimator(Tensor[] z, Tensor loc, Tensor scale, Tensor prior_loc, Tensor prior_scale, Tensor lpx, "
       "str family, str prior_family, str bound, str estimator, Tensor? mask, Tensor? lse, int? num_samples) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "moe_estimator_backward(Tensor grad, Tensor z, Tensor loc, Tensor scale, Tensor prior_loc, "
+      "moe_estimator_backward(Tensor grad, Tensor[] z, Tensor loc, Tensor scale, Tensor prior_loc, "
       "Tensor prior_scale, Tensor? mask, Tensor lw, Tensor lq, Tensor stats, str family, str prior_family, "
-      "str bound, str estimator, int? num_samples) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "str bound, str estimator, int? num_samples) -> (Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- end MoE estimator
 }
 
@@ -156,16 +156,16 @@ std::tuple<at::Tensor, at::Tensor> importance_ratios_backward_cuda(const at::Ten
                                                                    const at::Tensor& z, const at::Tensor& loc,
                                                                    const at::Tensor& scale, c10::string_view family);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_cuda(
-    const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& prior_loc,
+    at::TensorList z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& prior_loc,
     const at::Tensor& prior_scale, const at::Tensor& lpx, c10::string_view family, c10::string_view prior_family,
     c10::string_view bound, c10::string_view estimator, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& lse, c10::optional<int64_t> num_samples);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
-    const at::Tensor& prior_loc, const at::Tensor& prior_scale, const c10::optional<at::Tensor>& mask,
-    const at::Tensor& lw, const at::Tensor& lq, const at::Tensor& stats, c10::string_view family,
-    c10::string_view prior_family, c10::string_view bound, c10::string_view estimator,
-    c10::optional<int64_t> num_samples);
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+moe_estimator_backward_cuda(const at::Tensor& grad, at::TensorList z, const at::Tensor& loc, const at::Tensor& scale,
+                            const at::Tensor& prior_loc, const at::Tensor& prior_scale,
+                            const c10::optional<at::Tensor>& mask, const at::Tensor& lw, const at::Tensor& lq,
+                            const at::Tensor& stats, c10::string_view family, c10::string_view prior_family,
+                            c10::string_view bound, c10::string_view estimator, c10::optional<int64_t> num_samples);
 }  // namespace mmvae_fast::cuda
 
 TORCH_LIBRARY_IMPL(mmvae_fast, CUDA, m) {

@@ -121,18 +121,21 @@ class _Objective(NamedTuple):
         return single_terms(model, x, k, self.backend)
 
     def _fused(self, t, **kw):
-        prior = fused_prior(t.pz, t.z)
+        prior = fused_prior(t.pz)
         if t.experts.family is None or prior is None:
             return None
         loc, scale = t.experts.params()
-        return ops.moe_estimator(t.z, loc, scale, prior[0], prior[1], t.lpx, family=t.experts.family,
+        return ops.moe_estimator(t.zs, loc, scale, prior[0], prior[1], t.lpx, family=t.experts.family,
                                  prior_family=prior[2], bound=self.bound, mask=self.mask, backend=self.backend, **kw)
 
     def log_weights(self, model, x, k):
         """lw [M, k, B] of a chunk (no graph)."""
         t = self.terms(model, x, k)
         est = self._fused(t, estimator="iwae")
-        return est.lw if est is not None else log_prior(t.pz, t.z) + t.lpx - t.experts.log_density(t.z)
+        if est is not None:
+            return est.lw
+        z = t.z
+        return log_prior(t.pz, z) + t.lpx - t.experts.log_density(z)
 
     def surrogate(self, model, x, k, stats):
         """The objective on k fresh samples given the normalisers of all K (their (max, log-sum)
@@ -148,10 +151,11 @@ class _Objective(NamedTuple):
         """log_prob families (no mask): the tensor-level estimators with the global weights."""
         looser = self.bound == "looser"
         dims = 1 if looser else (0, 1)
-        M = t.z.shape[0]
+        z = t.z
+        M = z.shape[0]
         n = self.K_total * (1 if looser else M)
-        lpz = log_prior(t.pz, t.z)
-        lw = lpz + t.lpx - t.experts.log_density(t.z, detach=self.estimator != "iwae")
+        lpz = log_prior(t.pz, z)
+        lw = lpz + t.lpx - t.experts.log_density(z, detach=self.estimator != "iwae")
         mx, ls = (v[:, None] if looser else v[None, None] for v in stats.unbind(-1))
         wbar = torch.where(lw == -math.inf, 0.0, torch.exp((lw.detach() - mx) - ls))
         w = ops.ImportanceWeights(stats.sum(-1) - math.log(n), wbar, wbar * wbar)

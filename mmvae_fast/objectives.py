@@ -76,11 +76,11 @@ DEFAULT_GRAD = "mixture"
 def _estimate(t, bound, estimator, mask, backend, *, lse=None, num_samples=None):
     """The bound per item [B] of the terms t, with `estimator`'s gradient: the fused op when the
     posterior and prior are Normal/Laplace, else the tensor-level estimators on log_prob."""
-    prior = fused_prior(t.pz, t.z)
+    prior = fused_prior(t.pz)
     if t.experts.family is not None and prior is not None:
         loc, scale = t.experts.params()
         est = ops.moe_estimator(
-            t.z, loc, scale, prior[0], prior[1], t.lpx, family=t.experts.family, prior_family=prior[2],
+            t.zs, loc, scale, prior[0], prior[1], t.lpx, family=t.experts.family, prior_family=prior[2],
             bound=bound, estimator=estimator, mask=mask, lse=lse, num_samples=num_samples, backend=backend,
         )
         ops.apply_z_weight(t.zs, est.z_weight)
@@ -94,11 +94,12 @@ def _estimate(t, bound, estimator, mask, backend, *, lse=None, num_samples=None)
 
 def _estimate_fallback(t, bound, estimator, backend):
     dims = 1 if bound == "looser" else (0, 1)
-    lpz = log_prior(t.pz, t.z)
+    z = t.z
+    lpz = log_prior(t.pz, z)
     if estimator == "iwae":
-        est = iwae_bound(lpz + t.lpx - t.experts.log_density(t.z), dims, backend=backend)
+        est = iwae_bound(lpz + t.lpx - t.experts.log_density(z), dims, backend=backend)
     elif estimator in ("eq8", "released") or len(t.zs) == 1:
-        lw = lpz + t.lpx - t.experts.log_density(t.z, detach=True)
+        lw = lpz + t.lpx - t.experts.log_density(z, detach=True)
         est = dreg_estimator(lw, t.zs, dims, z_weight="one" if estimator == "released" else "wbar", backend=backend)
     else:
         if t.experts.family is None:
@@ -120,7 +121,7 @@ def _multimodal(name, model, x, K, estimator, looser, mask, k_chunk, backend):
         kw = dict(grad=estimator) if "dreg" in name else {}
         return large_k.chunked_objective(name, model, x, K, k_chunk, mask=mask, backend=backend, **kw)
     t = multimodal_terms(model, x, K, backend, mask)
-    mask = check_mask(mask, len(t.zs), t.z.shape[2], t.z.device)
+    mask = check_mask(mask, len(t.zs), t.batch, t.zs[0].device)
     return _estimate(t, "looser" if looser else "stratified", estimator, mask, backend).sum()
 
 
@@ -171,8 +172,8 @@ def m_elbo_naive(model, x, K=1, *, mask=None, backend=None):
     check_K(K)
     check_modalities(model, x, mask)
     t = multimodal_terms(model, x, K, backend, mask)
-    M, B = len(t.zs), t.z.shape[2]
-    mask = check_mask(mask, M, B, t.z.device)
+    M, B = len(t.zs), t.batch
+    mask = check_mask(mask, M, B, t.zs[0].device)
     klds = torch.stack([kl(q, t.pz) for q in t.qz_xs])  # [M, B]
     per = t.lpx.mean(1) - klds  # [M, B]
     if mask is None:

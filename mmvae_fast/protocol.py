@@ -128,13 +128,21 @@ class Experts:
 class Terms(NamedTuple):
     """One model call as the ops see it."""
 
-    zs: list  # the model's samples, one [K, B, L] per expert: where the z path's weight is applied
-    z: torch.Tensor  # [M, K, B, L]
+    zs: list  # the model's samples, one [K, B, L] per expert: what the fused estimator reads, in place
     experts: Experts
     pz: D.Distribution
     lpx: torch.Tensor  # [M, K, B]: sum_d llik_scale_d log p(x_d | z[r]) over the present d
     qz_xs: list
     px_zs: list
+
+    @property
+    def z(self) -> torch.Tensor:
+        """The samples stacked, [M, K, B, L]: a copy, for the log_prob fallbacks only."""
+        return stack_samples(self.zs)
+
+    @property
+    def batch(self) -> int:
+        return self.zs[0].shape[1]
 
 
 def stack_samples(ts):
@@ -157,7 +165,6 @@ def multimodal_terms(model, x, K, backend, mask=None) -> Terms:
     qz_xs, px_zs, zss = model(x, K)
     zss = list(zss)
     M = len(zss)
-    z = stack_samples(zss)
     rows = []
     for r in range(M):
         terms = []
@@ -169,8 +176,9 @@ def multimodal_terms(model, x, K, backend, mask=None) -> Terms:
                 continue
             lp = log_likelihood(px_zs[r][d], x[d], model.vaes[d].llik_scaling, backend)
             terms.append(lp if mask is None else torch.where(mask[d], lp, torch.zeros((), dtype=lp.dtype, device=lp.device)))
-        rows.append(sum(terms) if terms else torch.zeros(z.shape[1:3], dtype=ops.acc_dtype(z.dtype), device=z.device))
-    return Terms(zss, z, multimodal_experts(model, qz_xs, backend), model.pz(*model.pz_params), stack_samples(rows), list(qz_xs), px_zs)
+        rows.append(sum(terms) if terms else torch.zeros(zss[0].shape[:2], dtype=ops.acc_dtype(zss[0].dtype),
+                                                         device=zss[0].device))
+    return Terms(zss, multimodal_experts(model, qz_xs, backend), model.pz(*model.pz_params), stack_samples(rows), list(qz_xs), px_zs)
 
 
 def multimodal_experts(model, qz_xs, backend) -> Experts:
@@ -183,10 +191,10 @@ def single_terms(model, x, K, backend) -> Terms:
     qz_x, px_z, zs = model(x, K)
     lpx = log_likelihood(px_z, x, model.llik_scaling, backend)
     detached = lambda: [model.qz_x(*[p.detach() for p in model.qz_x_params])]  # noqa: E731
-    return Terms([zs], zs[None], Experts([qz_x], backend, detached), model.pz(*model.pz_params), lpx[None], [qz_x], [[px_z]])
+    return Terms([zs], Experts([qz_x], backend, detached), model.pz(*model.pz_params), lpx[None], [qz_x], [[px_z]])
 
 
-def fused_prior(pz, z):
+def fused_prior(pz):
     """(loc, scale, family) of a Normal/Laplace prior broadcast to [B, L], or None (log_prob fallback)."""
     fam = family(pz)
     if fam is None:

@@ -160,10 +160,11 @@ def test_opcheck_gpu_ops(backend):
     torch.library.opcheck(lib.likelihood_sum.default, (x.sigmoid().round(), params, None, 2))  # bernoulli
     z, loc, scale, ploc, pscale, lpx = moe_inputs(2, 5, 3, 4, seed=1, dtype=torch.float64)
     mask = torch.tensor([[True, True, False], [True, False, True]], device=DEV)
+    zs = samples(z)
     for bound, estimator, m in [("looser", "mixture", mask), ("stratified", "eq8", None)]:
-        args = (z, loc, scale, ploc, pscale, lpx, "laplace", "normal", bound, estimator, m, None, None)
+        args = (zs, loc, scale, ploc, pscale, lpx, "laplace", "normal", bound, estimator, m, None, None)
         torch.library.opcheck(lib.moe_estimator.default, args)
-        d = [t.detach() for t in args[:6]]
+        d = [[t.detach() for t in zs]] + [t.detach() for t in args[1:6]]
         _b, lw, _zw, lq, stats = lib.moe_estimator(*d, *args[6:])
         g = torch.randn(z.shape[2], device=DEV, dtype=lw.dtype)
         torch.library.opcheck(lib.moe_estimator_backward.default,
@@ -201,6 +202,11 @@ def test_objectives_on_gpu_match_reference(backend, objective, kw):
 MOE_ESTIMATORS = ("iwae", "eq8", "mixture", "mixture-centred", "released")
 MOE_BACKENDS = [b for b in GPU_BACKENDS if b in ops.available_backends("cuda") and
                 ops._dispatch.available("moe_estimator", b, "cuda")] if torch.cuda.is_available() else []
+
+
+def samples(z):
+    """z [M, K, B, L] as the backends' ops take it: the list of the experts' samples, leaves each."""
+    return [t.detach().clone().requires_grad_() for t in z.unbind(0)]
 
 
 def moe_inputs(M, K, B, L, seed, dtype, family="laplace", mask=None):
@@ -326,8 +332,8 @@ def test_opcheck_moe_estimator_cuda():
     op = torch.ops.mmvae_fast.moe_estimator.default
     for bound, estimator, m in [("looser", "mixture", None), ("stratified", "iwae", mask),
                                 ("looser", "mixture-centred", mask), ("stratified", "eq8", None)]:
-        torch.library.opcheck(op, (z, loc, scale, ploc, pscale, lpx, "laplace", "normal", bound, estimator, m, None,
-                                   None))
+        torch.library.opcheck(op, (samples(z), loc, scale, ploc, pscale, lpx, "laplace", "normal", bound, estimator,
+                                   m, None, None))
 
 
 def test_training_step_is_captured_in_a_cuda_graph():

@@ -148,6 +148,40 @@ def test_equals_the_tensor_level_estimators(backend, estimator, bound, M, family
     assert_grads_close(got, want)
 
 
+@grid("estimator,bound", ESTIMATORS, BOUNDS, triton=[("mixture", "looser"), ("iwae", "stratified")])
+def test_the_samples_as_a_list_equal_the_stacked_tensor(backend, estimator, bound):
+    """z as the model makes it, M tensors [K, B, L] (what the objectives pass: the C++ kernels read
+    them in place), gives the values and gradients of z stacked into [M, K, B, L]."""
+    p = Problem(M=3, seed=5)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)[:, :p.B]
+    out = []
+    for as_list in (False, True):
+        zs, scale = p.sample()
+        z = torch.stack(zs)
+        est = ops.moe_estimator(
+            list(zs) if as_list else z, p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), p.lpx(z),
+            family=p.family, bound=bound, estimator=estimator, mask=mask, backend=backend,
+        )
+        ops.apply_z_weight(zs, est.z_weight)
+        out.append((est.bound, est.lw, grads(est.bound.sum(), p)))
+    (b0, lw0, g0), (b1, lw1, g1) = out
+    torch.testing.assert_close(b1, b0, rtol=0, atol=0)
+    torch.testing.assert_close(lw1, lw0, rtol=0, atol=0)
+    assert_grads_close(g1, g0, rtol=1e-12, atol=1e-14)
+
+
+def test_samples_of_different_shapes_are_refused():
+    p = Problem(M=2, seed=1)
+    zs, scale = p.sample()
+    args = (p.loc, scale, p.prior_loc, p.prior_log_scale.exp(), p.lpx(torch.stack(zs)))
+    with pytest.raises(ValueError, match="one non-empty shape"):
+        ops.moe_estimator([zs[0], zs[1][:1]], *args, family=p.family)
+    with pytest.raises(TypeError, match="argument 'z'"):
+        ops.moe_estimator([], *args, family=p.family)
+    with pytest.raises(ValueError, match=r"argument 'loc' must have shape \(1, "):  # M from the list's length
+        ops.moe_estimator([zs[0]], *args, family=p.family)
+
+
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS, indirect=True)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("bound", BOUNDS)
@@ -281,11 +315,12 @@ def test_prior_of_batch_shape_and_errors():
 def _op_args(mask=False, estimator="mixture", dtype=torch.float32):
     p = Problem(M=3, K=4, B=5, L=6, dtype=dtype, seed=13)
     zs, scale = p.sample()
-    leaves = [t.detach().clone().requires_grad_() for t in (torch.stack(zs), p.loc, scale)]
+    z = [t.detach().clone().requires_grad_() for t in zs]  # the backends take the experts' samples as a list
+    leaves = [t.detach().clone().requires_grad_() for t in (p.loc, scale)]
     prior = [t.detach().expand(5, 6).contiguous().requires_grad_() for t in (p.prior_loc, p.prior_log_scale.exp())]
-    lpx = p.lpx(leaves[0]).detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    lpx = p.lpx(torch.stack(z)).detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
     m = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 0, 1, 1], [1, 1, 1, 0, 1]], dtype=torch.bool) if mask else None
-    return (*leaves, *prior, lpx, "laplace", "normal", "looser", estimator, m, None, None)
+    return (z, *leaves, *prior, lpx, "laplace", "normal", "looser", estimator, m, None, None)
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
@@ -305,10 +340,11 @@ def test_opcheck_triton(estimator):
 def _backward_args(lib, estimator, bound, mask):
     """moe_estimator_backward's arguments: the forward's saved tensors and an incoming gradient."""
     a = _op_args(mask, estimator)
-    z, loc, scale, ploc, pscale, lpx = (t.detach() for t in a[:6])
+    z = [t.detach() for t in a[0]]
+    loc, scale, ploc, pscale, lpx = (t.detach() for t in a[1:6])
     _b, lw, _zw, lq, stats = lib.moe_estimator(z, loc, scale, ploc, pscale, lpx, "laplace", "normal", bound,
                                                estimator, a[10], None, None)
-    g = torch.randn(z.shape[2], generator=torch.Generator().manual_seed(3), dtype=lw.dtype)
+    g = torch.randn(z[0].shape[1], generator=torch.Generator().manual_seed(3), dtype=lw.dtype)
     return (g, z, loc, scale, ploc, pscale, a[10], lw, lq, stats, "laplace", "normal", bound, estimator, None)
 
 
@@ -333,10 +369,11 @@ def test_opcheck_backward_triton(estimator, bound, mask):
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension is not built")
 def test_compiles_fullgraph_with_the_eager_gradients():
     args = _op_args(True, "mixture-centred", torch.float64)
-    leaves = args[:6]
+    M = len(args[0])
+    leaves = [*args[0], *args[1:6]]
 
-    def f(z, loc, scale, ploc, pscale, lpx):
-        return ops.moe_estimator(z, loc, scale, ploc, pscale, lpx, family="laplace", prior_family="normal",
+    def f(*ts):  # the samples as a list, as the objectives pass them
+        return ops.moe_estimator(list(ts[:M]), *ts[M:], family="laplace", prior_family="normal",
                                  estimator="mixture-centred", mask=args[10], backend="cpu").bound.sum()
 
     want = torch.autograd.grad(f(*leaves), leaves)
@@ -350,9 +387,9 @@ def test_second_order_gradients_raise_on_the_fused_backend():
     args = _op_args(False, "mixture", torch.float64)
     z = args[0]
     est = ops.moe_estimator(*args[:6], family="laplace", prior_family="normal", backend="cpu")
-    (gz,) = torch.autograd.grad(est.bound.sum(), z, create_graph=True)
+    gz = torch.autograd.grad(est.bound.sum(), z, create_graph=True)
     with pytest.raises(ops.DoubleBackwardError, match="moe_estimator"):
-        torch.autograd.grad((gz**2).sum(), z)
+        torch.autograd.grad(sum((g**2).sum() for g in gz), z)
 
 
 def test_reference_stratified_item_without_experts_has_bound_zero():  # as the CPU kernel and the docstring

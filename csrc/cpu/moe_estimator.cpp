@@ -33,15 +33,19 @@ namespace {
 
 template <typename T>
 struct Args {
-  const T *z, *loc, *scale, *ploc, *pscale, *lpx, *lse_in;  // lse_in: the chunked path's (max, log-sum) pairs, or null
-  const bool* mask;                                         // [M, B] or null
-  const T* g;                                               // backward: the bound's gradient [B]
+  const T* const* z;  // the experts' samples where the model made them: z[r] [K, B, L]
+  const T *loc, *scale, *ploc, *pscale, *lpx, *lse_in;  // lse_in: the chunked path's (max, log-sum) pairs, or null
+  const bool* mask;                                     // [M, B] or null
+  const T* g;                                           // backward: the bound's gradient [B]
   const T *lw_in, *stats_in;        // backward: the forward's saved lw and stats (not lq: pi comes from each row's a)
   T *bound, *lw, *zw, *lq, *stats;  // forward outputs (zw may be null)
-  T *gz, *gloc, *gscale, *gploc, *gpscale, *glpx;  // backward outputs
+  T* const* gz;                     // backward: the z gradient per expert, gz[r] [K, B, L]
+  T *gloc, *gscale, *gploc, *gpscale, *glpx;  // backward outputs
   int bound_kind, estimator;
   int64_t M, K, B, L, Kc;
   int64_t span;  // items per block
+
+  const T* z_row(int64_t r, int64_t k, int64_t b) const { return z[r] + (k * B + b) * L; }  // z[r, k, b, :]
 };
 
 template <typename T>
@@ -157,13 +161,13 @@ MMVAE_ALWAYS_INLINE void forward_tile(const Args<T>& p, const Block<T>& blk, Fwd
     // over l run across SIMD registers of samples. (B only, not the block: the numbers must not
     // depend on the thread count.)
     T* zt = s.zt.data();
-    load_tile(p.z, r * p.K + k0, kt, p.B, blk.b0, L, zt);
+    load_tile(p.z[r], k0, kt, p.B, blk.b0, L, zt);
     for (int64_t m = 0; m < M; ++m)
       tile_log_density<F>(zt, &blk.mu[m * S * L], &blk.inv[m * S * L], blk.lss[m * S], L, &s.a[m * P]);
     tile_log_density<PF>(zt, blk.pmu.data(), blk.pinv.data(), blk.plss[0], L, &s.a[M * P]);
   } else {
     for (int64_t q = 0; q < kt; ++q) {
-      const T* z = p.z + row[q * nb] * L;
+      const T* z = p.z_row(r, k0 + q, blk.b0);
       for (int64_t m = 0; m < M; ++m)
         rows_log_density<F>(z, &blk.mu[m * S * L], &blk.inv[m * S * L], &blk.lss[m * S], nb, L, &s.a[m * P + q * nb]);
       rows_log_density<PF>(z, blk.pmu.data(), blk.pinv.data(), blk.plss.data(), nb, L, &s.a[M * P + q * nb]);
@@ -319,7 +323,7 @@ template <int F, int PF, typename T>
 MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, BwdScratch<T>& s, int64_t r, int64_t k) {
   const int64_t M = p.M, B = p.B, L = p.L, S = p.span, nb = blk.nb;
   const int64_t row = (r * p.K + k) * B + blk.b0;
-  const T* z = p.z + row * L;
+  const T* z = p.z_row(r, k, blk.b0);
   const bool looser = p.bound_kind == kLooser;
   const int est = p.estimator;
   const bool alias = est == kMixture || est == kMixtureCentred;
@@ -390,7 +394,7 @@ MMVAE_ALWAYS_INLINE void backward_row(const Args<T>& p, const Block<T>& blk, Bwd
       scm[i] = -score[i] * pim[i];
     }
   }
-  T* gz = p.gz + row * L;
+  T* gz = p.gz[r] + (k * B + blk.b0) * L;
   T* sdA = s.sdA.data();  // sum_m pi_m d log q_m / dz over one item's row
   for (int64_t i = 0; i < nb; ++i) {
     const T* zi = z + i * L;
@@ -541,16 +545,18 @@ int64_t block_grain(int64_t M, int64_t K, int64_t L, int64_t span) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_cpu(
-    const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& ploc,
-    const at::Tensor& pscale, const at::Tensor& lpx, c10::string_view family, c10::string_view prior_family,
-    c10::string_view bound, c10::string_view estimator, const c10::optional<at::Tensor>& mask,
-    const c10::optional<at::Tensor>& lse, c10::optional<int64_t> num_samples) {
+    at::TensorList z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& ploc, const at::Tensor& pscale,
+    const at::Tensor& lpx, c10::string_view family, c10::string_view prior_family, c10::string_view bound,
+    c10::string_view estimator, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& lse,
+    c10::optional<int64_t> num_samples) {
   const MoEForward f = moe_forward_setup(z, loc, scale, ploc, pscale, lpx, family, prior_family, bound, estimator, mask,
                                          lse, num_samples);
-  AT_DISPATCH_FLOATING_TYPES(f.z.scalar_type(), "moe_estimator_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(f.z[0].scalar_type(), "moe_estimator_cpu", [&] {
     using T = scalar_t;  // float or double: the accumulation dtype is the input's
     Args<T> p{};
-    p.z = f.z.data_ptr<T>(), p.loc = f.loc.data_ptr<T>(), p.scale = f.scale.data_ptr<T>();
+    std::vector<const T*> zr;
+    for (const auto& t : f.z) zr.push_back(t.const_data_ptr<T>());
+    p.z = zr.data(), p.loc = f.loc.data_ptr<T>(), p.scale = f.scale.data_ptr<T>();
     p.ploc = f.ploc.data_ptr<T>(), p.pscale = f.pscale.data_ptr<T>(), p.lpx = f.lpx.data_ptr<T>();
     p.lse_in = f.lse.defined() ? f.lse.data_ptr<T>() : nullptr;
     p.mask = f.mask.defined() ? f.mask.data_ptr<bool>() : nullptr;
@@ -564,21 +570,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estim
   return f.outputs();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& ploc,
-    const at::Tensor& pscale, const c10::optional<at::Tensor>& mask, const at::Tensor& lw, const at::Tensor& lq,
-    const at::Tensor& stats, c10::string_view family, c10::string_view prior_family, c10::string_view bound,
-    c10::string_view estimator, c10::optional<int64_t> num_samples) {
+MoEBackward::Outputs moe_estimator_backward_cpu(const at::Tensor& grad, at::TensorList z, const at::Tensor& loc,
+                                                const at::Tensor& scale, const at::Tensor& ploc,
+                                                const at::Tensor& pscale, const c10::optional<at::Tensor>& mask,
+                                                const at::Tensor& lw, const at::Tensor& lq, const at::Tensor& stats,
+                                                c10::string_view family, c10::string_view prior_family,
+                                                c10::string_view bound, c10::string_view estimator,
+                                                c10::optional<int64_t> num_samples) {
   const MoEBackward q = moe_backward_setup(grad, z, loc, scale, ploc, pscale, mask, lw, lq, stats, family, prior_family,
                                            bound, estimator, num_samples);
-  AT_DISPATCH_FLOATING_TYPES(q.z.scalar_type(), "moe_estimator_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(q.z[0].scalar_type(), "moe_estimator_backward_cpu", [&] {
     using T = scalar_t;
     Args<T> p{};
-    p.g = q.grad.data_ptr<T>(), p.z = q.z.data_ptr<T>(), p.loc = q.loc.data_ptr<T>(), p.scale = q.scale.data_ptr<T>();
+    std::vector<const T*> zr;
+    for (const auto& t : q.z) zr.push_back(t.const_data_ptr<T>());
+    p.g = q.grad.data_ptr<T>(), p.z = zr.data(), p.loc = q.loc.data_ptr<T>(), p.scale = q.scale.data_ptr<T>();
     p.ploc = q.ploc.data_ptr<T>(), p.pscale = q.pscale.data_ptr<T>();
     p.mask = q.mask.defined() ? q.mask.data_ptr<bool>() : nullptr;
     p.lw_in = q.lw.data_ptr<T>(), p.stats_in = q.stats.data_ptr<T>();
-    p.gz = q.gz.data_ptr<T>(), p.gloc = q.gloc.data_ptr<T>(), p.gscale = q.gscale.data_ptr<T>();
+    std::vector<T*> gzr;
+    for (const auto& t : q.gz) gzr.push_back(t.data_ptr<T>());
+    p.gz = gzr.data(), p.gloc = q.gloc.data_ptr<T>(), p.gscale = q.gscale.data_ptr<T>();
     p.gploc = q.gploc.data_ptr<T>(), p.gpscale = q.gpscale.data_ptr<T>(), p.glpx = q.glpx.data_ptr<T>();
     p.bound_kind = q.bound_kind, p.estimator = q.estimator;
     p.M = q.M, p.K = q.K, p.B = q.B, p.L = q.L, p.Kc = q.Kc, p.span = item_span(q.B, q.L);

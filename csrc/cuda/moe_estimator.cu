@@ -37,6 +37,19 @@ constexpr int kStatLanes = 8;   // ... and k-lanes along y
 constexpr int kBwdWarps = 4;    // backward: warps per block (each its own (b, chunk))
 constexpr int64_t kBwdTargetWarps = 2048;
 constexpr size_t kSmemBudget = 48 * 1024;
+constexpr int kMaxSampleTensors = 16;  // experts whose samples the kernels address in place (more: one stacked copy)
+
+// The experts' samples (and their gradients) as the kernels address them: sample i = (r K + k) B + b
+// of expert r at p[i / per] + (i % per) L. Each expert's own tensor (per = K B), or for more than
+// kMaxSampleTensors experts one stacked buffer (per = M K B).
+template <typename P>
+struct Rows {
+  P p[kMaxSampleTensors];
+  int64_t per;
+  __device__ __forceinline__ P row(int64_t i, int64_t L) const { return p[i / per] + (i % per) * L; }
+};
+template <typename T>
+using Samples = Rows<const T*>;
 
 __device__ __forceinline__ bool present(const bool* mask, int64_t m, int64_t b, int64_t B) {
   return mask == nullptr || mask[m * B + b];
@@ -87,7 +100,7 @@ __device__ __forceinline__ T warp_log_density(const T* z, const T* mu, const T* 
 // A warp per sample: lw, lq and pi_own = pi_r(z[r, k, b]) (into zw, finished by finish_kernel).
 // Absent r: lw = -inf, lq = 0, zw = 0, as the CPU kernel.
 template <int F, int PF, typename T>
-__global__ void sample_forward_kernel(const T* __restrict__ z, const T* __restrict__ loc, const T* __restrict__ ploc,
+__global__ void sample_forward_kernel(const Samples<T> z, const T* __restrict__ loc, const T* __restrict__ ploc,
                                       const T* __restrict__ inv, const T* __restrict__ norm, const T* __restrict__ lpx,
                                       const bool* __restrict__ mask, int64_t M, int64_t K, int64_t B, int64_t L,
                                       T* __restrict__ lw, T* __restrict__ lq, T* __restrict__ pi_own) {
@@ -105,7 +118,7 @@ __global__ void sample_forward_kernel(const T* __restrict__ z, const T* __restri
       }
       continue;
     }
-    const T* zr = z + i * L;
+    const T* zr = z.row(i, L);
     LseState<T> st = lse_init<T>();  // over the present experts; the same value as the CPU's max-shifted sum
     T ar = T(0);
     int64_t cnt = 0;
@@ -220,12 +233,12 @@ __global__ void finish_kernel(const T* __restrict__ lw, const T* __restrict__ st
 // item's gradients of loc, scale (rows m, M + m) and of the prior (rows 2M, 2M + 1) accumulated in
 // acc [2M + 2, L]; lane owns the columns l = lane + 32 j of every row.
 template <int F, int PF, typename T>
-__global__ void sample_backward_kernel(const T* __restrict__ g, const T* __restrict__ z, const T* __restrict__ loc,
+__global__ void sample_backward_kernel(const T* __restrict__ g, const Samples<T> z, const T* __restrict__ loc,
                                        const T* __restrict__ ploc, const T* __restrict__ inv,
                                        const T* __restrict__ norm, const bool* __restrict__ mask,
                                        const T* __restrict__ lw, const T* __restrict__ stats, int bound, int estimator,
                                        int64_t M, int64_t K, int64_t B, int64_t L, int64_t Kc, int64_t C, int64_t kc,
-                                       bool acc_in_smem, T* __restrict__ gz, T* __restrict__ glpx,
+                                       bool acc_in_smem, const Rows<T*> gz, T* __restrict__ glpx,
                                        T* __restrict__ partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
@@ -253,10 +266,10 @@ __global__ void sample_backward_kernel(const T* __restrict__ g, const T* __restr
       const int64_t i = (r * K + k) * B + b;
       if (!on) {
         if (lane == 0) glpx[i] = T(0);
-        for (int64_t l = lane; l < L; l += kWarp) gz[i * L + l] = T(0);
+        for (int64_t l = lane; l < L; l += kWarp) gz.row(i, L)[l] = T(0);
         continue;
       }
-      const T* zr = z + i * L;
+      const T* zr = z.row(i, L);
       const T w = moe_wbar(lw[i], st[0], st[1]);
       const MoECoef<T> cf = moe_coef(estimator, s, w, cc);
       if (lane == 0) glpx[i] = cf.omega;
@@ -309,7 +322,7 @@ __global__ void sample_backward_kernel(const T* __restrict__ g, const T* __restr
         }
         const T pu = (zl - pmu[l]) * pinv[l];
         const T pd = dphi<PF>(pu);
-        gz[i * L + l] = weighted_grad(om, -pd * pinv[l] - sum_dA);
+        gz.row(i, L)[l] = weighted_grad(om, -pd * pinv[l] - sum_dA);
         acc[2 * M * L + l] += weighted_grad(om, pd * pinv[l]);
         acc[(2 * M + 1) * L + l] += weighted_grad(om, (pu * pd - T(1)) * pinv[l]);
         if (alias) {  // -alias pi_r (dA_r - sum_m pi_m dA_m), through loc_r + scale_r eps
@@ -344,10 +357,47 @@ __global__ void reduce_backward_kernel(const T* __restrict__ partial, int64_t M,
   }
 }
 
+// The samples' pointers (stacking them into `keep` when there are more than kMaxSampleTensors).
+template <typename T>
+Samples<T> samples(const std::vector<at::Tensor>& z, at::Tensor& keep) {
+  Samples<T> s{};
+  const int64_t M = static_cast<int64_t>(z.size());
+  if (M <= kMaxSampleTensors) {
+    for (int64_t r = 0; r < M; ++r) s.p[r] = z[r].const_data_ptr<T>();
+    s.per = z[0].size(0) * z[0].size(1);
+  } else {
+    keep = at::stack(z);
+    s.p[0] = keep.const_data_ptr<T>();
+    s.per = keep.size(0) * keep.size(1) * keep.size(2);
+  }
+  return s;
+}
+
+// The gradients' pointers (into a stacked buffer `keep`, copied out by the caller, when there are
+// more than kMaxSampleTensors experts).
+template <typename T>
+Rows<T*> grad_rows(const std::vector<at::Tensor>& gz, at::Tensor& keep) {
+  Rows<T*> s{};
+  const int64_t M = static_cast<int64_t>(gz.size());
+  if (M <= kMaxSampleTensors) {
+    for (int64_t r = 0; r < M; ++r) s.p[r] = gz[r].data_ptr<T>();
+    s.per = gz[0].size(0) * gz[0].size(1);
+  } else {
+    keep = at::empty({M, gz[0].size(0), gz[0].size(1), gz[0].size(2)}, gz[0].options());
+    s.p[0] = keep.data_ptr<T>();
+    s.per = M * gz[0].size(0) * gz[0].size(1);
+  }
+  return s;
+}
+
 // The device checks (the rest: moe_forward_setup).
-void check_devices(const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& ploc,
+void check_devices(at::TensorList zs, const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& ploc,
                    const at::Tensor& pscale, const at::Tensor& lpx, const c10::optional<at::Tensor>& mask) {
-  for (const auto* t : {&z, &loc, &scale, &ploc, &pscale, &lpx})
+  TORCH_CHECK(!zs.empty(), "moe_estimator: z must hold the experts' samples, [K, B, L] each");
+  const at::Tensor& z = zs[0];
+  for (const auto& t : zs)
+    TORCH_CHECK(t.is_cuda() && t.device() == z.device(), "moe_estimator: every tensor on z's CUDA device");
+  for (const auto* t : {&loc, &scale, &ploc, &pscale, &lpx})
     TORCH_CHECK(t->is_cuda() && t->device() == z.device(), "moe_estimator: every tensor on z's CUDA device");
   if (mask.has_value()) TORCH_CHECK(mask->device() == z.device(), "moe_estimator: mask must be on z's device");
 }
@@ -369,15 +419,16 @@ std::tuple<at::Tensor, at::Tensor> prepare(const at::Tensor& scale, const at::Te
 
 // -> (bound [B], lw [M, K, B], z_weight [M, K, B] or [0], lq [M, K, B], stats [S, 2])
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_cuda(
-    const at::Tensor& z_, const at::Tensor& loc_, const at::Tensor& scale_, const at::Tensor& ploc_,
+    at::TensorList z_, const at::Tensor& loc_, const at::Tensor& scale_, const at::Tensor& ploc_,
     const at::Tensor& pscale_, const at::Tensor& lpx_, c10::string_view family, c10::string_view prior_family,
     c10::string_view bound_s, c10::string_view estimator_s, const c10::optional<at::Tensor>& mask_,
     const c10::optional<at::Tensor>& lse_, c10::optional<int64_t> num_samples) {
   check_devices(z_, loc_, scale_, ploc_, pscale_, lpx_, mask_);
-  const c10::cuda::CUDAGuard guard(z_.device());
+  const c10::cuda::CUDAGuard guard(z_[0].device());
   const MoEForward f = moe_forward_setup(z_, loc_, scale_, ploc_, pscale_, lpx_, family, prior_family, bound_s,
                                          estimator_s, mask_, lse_, num_samples);
-  const auto &z = f.z, &loc = f.loc, &scale = f.scale, &ploc = f.ploc, &pscale = f.pscale, &lpx = f.lpx;
+  const auto& z = f.z;
+  const auto &loc = f.loc, &scale = f.scale, &ploc = f.ploc, &pscale = f.pscale, &lpx = f.lpx;
   const auto &mask = f.mask, &lse = f.lse;
   const auto &out_bound = f.bound, &lw = f.lw, &zw = f.zw, &lq = f.lq, &stats = f.stats;
   const int fam = f.fam, pfam = f.pfam, bound = f.bound_kind, estimator = f.estimator;
@@ -389,14 +440,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estim
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool* mk = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "moe_estimator_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(z[0].scalar_type(), "moe_estimator_cuda", [&] {
     using T = scalar_t;  // float or double: the accumulation dtype is the input's
     const auto [inv, norm] = prepare<T>(scale, pscale, mk, fam, pfam, M, B, L, stream);
+    at::Tensor stacked;
+    const Samples<T> zs = samples<T>(z, stacked);
     moe_dispatch_families(fam, pfam, [&](auto F, auto PF) {
       sample_forward_kernel<decltype(F)::value, decltype(PF)::value, T>
           <<<grid_for(M * K * B, kWarpsPerBlock), kBlock, 0, stream>>>(
-              z.const_data_ptr<T>(), loc.const_data_ptr<T>(), ploc.const_data_ptr<T>(), inv.const_data_ptr<T>(),
-              norm.const_data_ptr<T>(), lpx.const_data_ptr<T>(), mk, M, K, B, L, lw.data_ptr<T>(), lq.data_ptr<T>(),
+              zs, loc.const_data_ptr<T>(), ploc.const_data_ptr<T>(), inv.const_data_ptr<T>(), norm.const_data_ptr<T>(),
+              lpx.const_data_ptr<T>(), mk, M, K, B, L, lw.data_ptr<T>(), lq.data_ptr<T>(),
               want_zw ? zw.data_ptr<T>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -414,21 +467,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estim
 }
 
 // -> (grad z, grad loc, grad scale, grad prior loc [B, L], grad prior scale [B, L], grad lpx)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_estimator_backward_cuda(
-    const at::Tensor& grad_, const at::Tensor& z_, const at::Tensor& loc_, const at::Tensor& scale_,
-    const at::Tensor& ploc_, const at::Tensor& pscale_, const c10::optional<at::Tensor>& mask_, const at::Tensor& lw_,
-    const at::Tensor& lq_, const at::Tensor& stats_, c10::string_view family, c10::string_view prior_family,
-    c10::string_view bound_s, c10::string_view estimator_s, c10::optional<int64_t> num_samples) {
-  const c10::cuda::CUDAGuard guard(z_.device());
+MoEBackward::Outputs moe_estimator_backward_cuda(const at::Tensor& grad_, at::TensorList z_, const at::Tensor& loc_,
+                                                 const at::Tensor& scale_, const at::Tensor& ploc_,
+                                                 const at::Tensor& pscale_, const c10::optional<at::Tensor>& mask_,
+                                                 const at::Tensor& lw_, const at::Tensor& lq_, const at::Tensor& stats_,
+                                                 c10::string_view family, c10::string_view prior_family,
+                                                 c10::string_view bound_s, c10::string_view estimator_s,
+                                                 c10::optional<int64_t> num_samples) {
+  moe_check_samples(z_);
+  const c10::cuda::CUDAGuard guard(z_[0].device());
   const MoEBackward q = moe_backward_setup(grad_, z_, loc_, scale_, ploc_, pscale_, mask_, lw_, lq_, stats_, family,
                                            prior_family, bound_s, estimator_s, num_samples);
-  const auto &grad = q.grad, &z = q.z, &loc = q.loc, &ploc = q.ploc, &mask = q.mask;
+  const auto& z = q.z;
+  const auto &grad = q.grad, &loc = q.loc, &ploc = q.ploc, &mask = q.mask;
   const auto &lw = q.lw, &stats = q.stats, &scale = q.scale, &pscale = q.pscale;  // lq: not read (pi from a)
-  const auto &gz = q.gz, &gloc = q.gloc, &gscale = q.gscale, &gploc = q.gploc, &gpscale = q.gpscale, &glpx = q.glpx;
+  const auto& gz = q.gz;
+  const auto &gloc = q.gloc, &gscale = q.gscale, &gploc = q.gploc, &gpscale = q.gpscale, &glpx = q.glpx;
   const int fam = q.fam, pfam = q.pfam, bound = q.bound_kind, estimator = q.estimator;
   const int64_t M = q.M, K = q.K, B = q.B, L = q.L, Kc = q.Kc;
   if (M == 0 || B == 0) {
-    for (const auto* t : {&gz, &gloc, &gscale, &gploc, &gpscale, &glpx}) t->zero_();
+    for (const auto& t : gz) t.zero_();
+    for (const auto* t : {&gloc, &gscale, &gploc, &gpscale, &glpx}) t->zero_();
     return q.outputs();
   }
   // (item, k-chunk) tasks, a warp each: about kBwdTargetWarps of them, every chunk non-empty
@@ -438,10 +497,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t R = 2 * M + 2;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool* mk = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "moe_estimator_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(z[0].scalar_type(), "moe_estimator_backward_cuda", [&] {
     using T = scalar_t;
     const auto [inv, norm] = prepare<T>(scale, pscale, mk, fam, pfam, M, B, L, stream);
-    auto partial = at::empty({C, B, R, L}, z.options());
+    at::Tensor stacked, gz_stacked;
+    const Samples<T> zs = samples<T>(z, stacked);
+    const Rows<T*> gzs = grad_rows<T>(gz, gz_stacked);
+    auto partial = at::empty({C, B, R, L}, z[0].options());
     // the accumulators in shared memory when a block of >= 1 warp fits the default budget
     const size_t per_warp = size_t(R * L + M) * sizeof(T);
     int W = kBwdWarps;
@@ -453,16 +515,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     moe_dispatch_families(fam, pfam, [&](auto F, auto PF) {
       sample_backward_kernel<decltype(F)::value, decltype(PF)::value, T>
           <<<static_cast<unsigned>(ceil_div(B * C, W)), W * kWarp, smem, stream>>>(
-              grad.const_data_ptr<T>(), z.const_data_ptr<T>(), loc.const_data_ptr<T>(), ploc.const_data_ptr<T>(),
-              inv.const_data_ptr<T>(), norm.const_data_ptr<T>(), mk, lw.const_data_ptr<T>(), stats.const_data_ptr<T>(),
-              bound, estimator, M, K, B, L, Kc, C, kc, in_smem, gz.data_ptr<T>(), glpx.data_ptr<T>(),
-              partial.data_ptr<T>());
+              grad.const_data_ptr<T>(), zs, loc.const_data_ptr<T>(), ploc.const_data_ptr<T>(), inv.const_data_ptr<T>(),
+              norm.const_data_ptr<T>(), mk, lw.const_data_ptr<T>(), stats.const_data_ptr<T>(), bound, estimator, M, K,
+              B, L, Kc, C, kc, in_smem, gzs, glpx.data_ptr<T>(), partial.data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     reduce_backward_kernel<T><<<grid_for(B * R * L, kBlock), kBlock, 0, stream>>>(
         partial.const_data_ptr<T>(), M, B, L, C, gloc.data_ptr<T>(), gscale.data_ptr<T>(), gploc.data_ptr<T>(),
         gpscale.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (gz_stacked.defined())
+      for (size_t r = 0; r < gz.size(); ++r) gz[r].copy_(gz_stacked[r]);
   });
   return q.outputs();
 }

@@ -410,10 +410,11 @@ def _mask8(mask):
 
 @triton_op("mmvae_fast_triton::moe_estimator", mutates_args=())
 def moe_estimator(
-    z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor, prior_scale: torch.Tensor,
+    z: list[torch.Tensor], loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor, prior_scale: torch.Tensor,
     lpx: torch.Tensor, family: str, prior_family: str, bound: str, estimator: str, mask: torch.Tensor | None,
     lse: torch.Tensor | None, num_samples: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    z = torch.stack(z)  # the kernels read one [M, K, B, L] tensor (the C++ kernels read the list in place)
     M, K, B, L, BL = _shape(z)
     dt = acc_dtype(z.dtype)
     looser = _BOUND[bound] == 0
@@ -445,10 +446,11 @@ def moe_estimator(
 
 @triton_op("mmvae_fast_triton::moe_estimator_backward", mutates_args=())
 def moe_estimator_backward(
-    grad: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor,
+    grad: torch.Tensor, z: list[torch.Tensor], loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor,
     prior_scale: torch.Tensor, mask: torch.Tensor | None, lw: torch.Tensor, lq: torch.Tensor, stats: torch.Tensor,
     family: str, prior_family: str, bound: str, estimator: str, num_samples: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    z = torch.stack(z)
     M, K, B, L, BL = _shape(z)
     dt = acc_dtype(z.dtype)
     kt = k_tile(K)
@@ -471,6 +473,7 @@ def moe_estimator_backward(
         LOOSER=_BOUND[bound] == 0, EST=_EST[estimator], ALIAS=estimator in ("mixture", "mixture-centred"),
         SCORE=score, BLOCK_L=BL,
     )
-    return (gz.to(z.dtype), gl.sum(0).to(loc.dtype), gs.sum(0).to(scale.dtype),
+    # one tensor per expert, as the C++ op returns them (an op's outputs may not alias each other)
+    return ([g.to(z.dtype, copy=True) for g in gz.unbind(0)], gl.sum(0).to(loc.dtype), gs.sum(0).to(scale.dtype),
             gpl.sum(0).to(prior_loc.dtype).reshape(prior_loc.shape), gps.sum(0).to(prior_scale.dtype).reshape(prior_scale.shape),
             glpx)

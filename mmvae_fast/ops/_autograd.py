@@ -9,6 +9,8 @@ and the numbers are silently wrong. `first_order_only` gives each backward op a 
 with or without create_graph, are unchanged; the reference backend supports any order.
 """
 import torch
+from torch._library.autograd import supports_tensorlist
+from torch._library.utils import is_tensorlist_like_type
 
 
 class DoubleBackwardError(RuntimeError):
@@ -62,11 +64,26 @@ class EagerLibrary:
         fn = self._eager.get(name)
         if fn is None:
             setup_context, backward = self._formula(_FirstOrderImpls(self._ops, self._module))
-            fn = self._eager[name] = type(f"{name}_eager", (torch.autograd.Function,), {
-                "forward": staticmethod(getattr(self._module, name)._init_fn),
-                "setup_context": staticmethod(setup_context),
-                "backward": staticmethod(backward),
-            }).apply
+            impl = getattr(self._module, name)._init_fn
+            schema = getattr(self._ops, name).default._schema
+            if any(is_tensorlist_like_type(a.type) for a in schema.arguments):
+                # a Tensor[] argument (moe_estimator's samples): torch's own wrapper for registered
+                # ops flattens the list for autograd and hands the formula a list of flags and
+                # takes a list of gradients back; it needs forward and setup_context in one
+                def forward(ctx, *args):
+                    out = impl(*args)
+                    setup_context(ctx, args, out)
+                    return out
+
+                cls = supports_tensorlist(type(f"{name}_eager", (torch.autograd.Function,), {
+                    "forward": staticmethod(forward), "backward": staticmethod(backward)}))
+            else:
+                cls = type(f"{name}_eager", (torch.autograd.Function,), {
+                    "forward": staticmethod(impl),
+                    "setup_context": staticmethod(setup_context),
+                    "backward": staticmethod(backward),
+                })
+            fn = self._eager[name] = cls.apply
         return fn
 
 

@@ -1,4 +1,6 @@
 """The reference backend: plain PyTorch, autograd for free."""
+import torch
+
 from . import _dispatch
 from .. import reference as ref
 
@@ -14,7 +16,7 @@ _dispatch.register(
     "moe_estimator",
     "reference",
     lambda z, loc, scale, ploc, pscale, lpx, family, prior_family, bound, estimator, mask, lse, num_samples: tuple(
-        ref.moe_estimator(z, loc, scale, ploc, pscale, lpx, family=family, prior_family=prior_family, bound=bound,
+        ref.moe_estimator(torch.stack(z), loc, scale, ploc, pscale, lpx, family=family, prior_family=prior_family, bound=bound,
                           estimator=estimator, mask=mask, lse=lse, num_samples=num_samples)
     ),
 )
